@@ -1,0 +1,1 @@
+"""Flower ClientApps of fedimb (thin: the math lives in :mod:`fedimb`)."""

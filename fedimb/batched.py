@@ -1,0 +1,169 @@
+"""Train many clients at once: one vectorised SGD step over stacked client weights.
+
+Small local batches leave a GPU launch-bound: one client at a time uses a fraction of
+the card. Here the weights of K clients are stacked along a new leading dimension and
+one ``torch.func.vmap`` of ``grad`` computes all K clients' gradients in one step, each
+on its own batch with its own loss tensors (built from its own label counts). The SGD
+update (momentum, weight decay, FedProx's proximal term, SCAFFOLD's correction) is
+applied to the stacks directly, matching ``torch.optim.SGD``.
+
+Clients may need different numbers of steps (uneven data) and their last batch may be
+short: at each step the active clients are grouped by batch length, and a group that is
+not the whole stack works on gathered slices of the stacks.
+
+Results equal :func:`fedimb.train.train_client` run client by client, up to float
+rounding (tests/test_batched.py), because both consume the same :class:`ClientPlan`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedimb.losses import imbalance_loss_tensors, stack_params
+from fedimb.models import is_vectorisable
+from fedimb.train import ClientJob, ToFloat, TrainResult, TrainSettings, autocast, crop_flip
+
+LOSS_FIELDS = ("weight", "offset", "scale", "margin", "mask")
+
+
+def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
+    """None if these jobs can train together, else the reason they cannot."""
+    if not is_vectorisable(model):
+        return "the model has BatchNorm (use GroupNorm, e.g. model.norm = 'group')"
+    if any(getattr(job.loss, "params", None) is None for job in jobs):
+        return "a loss is not a built-in loss (no LossParams)"
+    first = jobs[0].loss.params
+    for job in jobs[1:]:
+        p = job.loss.params
+        if (p.s, p.gamma, p.base) != (first.s, first.gamma, first.base):
+            return "clients' losses differ in s, gamma or base"
+    if len({job.x.device for job in jobs}) != 1:
+        return "clients' data are on different devices"
+    return None
+
+
+def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack tensors of different lengths along a new dim 0, zero-padding dim 0."""
+    longest = max(len(t) for t in tensors)
+    out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
+    for k, t in enumerate(tensors):
+        out[k, : len(t)] = t
+    return out
+
+
+def train_clients(
+    model: nn.Module,
+    global_state: dict[str, torch.Tensor],
+    jobs: Sequence[ClientJob],
+    to_float: ToFloat,
+    settings: TrainSettings,
+) -> list[TrainResult]:
+    """Train every job from ``global_state`` together; one result per job, in order.
+
+    ``model`` provides the architecture (its own weights are not used or changed).
+    """
+    reason = can_batch(model, jobs)
+    if reason is not None:
+        raise ValueError(f"cannot train these clients together: {reason}")
+    device = jobs[0].x.device
+    k_all = len(jobs)
+    names = [n for n, _ in model.named_parameters()]
+    buffer_names = [n for n, _ in model.named_buffers()]
+    params = {n: global_state[n].to(device).expand(k_all, *global_state[n].shape).clone() for n in names}
+    buffers = {n: global_state[n].to(device).expand(k_all, *global_state[n].shape).clone()
+               for n in buffer_names}
+    anchor = {n: global_state[n].to(device) for n in names}
+    momentum = {n: torch.zeros_like(p) for n, p in params.items()} if settings.momentum else None
+    prox = torch.tensor([job.prox_mu for job in jobs], device=device)
+    control = (
+        {n: torch.stack([job.control[n] for job in jobs]).to(device) for n in names}
+        if any(job.control is not None for job in jobs) else None
+    )
+
+    lp = stack_params([job.loss.params for job in jobs])
+    loss_tensors = {f: getattr(lp, f).to(device) for f in LOSS_FIELDS}
+
+    def client_loss(p, b, x, y, weight, offset, scale, margin, mask):
+        with autocast(device, settings.bf16):
+            logits = functional_call(model, (p, b), (x,))
+        return imbalance_loss_tensors(
+            logits.float(), y, weight, offset, scale, margin, mask, s=lp.s, gamma=lp.gamma,
+            base=lp.base,
+        )
+
+    step_fn = vmap(grad_and_value(client_loss))
+    data_x = _pad_stack([job.x for job in jobs])
+    data_y = _pad_stack([job.y for job in jobs])
+    steps = np.array([job.plan.num_steps for job in jobs])
+    loss_sum = torch.zeros(k_all, device=device)
+
+    for t in range(int(steps.max(initial=0))):
+        groups: dict[int, list[int]] = defaultdict(list)
+        for k in np.flatnonzero(steps > t):
+            groups[len(jobs[k].plan.batches[t])].append(int(k))
+        for members in groups.values():
+            whole = len(members) == k_all
+            sel = slice(None) if whole else torch.tensor(members, device=device)
+            idx = torch.as_tensor(np.stack([jobs[k].plan.batches[t] for k in members]), device=device)
+            rows = torch.as_tensor(members, device=device)[:, None]
+            x = to_float(data_x[rows, idx])  # [G, B, ...]
+            if settings.augment:
+                shift = torch.as_tensor(np.stack([jobs[k].plan.shift[t] for k in members]), device=device)
+                flip = torch.as_tensor(np.stack([jobs[k].plan.flip[t] for k in members]), device=device)
+                g, b = idx.shape
+                x = crop_flip(x.flatten(0, 1), shift.flatten(0, 1), flip.flatten(0, 1),
+                              settings.padding).reshape(g, b, *x.shape[2:])
+            y = data_y[rows, idx]
+            p = {n: v[sel] for n, v in params.items()}
+            bufs = {n: v[sel] for n, v in buffers.items()}
+            grads, loss = step_fn(p, bufs, x, y, *(v[sel] for v in loss_tensors.values()))
+            loss_sum[sel] += loss.detach().float()
+            with torch.no_grad():
+                _sgd_update(params, momentum, grads, sel, anchor, prox[sel],
+                            None if control is None else {n: c[sel] for n, c in control.items()},
+                            settings, first_step=t == 0)
+
+    results = []
+    for k, job in enumerate(jobs):
+        state = {n: v.clone() for n, v in global_state.items()}
+        state.update({n: params[n][k].detach().clone() for n in names})
+        results.append(TrainResult(
+            state=state,
+            loss=float(loss_sum[k]) / max(int(steps[k]), 1),
+            num_examples=job.plan.num_examples,
+            num_steps=job.plan.num_steps,
+        ))
+    return results
+
+
+def _sgd_update(
+    params: dict[str, torch.Tensor],
+    momentum: dict[str, torch.Tensor] | None,
+    grads: dict[str, torch.Tensor],
+    sel: slice | torch.Tensor,
+    anchor: dict[str, torch.Tensor],
+    prox: torch.Tensor,
+    control: dict[str, torch.Tensor] | None,
+    settings: TrainSettings,
+    first_step: bool,
+) -> None:
+    """``torch.optim.SGD``'s update (dampening 0, no Nesterov) on stacked weights."""
+    for name, g in grads.items():
+        p = params[name][sel]
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        g = g + prox.view(shape) * (p - anchor[name])
+        if control is not None:
+            g = g + control[name]
+        if settings.weight_decay:
+            g = g + settings.weight_decay * p
+        if momentum is not None:
+            buf = g if first_step else momentum[name][sel] * settings.momentum + g
+            momentum[name][sel] = buf
+            g = buf
+        params[name][sel] = p - settings.lr * g

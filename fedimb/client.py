@@ -1,0 +1,276 @@
+"""What a client does with a Flower message: all the math behind ``clients/app.py``.
+
+The server forwards the whole flat experiment config in every train message's
+``"config"`` record, so a client needs nothing but the message and its partition id
+(``context.node_config["partition-id"]``): the same code runs under ``flwr run``, the
+Ray simulation started by ``fedimb run``, and the in-process engine.
+
+:func:`train_replies` handles a whole round's train messages at once: it builds every
+client's job, trains them together on the device (:mod:`fedimb.batched`) when it can,
+and answers each message with its own reply, as if each client had trained alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from torch import nn
+
+from fedimb import batched
+from fedimb.config import TOP_LEVEL, Config, parse_id_list
+from fedimb.federation import Federation, get_federation, init_model, use_augmentation
+from fedimb.losses import make_loss
+from fedimb.train import (
+    ClientJob,
+    TrainResult,
+    TrainSettings,
+    client_rng,
+    evaluate_counts,
+    make_plan,
+    train_client,
+)
+
+log = logging.getLogger(__name__)
+
+SCAFFOLD_CONTROL = "scaffold-control"
+SCAFFOLD_DELTA = "scaffold-delta"
+SCAFFOLD_STATE = "scaffold-ci"
+CLIENT_ERROR_CODE = 1
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a client told to fail by the test-only ``[faults]`` table."""
+
+
+# ------------------------------------------------------------------------ config
+
+
+_CONFIGS: dict[str, Config] = {}
+
+
+def config_from_message(msg: Message) -> Config:
+    """The experiment config carried by a train/evaluate message (validated once per process)."""
+    record = msg.content["config"]
+    flat = {k: v for k, v in record.items() if k in TOP_LEVEL or "." in k}
+    key = json.dumps(flat, sort_keys=True)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = Config.from_flat(flat)
+    return _CONFIGS[key]
+
+
+def train_settings(config: Config, fed: Federation) -> TrainSettings:
+    """Local-training hyperparameters of a run."""
+    return TrainSettings(
+        epochs=config["local-epochs"],
+        batch_size=config["batch-size"],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        weight_decay=config["weight-decay"],
+        augment=use_augmentation(config, fed),
+        bf16=config["precision"] == "bf16",
+        channels_last=config["channels-last"],
+    )
+
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def model_for(config: Config, fed: Federation) -> nn.Module:
+    """A process-wide instance of the run's architecture on the training device."""
+    key = json.dumps([config.model.name, dict(config.model.params), str(fed.device),
+                      fed.dataset.input_shape, fed.num_classes])
+    if key not in _MODELS:
+        _MODELS[key] = init_model(config, fed).to(fed.device)
+    return _MODELS[key]
+
+
+# -------------------------------------------------------------------------- jobs
+
+
+def _scaffold_control(
+    msg: Message, context: Context, params: Sequence[str], device: torch.device
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """SCAFFOLD: (c, c_i) when the server sent a control variate, else (None, None)."""
+    if SCAFFOLD_CONTROL not in msg.content.array_records:
+        return None, None
+    c = {k: v.to(device) for k, v in msg.content[SCAFFOLD_CONTROL].to_torch_state_dict().items()}
+    if SCAFFOLD_STATE in context.state.array_records:
+        c_i = {k: v.to(device) for k, v in context.state[SCAFFOLD_STATE].to_torch_state_dict().items()}
+    else:
+        c_i = {k: torch.zeros_like(c[k]) for k in params}
+    return c, c_i
+
+
+def build_job(config: Config, fed: Federation, pid: int, msg: Message, context: Context) -> ClientJob:
+    """One client's job for this round: its data, its loss from its own counts, its plan."""
+    server_round = int(msg.content["config"]["server-round"])
+    settings = train_settings(config, fed)
+    x, y = fed.client_tensors(pid)
+    loss = make_loss(
+        config.loss.name, fed.counts[pid], server_round=server_round,
+        num_rounds=config["num-rounds"], **config.loss.kwargs(),
+    )
+    plan = make_plan(
+        fed.client_labels(pid), settings, client_rng(config["seed"], server_round, pid),
+        sampler=config.sampling.name, server_round=server_round, num_rounds=config["num-rounds"],
+        **config.sampling.kwargs(),
+    )
+    prox_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    params = [n for n, _ in model_for(config, fed).named_parameters()]
+    c, c_i = _scaffold_control(msg, context, params, fed.device)
+    control = None if c is None else {k: c[k] - c_i[k] for k in params}
+    return ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=control)
+
+
+def _inject_faults(config: Config, pid: int, server_round: int, result: TrainResult) -> None:
+    """Test-only faults from the ``[faults]`` table."""
+    rounds = parse_id_list(config["faults.rounds"])
+    if rounds and server_round not in rounds:
+        return
+    if pid in parse_id_list(config["faults.slow-clients"]):
+        time.sleep(config["faults.slow-s"])
+    if pid in parse_id_list(config["faults.raise-clients"]):
+        raise InjectedFault(f"client {pid}: injected failure in round {server_round}")
+    if pid in parse_id_list(config["faults.nan-clients"]):
+        first = next(k for k, v in result.state.items() if v.is_floating_point())
+        result.state[first] = torch.full_like(result.state[first], float("nan"))
+        result.loss = float("nan")
+
+
+def make_reply(
+    msg: Message, context: Context, job: ClientJob, result: TrainResult, pid: int,
+    lr: float, global_state: dict[str, torch.Tensor], seconds: float,
+) -> Message:
+    """The train reply: weights, metrics, and SCAFFOLD's control delta when used."""
+    content = RecordDict({
+        "arrays": ArrayRecord({k: v.cpu() for k, v in result.state.items()}),
+        "metrics": MetricRecord({
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "num-steps": result.num_steps,
+            "partition-id": pid,
+            "train-seconds": seconds,
+        }),
+    })
+    if job.control is not None:
+        # Option II of Karimireddy et al.: c_i+ = c_i - c + (x - y_i) / (K * lr).
+        c, c_i = _scaffold_control(msg, context, list(job.control), result.state[next(iter(job.control))].device)
+        steps = max(result.num_steps, 1)
+        new_ci = {
+            k: c_i[k] - c[k] + (global_state[k].to(c[k].device) - result.state[k]) / (steps * lr)
+            for k in job.control
+        }
+        context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
+        content[SCAFFOLD_DELTA] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in job.control})
+    return Message(content, reply_to=msg)
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """A Flower error reply: the strategy counts it as a failure and goes on."""
+    return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+# ------------------------------------------------------------------------ handlers
+
+
+def train_replies(
+    messages: Sequence[Message], contexts: Sequence[Context], *, batched_ok: bool = True
+) -> list[Message]:
+    """Train every client of ``messages`` and return one reply each, in order.
+
+    Clients are trained together on the device when the config, model and losses
+    allow (``batched`` = auto/on), else one at a time. A client whose setup or training
+    raises gets an error reply; the others are unaffected.
+    """
+    replies: list[Message | None] = [None] * len(messages)
+    jobs: dict[int, ClientJob] = {}
+    first = messages[0]
+    config = config_from_message(first)
+    fed = get_federation(config)
+    model = model_for(config, fed)
+    global_state = {k: v.to(fed.device) for k, v in first.content["arrays"].to_torch_state_dict().items()}
+    settings = train_settings(config, fed)
+    pids = [int(c.node_config["partition-id"]) for c in contexts]
+    for i, (msg, ctx) in enumerate(zip(messages, contexts, strict=True)):
+        try:
+            jobs[i] = build_job(config, fed, pids[i], msg, ctx)
+        except Exception as exc:  # noqa: BLE001 - one bad client must not stop the round
+            replies[i] = error_reply(msg, exc)
+
+    order = list(jobs)
+    results: dict[int, tuple[TrainResult, float]] = {}
+    reason = batched.can_batch(model, [jobs[i] for i in order]) if order else "no jobs"
+    use_batch = batched_ok and config["batched"] != "off" and reason is None and len(order) > 1
+    if config["batched"] == "on" and reason is not None:
+        log.warning("batched = 'on' but clients train one at a time: %s", reason)
+    if use_batch:
+        size = config["group-size"] or len(order)
+        for start in range(0, len(order), size):
+            group = order[start : start + size]
+            t0 = time.perf_counter()
+            out = batched.train_clients(model, global_state, [jobs[i] for i in group], fed.dataset.to_float, settings)
+            per_client = (time.perf_counter() - t0) / len(group)
+            results.update({i: (r, per_client) for i, r in zip(group, out, strict=True)})
+    for i in order:
+        msg, server_round = messages[i], int(messages[i].content["config"]["server-round"])
+        try:
+            if i not in results:
+                t0 = time.perf_counter()
+                model.load_state_dict(global_state)
+                result = train_client(model, jobs[i], fed.dataset.to_float, settings)
+                results[i] = (result, time.perf_counter() - t0)
+            result, seconds = results[i]
+            _inject_faults(config, pids[i], server_round, result)
+            replies[i] = make_reply(msg, contexts[i], jobs[i], result, pids[i], settings.lr, global_state, seconds)
+        except Exception as exc:  # noqa: BLE001
+            replies[i] = error_reply(msg, exc)
+    return replies  # type: ignore[return-value]
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """The ClientApp's ``@app.train()``: one client, one message."""
+    return train_replies([msg], [context], batched_ok=False)[0]
+
+
+def local_test_indices(fed: Federation, pid: int) -> np.ndarray:
+    """Client ``pid``'s share of the test set: the test samples of the classes it holds,
+    each class split evenly among the clients holding it (its local test distribution)."""
+    y_test = fed.dataset.y_test.numpy()
+    share = []
+    for cls in np.flatnonzero(fed.counts[pid]):
+        holders = np.flatnonzero(fed.counts[:, cls])
+        rank = int(np.searchsorted(holders, pid))
+        share.append(np.array_split(np.flatnonzero(y_test == cls), len(holders))[rank])
+    return np.concatenate(share) if share else np.empty(0, dtype=np.int64)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """The ClientApp's ``@app.evaluate()``: per-class counts on the client's test share."""
+    config = config_from_message(msg)
+    fed = get_federation(config)
+    pid = int(context.node_config["partition-id"])
+    model = model_for(config, fed)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    x_test, y_test = fed.test_tensors()
+    idx = torch.as_tensor(local_test_indices(fed, pid), device=fed.device)
+    correct, total = evaluate_counts(
+        model, x_test[idx], y_test[idx], fed.num_classes, fed.dataset.to_float,
+        config["eval-batch-size"],
+    )
+    metrics = MetricRecord({
+        "num-examples": int(total.sum()),
+        "correct-per-class": [int(v) for v in correct],
+        "count-per-class": [int(v) for v in total],
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def experiment_record(config: Config) -> ConfigRecord:
+    """The train config the server sends: the whole flat experiment config."""
+    return ConfigRecord(config.to_flat())

@@ -1,0 +1,528 @@
+"""The experiment config: TOML (+ ``--set`` overrides) -> one frozen, validated object.
+
+A config is a TOML file with kebab-case keys, usable as it is as a Flower run config
+(``flwr run . --run-config configs/x.toml``): Flower flattens tables into dotted keys
+(``loss.name``), and :meth:`Config.from_flat` reads exactly that form back.
+
+Everything is validated here, once, before any data is loaded or Ray starts: unknown
+keys (with a did-you-mean), wrong types, out-of-range values and unknown component
+names each give one :class:`ConfigError` naming the key, the value and what is allowed.
+
+The component tables (``[loss]``, ``[strategy]``, ``[partition]``, ``[model]``,
+``[sampling]``) hold a ``name`` plus parameters. A table may carry parameters of several
+components (so a sweep over ``loss.name`` can share one ``[loss]`` table): each component
+receives the parameters it accepts; a key that no registered component accepts is an
+error. A ``name`` that is an import path (``"pkg.mod:obj"``) receives every parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from fedimb.registry import RegistryError, is_import_path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
+
+ENGINES = ("ray", "inprocess")
+ON_OFF_AUTO = ("auto", "on", "off")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key, the value and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One scalar config key: its type, default and the rule its value must meet."""
+
+    type: type
+    default: Any
+    check: Callable[[Any], bool] = lambda v: True
+    allowed: str = ""
+    help: str = ""
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 < v <= 1
+
+
+def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _device_ok(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda") or v.startswith("cuda:")
+
+
+TOP_LEVEL: dict[str, Field] = {
+    "dataset": Field(str, "digits", help="dataset name (fedimb datasets) or import path"),
+    "data-root": Field(str, "", help="dataset folder ('' = the dataset's default)"),
+    "num-clients": Field(int, 20, _positive, "an integer >= 1"),
+    "num-rounds": Field(int, 10, _positive, "an integer >= 1"),
+    "local-epochs": Field(int, 1, _positive, "an integer >= 1"),
+    "batch-size": Field(int, 32, _positive, "an integer >= 1"),
+    "lr": Field(float, 0.05, _positive, "a number > 0"),
+    "momentum": Field(float, 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight-decay": Field(float, 0.0, _non_negative, "a number >= 0"),
+    "seed": Field(int, 0, _non_negative, "an integer >= 0"),
+    "engine": Field(str, "ray", *_choice(*ENGINES)),
+    "device": Field(str, "auto", _device_ok, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "augment": Field(str, "auto", *_choice(*ON_OFF_AUTO)),
+    "batched": Field(str, "auto", *_choice(*ON_OFF_AUTO)),
+    "group-size": Field(int, 0, _non_negative, "an integer >= 0 (0 = a whole round at once)"),
+    "precision": Field(str, "fp32", *_choice(*PRECISIONS)),
+    "channels-last": Field(bool, False),
+    "eval-every": Field(int, 1, _positive, "an integer >= 1"),
+    "eval-batch-size": Field(int, 1024, _positive, "an integer >= 1"),
+    "checkpoint-every": Field(int, 1, _non_negative, "an integer >= 0 (0 = never)"),
+    "max-failure-fraction": Field(float, 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "client-timeout": Field(float, 0.0, _non_negative, "seconds >= 0 (0 = no limit)"),
+    "round-timeout": Field(float, 3600.0, _positive, "seconds > 0"),
+    "out-dir": Field(str, "", help="results folder ('' = a new folder under results/)"),
+}
+
+# Tables whose keys are fixed.
+FIXED_TABLES: dict[str, dict[str, Field]] = {
+    "long-tail": {
+        "ratio": Field(float, 1.0, lambda v: v >= 1, "a number >= 1 (1 = no long tail)"),
+        "profile": Field(str, "exp", *_choice("exp", "step")),
+    },
+    "ray": {
+        "address": Field(str, "", help="an existing Ray cluster ('' = start a local one)"),
+        "client-cpus": Field(float, 1.0, _positive, "a number > 0"),
+        "client-gpus": Field(float, 0.0, _non_negative, "a number >= 0"),
+    },
+    # Test-only fault injection: comma-separated partition ids, "" = none.
+    "faults": {
+        "raise-clients": Field(str, ""),
+        "nan-clients": Field(str, ""),
+        "slow-clients": Field(str, ""),
+        "slow-s": Field(float, 0.0, _non_negative, "seconds >= 0"),
+        "rounds": Field(str, "", help="rounds where faults fire ('' = every round)"),
+    },
+}
+
+# Component tables: a name plus parameters checked against the named component.
+COMPONENT_DEFAULTS: dict[str, str] = {
+    "partition": "label-skew",
+    "loss": "ce",
+    "sampling": "instance",
+    "strategy": "fedavg",
+    "model": "mlp",
+}
+# Keys of component tables that the run itself uses (not passed to the component).
+COMPONENT_OWN_KEYS: dict[str, dict[str, Field]] = {
+    "strategy": {
+        "fraction-train": Field(float, 1.0, _fraction, "a number in (0, 1]"),
+        "min-train-clients": Field(int, 2, _positive, "an integer >= 1"),
+    },
+}
+
+
+def kebab_to_snake(key: str) -> str:
+    """``max-m`` -> ``max_m``."""
+    return key.replace("-", "_")
+
+
+def snake_to_kebab(key: str) -> str:
+    """``max_m`` -> ``max-m``."""
+    return key.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """A named, parameterised piece of the run (a loss, a strategy, ...).
+
+    ``params`` holds only the parameters this component accepts, with kebab-case keys.
+    """
+
+    name: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The parameters as snake_case keyword arguments for the component's factory."""
+        return {kebab_to_snake(k): v for k, v in self.params.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The validated experiment config. Build it with :func:`load_config` or ``from_*``."""
+
+    values: Mapping[str, Any]
+    """Top-level scalars and fixed tables, as flat dotted kebab keys (``long-tail.ratio``)."""
+    components: Mapping[str, Component]
+    """``partition``, ``loss``, ``sampling``, ``strategy``, ``model``."""
+    strategy_options: Mapping[str, Any]
+    """Run-level keys of the strategy table (``fraction-train``, ``min-train-clients``)."""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def loss(self) -> Component:
+        return self.components["loss"]
+
+    @property
+    def strategy(self) -> Component:
+        return self.components["strategy"]
+
+    @property
+    def partition(self) -> Component:
+        return self.components["partition"]
+
+    @property
+    def model(self) -> Component:
+        return self.components["model"]
+
+    @property
+    def sampling(self) -> Component:
+        return self.components["sampling"]
+
+    def to_nested(self) -> dict[str, Any]:
+        """The config as nested tables (what a TOML file holds)."""
+        nested: dict[str, Any] = {}
+        for key, value in self.values.items():
+            table, dot, sub = key.partition(".")
+            if dot:
+                nested.setdefault(table, {})[sub] = value
+            else:
+                nested[key] = value
+        for table, comp in self.components.items():
+            nested[table] = {"name": comp.name, **comp.params}
+        nested["strategy"].update(self.strategy_options)
+        return nested
+
+    def to_flat(self) -> dict[str, Any]:
+        """The config as Flower's flat run config (dotted keys, scalar values)."""
+        return flatten(self.to_nested())
+
+    def to_toml(self) -> str:
+        """The config as a TOML document that :func:`load_config` reads back."""
+        return dump_toml(self.to_nested())
+
+    def fingerprint(self, keys: Iterable[str]) -> str:
+        """A stable string of the given flat keys' values (a cache key)."""
+        flat = self.to_flat()
+        return json.dumps({k: flat[k] for k in sorted(keys) if k in flat})
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A new, re-validated config with dotted-key overrides applied."""
+        return from_nested(apply_overrides(self.to_nested(), overrides))
+
+    @staticmethod
+    def from_flat(flat: Mapping[str, Any]) -> Config:
+        """Build from Flower's flat run config (``context.run_config``)."""
+        return from_nested(unflatten(flat))
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"name": "ce"}}`` -> ``{"loss.name": "ce"}``."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"loss.name": "ce"}`` -> ``{"loss": {"name": "ce"}}`` (one level of tables)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        table, dot, sub = key.partition(".")
+        if dot:
+            nested.setdefault(table, {})[sub] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML literal (``3``, ``0.5``, ``true``, ``"x"``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["loss.name=focal", "lr=0.1"]`` -> ``{"loss.name": "focal", "lr": 0.1}``."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set loss.name=focal")
+        overrides[key.strip()] = parse_value(value.strip())
+    return overrides
+
+
+def apply_overrides(nested: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``nested`` with dotted-key overrides set (tables created as needed)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in nested.items()}
+    for key, value in overrides.items():
+        table, dot, sub = key.partition(".")
+        if dot:
+            if table in out and not isinstance(out[table], dict):
+                raise ConfigError(f"--set {key}: {table!r} is a value, not a table")
+            out.setdefault(table, {})[sub] = value
+        else:
+            if isinstance(out.get(key), dict):
+                raise ConfigError(f"--set {key}: {key!r} is a table; set {key}.name=... instead")
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a TOML config (default: ``configs/quickstart.toml``), apply overrides, validate."""
+    nested = read_toml(path or DEFAULT_CONFIG)
+    return from_nested(apply_overrides(nested, overrides or {}))
+
+
+def dump_toml(nested: Mapping[str, Any]) -> str:
+    """Write scalars and one level of tables as TOML (enough for our configs)."""
+
+    def literal(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float) and not math.isfinite(value):
+            return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
+        if isinstance(value, int | float):
+            return repr(value)
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+    def key(k: str) -> str:
+        return k if k.replace("-", "").replace("_", "").isalnum() else json.dumps(k)
+
+    lines = [f"{key(k)} = {literal(v)}" for k, v in nested.items() if not isinstance(v, Mapping)]
+    for table, body in nested.items():
+        if isinstance(body, Mapping):
+            lines += ["", f"[{key(table)}]"] + [f"{key(k)} = {literal(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _did_you_mean(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, field: Field) -> Any:
+    """Check the type of ``value`` (an int is accepted where a float is expected)."""
+    if field.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if field.type is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, field.type) or (field.type is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"{key} = {value!r}: expected {field.type.__name__}"
+            + (f" ({field.allowed})" if field.allowed else "")
+        )
+    if not field.check(value):
+        raise ConfigError(f"{key} = {value!r}: must be {field.allowed}")
+    return value
+
+
+def _check_fields(
+    prefix: str, given: Mapping[str, Any], fields: Mapping[str, Field]
+) -> dict[str, Any]:
+    out = {}
+    for key, value in given.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {prefix + key!r}{_did_you_mean(key, fields)}; "
+                f"valid keys here: {', '.join(sorted(fields))}"
+            )
+        out[key] = _coerce(prefix + key, value, fields[key])
+    return out
+
+
+def _component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, Any]]]:
+    """Registered names and a ``name -> {param: default}`` function for a component table.
+
+    Imported lazily so that reading a config does not import torch until it is validated.
+    """
+    if table == "loss":
+        from fedimb import losses
+
+        return losses.list_losses(), losses.loss_defaults
+    if table == "sampling":
+        from fedimb import sampling
+
+        return sampling.list_samplers(), sampling_defaults
+    if table == "partition":
+        from fedimb.data.partition import PARTITIONERS, partition_params
+
+        return PARTITIONERS.names(), partition_params
+    if table == "model":
+        from fedimb import models
+
+        return models.list_models(), models.model_params
+    if table == "strategy":
+        import strategies
+
+        return strategies.list_strategies(), strategies.strategy_params
+    raise KeyError(table)
+
+
+def sampling_defaults(name: str) -> dict[str, Any]:
+    """Parameters of the local samplers (only DRS has one)."""
+    return {"drs_start": 0.8} if name == "drs" else {}
+
+
+def callable_params(obj: Any) -> tuple[dict[str, Any], bool]:
+    """Defaults of a factory's keyword parameters, and whether it takes ``**kwargs``."""
+    sig = inspect.signature(obj)
+    params = {
+        n: (None if p.default is inspect.Parameter.empty else p.default)
+        for n, p in sig.parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    return params, var_kw
+
+
+def _build_component(table: str, body: Mapping[str, Any]) -> Component:
+    body = dict(body)
+    name = body.pop("name", COMPONENT_DEFAULTS[table])
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{table}.name = {name!r}: expected a non-empty string")
+    if is_import_path(name):
+        # A user plug-in receives every parameter of its table; it checks them itself.
+        return Component(name, MappingProxyType(body))
+    names, defaults_of = _component_catalog(table)
+    if name not in names:
+        raise ConfigError(
+            f"{table}.name = {name!r}: unknown {table} {name!r}{_did_you_mean(name, names)}; "
+            f"valid: {', '.join(names)}, or an import path 'package.module:attribute'"
+        )
+    own = {snake_to_kebab(k) for k in defaults_of(name)}
+    anyone = set().union(*({snake_to_kebab(k) for k in defaults_of(n)} for n in names))
+    for key in body:
+        if key not in anyone:
+            raise ConfigError(
+                f"unknown config key '{table}.{key}'{_did_you_mean(key, anyone)}; "
+                f"{table} {name!r} accepts: {', '.join(sorted(own)) or '(no parameters)'}"
+            )
+    return Component(name, MappingProxyType({k: v for k, v in body.items() if k in own}))
+
+
+def from_nested(nested: Mapping[str, Any]) -> Config:
+    """Validate a nested config (TOML tables) and build the :class:`Config`."""
+    values: dict[str, Any] = {k: f.default for k, f in TOP_LEVEL.items()}
+    for table, fields in FIXED_TABLES.items():
+        values.update({f"{table}.{k}": f.default for k, f in fields.items()})
+    tables = {**FIXED_TABLES, **{t: None for t in COMPONENT_DEFAULTS}}
+    components: dict[str, Component] = {}
+    strategy_options = {k: f.default for k, f in COMPONENT_OWN_KEYS["strategy"].items()}
+
+    for key, value in nested.items():
+        if isinstance(value, Mapping):
+            if key not in tables:
+                raise ConfigError(
+                    f"unknown config table [{key}]{_did_you_mean(key, tables)}; "
+                    f"valid tables: {', '.join(sorted(tables))}"
+                )
+        elif key in tables:
+            raise ConfigError(f"{key} = {value!r}: {key!r} is a table, e.g. [{key}] name = ...")
+        elif key not in TOP_LEVEL:
+            valid = list(TOP_LEVEL) + list(tables)
+            raise ConfigError(
+                f"unknown config key {key!r}{_did_you_mean(key, valid)}; "
+                f"valid top-level keys: {', '.join(sorted(TOP_LEVEL))}"
+            )
+    values.update(_check_fields("", {k: v for k, v in nested.items() if k in TOP_LEVEL}, TOP_LEVEL))
+    for table, fields in FIXED_TABLES.items():
+        checked = _check_fields(f"{table}.", nested.get(table, {}), fields)
+        values.update({f"{table}.{k}": v for k, v in checked.items()})
+    for table in COMPONENT_DEFAULTS:
+        body = dict(nested.get(table, {}))
+        own_fields = COMPONENT_OWN_KEYS.get(table, {})
+        own = {k: body.pop(k) for k in list(body) if k in own_fields}
+        if table == "strategy":
+            strategy_options.update(_check_fields("strategy.", own, own_fields))
+        components[table] = _build_component(table, body)
+
+    config = Config(
+        values=MappingProxyType(values),
+        components=MappingProxyType(components),
+        strategy_options=MappingProxyType(strategy_options),
+    )
+    _check_component_params(config)
+    _check_cross_field(config)
+    return config
+
+
+def _check_component_params(config: Config) -> None:
+    """Let each component validate its own parameters by building it on small dummy input."""
+    from fedimb import losses
+
+    loss = config.loss
+    counts = [10] * 3
+    try:
+        losses.make_loss(loss.name, counts, server_round=1, num_rounds=config["num-rounds"],
+                         **loss.kwargs())
+    except (ValueError, TypeError, RegistryError) as exc:
+        raise ConfigError(f"[loss] {loss.name}: {exc}") from exc
+
+
+def _check_cross_field(config: Config) -> None:
+    """Constraints that involve several keys."""
+    opts = config.strategy_options
+    if opts["min-train-clients"] > config["num-clients"]:
+        raise ConfigError(
+            f"strategy.min-train-clients = {opts['min-train-clients']}: must be <= "
+            f"num-clients ({config['num-clients']})"
+        )
+    part = config.partition
+    cpc = part.params.get("classes-per-client")
+    if isinstance(cpc, int) and cpc < 1:
+        raise ConfigError(f"partition.classes-per-client = {cpc}: must be an integer >= 1")
+    for key in ("raise-clients", "nan-clients", "slow-clients", "rounds"):
+        text = config[f"faults.{key}"]
+        try:
+            parse_id_list(text)
+        except ValueError:
+            raise ConfigError(
+                f"faults.{key} = {text!r}: expected comma-separated integers, e.g. '0,3'"
+            ) from None
+
+
+def parse_id_list(text: str) -> frozenset[int]:
+    """``"0, 3"`` -> ``{0, 3}``; ``""`` -> empty."""
+    return frozenset(int(t) for t in text.split(",") if t.strip())

@@ -1,0 +1,114 @@
+"""The in-process engine: a Flower ``Grid`` that runs a round's clients in this process.
+
+Flower strategies talk to the ServerApp's Grid only (``get_node_ids`` to sample,
+``send_and_receive`` with a whole round's messages). :class:`InProcessGrid` answers those
+calls itself, with no SuperLink and no Ray: each node has its own ``Context`` (partition
+id, persistent state) as under Flower's simulation engine, and a round's train messages
+go to :func:`fedimb.client.train_replies` together, which trains the clients as one
+vectorised step on the device and still returns one reply per client.
+
+Outside Flower's runtime, building a ``Message`` needs the task identity that Flower's
+SuperExec sets; :func:`task_identity` sets it for the duration of a run. It lives in a
+private Flower module (``flwr.supercore.task_identity``): flwr is pinned to 1.42.* and
+tests/test_engine.py covers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import uuid
+from collections.abc import Iterable, Iterator
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedimb.client import error_reply, train_replies
+
+SERVER_NODE_ID = 1
+FIRST_CLIENT_NODE_ID = 1000
+
+
+@contextlib.contextmanager
+def task_identity(run_id: int) -> Iterator[None]:
+    """Set Flower's task identity (needed to build Messages) and restore it afterwards."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        Handles evaluate messages, and train messages when ``batched`` is False.
+    num_nodes : int
+        Number of simulated clients; node i has ``partition-id`` i.
+    batched : bool
+        Hand a round's train messages to :func:`fedimb.client.train_replies` at once.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, batched: bool = True,
+                 run_id: int | None = None) -> None:
+        self.client_app, self.batched = client_app, batched
+        self._run = Run.create_empty(run_id if run_id is not None else random.getrandbits(63))
+        self.contexts = {
+            FIRST_CLIENT_NODE_ID + i: Context(
+                run_id=self._run.run_id,
+                node_id=FIRST_CLIENT_NODE_ID + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:  # noqa: D102
+        self._run = run
+
+    @property
+    def run(self) -> Run:  # noqa: D102
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:  # noqa: D102
+        return list(self.contexts)
+
+    def _call(self, msg: Message) -> Message:
+        try:
+            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # noqa: BLE001 - a failing client becomes an error reply
+            return error_reply(msg, exc)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Run every message's client now; keep the replies until they are pulled."""
+        messages = list(messages)
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if self.batched and train:
+            contexts = [self.contexts[m.metadata.dst_node_id] for m in train]
+            for msg, reply in zip(train, train_replies(train, contexts), strict=True):
+                self._replies[msg.metadata.message_id] = reply
+        for msg in messages:
+            if msg.metadata.message_id not in self._replies:
+                self._replies[msg.metadata.message_id] = self._call(msg)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # noqa: D102
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push and pull at once: every client answers before this returns."""
+        return self.pull_messages(self.push_messages(messages))

@@ -1,0 +1,140 @@
+"""The simulated federation of a config: data, who holds what, and the global model.
+
+Built once per process and cached (a Ray actor, the server, the in-process engine all
+call :func:`get_federation` with the same config and get the same object back): the
+dataset is decoded once (and cached on disk by :mod:`fedimb.data`), the partition is a
+pure function of the labels and the seed, and each client's tensors are moved to the
+training device the first time the client trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedimb.config import Config
+from fedimb.data import datasets
+from fedimb.data.partition import class_counts, long_tail
+from fedimb.data.partition import partition as split_clients
+from fedimb.data.augment import default_augment
+from fedimb.models import build_model
+
+# Flat config keys that decide the data and the partition (the federation's cache key).
+DATA_KEYS = ("dataset", "data-root", "num-clients", "seed", "long-tail.ratio", "long-tail.profile")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when there is a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def seeded_rng(seed: int, purpose: int) -> np.random.Generator:
+    """An independent stream per purpose (1 = long tail, 2 = partition, ...)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, purpose]))
+
+
+@dataclasses.dataclass
+class Federation:
+    """Everything a client or the server needs to know about the data of a run."""
+
+    dataset: datasets.Dataset
+    train_index: np.ndarray
+    """Indices of the training samples in use (after the optional global long tail)."""
+    parts: list[np.ndarray]
+    """``parts[i]``: indices into ``dataset.x_train`` of client i's samples."""
+    counts: np.ndarray
+    """``counts[i, j]``: client i's number of samples of class j."""
+    device: torch.device
+    _client_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
+    _test_cache: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def global_counts(self) -> np.ndarray:
+        """Training samples per class over all clients (for many/medium/few-shot groups)."""
+        return self.counts.sum(axis=0)
+
+    def client_labels(self, pid: int) -> np.ndarray:
+        return self.dataset.y_train[self.parts[pid]].numpy()
+
+    def client_tensors(self, pid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``pid``'s samples and labels, resident on the training device."""
+        if pid not in self._client_cache:
+            idx = torch.as_tensor(self.parts[pid])
+            self._client_cache[pid] = (
+                self.dataset.x_train[idx].to(self.device),
+                self.dataset.y_train[idx].to(self.device),
+            )
+        return self._client_cache[pid]
+
+    def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The balanced test split, resident on the training device."""
+        if self._test_cache is None:
+            self._test_cache = (self.dataset.x_test.to(self.device), self.dataset.y_test.to(self.device))
+        return self._test_cache
+
+
+def build_federation(config: Config, device: torch.device | None = None) -> Federation:
+    """Load the dataset and partition it among ``num-clients`` clients (no caching)."""
+    root = config["data-root"] or None
+    data = datasets.load_dataset(config["dataset"], root)
+    labels = data.y_train.numpy()
+    seed = config["seed"]
+    if config["long-tail.ratio"] > 1:
+        keep = long_tail(
+            labels, config["long-tail.ratio"], seeded_rng(seed, 1), profile=config["long-tail.profile"]
+        )
+    else:
+        keep = np.arange(len(labels))
+    local_parts = split_clients(
+        config.partition.name, labels[keep], config["num-clients"], seeded_rng(seed, 2),
+        **config.partition.kwargs(),
+    )
+    parts = [keep[p] for p in local_parts]
+    counts = class_counts(labels, parts, data.num_classes)
+    return Federation(data, keep, parts, counts, device or resolve_device(config["device"]))
+
+
+_FEDERATIONS: dict[str, Federation] = {}
+
+
+def get_federation(config: Config) -> Federation:
+    """The process-wide federation of ``config`` (built on first use, a few kept)."""
+    keys = [*DATA_KEYS, "device"] + [k for k in config.to_flat() if k.startswith("partition.")]
+    key = config.fingerprint(keys)
+    if key not in _FEDERATIONS:
+        if len(_FEDERATIONS) >= 4:  # a sweep moves on: drop the oldest
+            _FEDERATIONS.pop(next(iter(_FEDERATIONS)))
+        _FEDERATIONS[key] = build_federation(config)
+    return _FEDERATIONS[key]
+
+
+def init_model(config: Config, fed: Federation) -> nn.Module:
+    """The global model's architecture with its seeded initial weights (on CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        return build_model(
+            config.model.name, fed.dataset.input_shape, fed.num_classes, **config.model.kwargs()
+        )
+
+
+def use_augmentation(config: Config, fed: Federation) -> bool:
+    """``augment = auto`` turns CIFAR-style augmentation on for 32x32 images."""
+    setting: Any = config["augment"]
+    if setting == "auto":
+        return bool(default_augment(fed.dataset.name, fed.dataset.input_shape))
+    return setting == "on"

@@ -1,0 +1,188 @@
+"""Models, by name: ``build_model(name, input_shape, num_classes, **params)``.
+
+- ``mlp``: one hidden layer, for digits and feature data.
+- ``cnn``: the 2-conv CNN of McMahan et al. (2017), for 28x28/32x32 images (any size works).
+- ``resnet32``: the CIFAR ResNet-32 of He et al. as used by Cao et al. (LDAM-DRW), with
+  GroupNorm by default (vectorisable, and recommended under label skew; Hsieh et al. 2020)
+  or BatchNorm (``norm="batch"``, trained one client at a time).
+
+Every model takes ``cosine_head``: a cosine-normalised linear classifier (unit-norm rows
+and features), which LDAM assumes. A user model plugs in as ``"pkg.mod:factory"`` called
+as ``factory(input_shape, num_classes, **params)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedimb.config import callable_params
+from fedimb.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def list_models() -> list[str]:
+    """Registered model names."""
+    return MODELS.names()
+
+
+def model_params(name: str) -> dict[str, object]:
+    """Keyword parameters (with defaults) a registered model accepts."""
+    params, _ = callable_params(MODELS.get(name))
+    return {k: v for k, v in params.items() if k not in ("input_shape", "num_classes")}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **params) -> nn.Module:
+    """Build a model by registered name or import path."""
+    factory = MODELS.get(name)
+    return factory(tuple(input_shape), num_classes, **params)
+
+
+class CosineLinear(nn.Module):
+    """Linear layer on unit-norm features with unit-norm class rows: logits are cosines.
+
+    LDAM's scale ``s`` then sets the logit range, as in Cao et al.'s ``NormedLinear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def classifier(in_features: int, num_classes: int, cosine_head: bool) -> nn.Module:
+    """The last layer: plain linear or cosine-normalised."""
+    return CosineLinear(in_features, num_classes) if cosine_head else nn.Linear(in_features, num_classes)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        # Groups of up to 8 channels, the usual choice for small CIFAR ResNets.
+        return nn.GroupNorm(max(1, channels // 8) if channels >= 8 else 1, channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm = {kind!r}: expected 'group', 'batch' or 'none'")
+
+
+@MODELS.register("mlp")
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64, cosine_head: bool = False
+) -> nn.Module:
+    """Flatten -> Linear(hidden) -> ReLU -> classifier."""
+    if hidden < 1:
+        raise ValueError(f"model.hidden = {hidden}: must be >= 1")
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), hidden),
+        nn.ReLU(),
+        classifier(hidden, num_classes, cosine_head),
+    )
+
+
+@MODELS.register("cnn")
+def cnn(
+    input_shape: tuple[int, ...], num_classes: int, *, width: int = 32, hidden: int = 512,
+    cosine_head: bool = False,
+) -> nn.Module:
+    """McMahan et al.'s CNN: 2x (5x5 conv, ReLU, 2x2 max-pool), FC(hidden), ReLU, classifier."""
+    if len(input_shape) != 3:
+        raise ValueError(f"model 'cnn' needs image input (C, H, W), got shape {input_shape}")
+    channels, height, width_px = input_shape
+    flat = 2 * width * (height // 4) * (width_px // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, hidden),
+        nn.ReLU(),
+        classifier(hidden, num_classes, cosine_head),
+    )
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = _norm(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = _norm(norm, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            # Option A of He et al. (parameter-free): subsample and zero-pad channels.
+            pad = c_out - c_in
+            self.shortcut = _PadShortcut(stride, pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class _PadShortcut(nn.Module):
+    def __init__(self, stride: int, pad: int) -> None:
+        super().__init__()
+        self.stride, self.pad = stride, pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: three stages of n blocks, 16/32/64 channels."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, blocks: int, norm: str, cosine_head: bool
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = _norm(norm, 16)
+        layers, c_in = [], 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                layers.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1, norm))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.fc = classifier(64, num_classes, cosine_head)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn(self.conv(x))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+@MODELS.register("resnet32")
+def resnet32(
+    input_shape: tuple[int, ...], num_classes: int, *, norm: str = "group", cosine_head: bool = False
+) -> nn.Module:
+    """ResNet-32 (5 blocks per stage) as in Cao et al. 2019, GroupNorm by default."""
+    if len(input_shape) != 3:
+        raise ValueError(f"model 'resnet32' needs image input (C, H, W), got shape {input_shape}")
+    _norm(norm, 16)  # validate early
+    return ResNetCifar(input_shape[0], num_classes, 5, norm, cosine_head)
+
+
+def is_vectorisable(model: nn.Module) -> bool:
+    """True if the model can be trained for many clients at once with ``torch.func.vmap``.
+
+    BatchNorm updates running statistics in place during training, which vmap over
+    stacked parameters cannot express; such models are trained one client at a time.
+    """
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

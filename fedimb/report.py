@@ -1,0 +1,684 @@
+"""Tables and plots across runs: which loss helps under which split, with which strategy.
+
+:func:`build_report` reads results folders only (it never re-runs anything) and writes,
+into the folder it is given:
+
+- ``report.csv`` / ``report.md``: one row per group of runs that differ only by seed,
+  with mean ± std over seeds of the final and best global balanced error, rounds to
+  reach a target error, wall time and the number of failed runs; sorted by final
+  balanced error, the best row of each split (the ``partition.*`` keys) marked ``*``;
+- ``curves.png``: balanced error vs round, one panel per split, one line per group
+  (mean over seeds, band = min..max over seeds);
+- ``per_class.png``: per-class error of each group's final global model (mean over seeds).
+
+It accepts three kinds of folder:
+
+- a sweep folder (has ``sweep.json``): cells and their overrides come from it, and the
+  groups are the grid keys other than ``seed``;
+- one run folder (has ``summary.json``, ``metrics.jsonl`` or ``config.toml``);
+- a folder of run folders: the groups are the config keys whose values differ between
+  the runs' ``config.toml`` files (ignoring ``seed`` and output paths).
+
+Run it as ``fedimb report <dir>`` or ``python -m fedimb.report <dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedimb.results import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+)
+
+SWEEP_FILE = "sweep.json"  # same name as fedimb.sweep.SWEEP_FILE (no import: no cycle)
+REPORT_CSV = "report.csv"
+REPORT_MD = "report.md"
+CURVES_PNG = "curves.png"
+PER_CLASS_PNG = "per_class.png"
+
+# Keys that say "which split": their groups form the panels and the "best within" sets.
+SPLIT_PREFIXES = ("partition.",)
+# Shown as labels when nothing varies between runs (a single run, or seeds only).
+HEADLINE_KEYS = ("dataset", "partition.name", "loss.name", "strategy.name")
+# Keys that differ between runs without defining a different experiment: the seed is
+# the replicate, the others are where a run was written.
+_PER_RUN_KEY = re.compile(
+    r"(^|\.)(seed|output|output-dir|out-dir|results-dir|run-dir|run-name|run-id)$"
+)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables -> dotted keys (``{"loss": {"name": x}}`` -> ``{"loss.name": x}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _hashable(value: Any) -> Any:
+    """Lists -> tuples (recursively) so config values can be dict keys."""
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _display(value: Any) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value), separators=(",", ":"))
+    return str(value)
+
+
+def _num(value: Any) -> float:
+    """A finite float, or NaN for None / non-numbers / inf (JSON writes NaN as null)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return math.nan
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as read from its folder (any file may be missing).
+
+    ``params`` are the dotted config keys that identify the run: a sweep cell's
+    overrides, or the flattened ``config.toml`` otherwise.
+    """
+
+    name: str
+    path: Path
+    params: dict[str, Any]
+    config: dict[str, Any]
+    status: str
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    def curve(self) -> dict[int, float]:
+        """Round -> balanced error of the global model (finite values only)."""
+        out = {}
+        for row in self.metrics:
+            err = _num(row.get("balanced_error"))
+            if "round" in row and not math.isnan(err):
+                out[int(row["round"])] = err
+        return out
+
+    def final_error(self) -> float:
+        value = _num(self.summary.get("final_balanced_error"))
+        if math.isnan(value) and self.metrics:
+            value = _num(self.metrics[-1].get("balanced_error"))
+        return value
+
+    def best_error(self) -> float:
+        value = _num(self.summary.get("best_balanced_error"))
+        curve = self.curve()
+        if math.isnan(value) and curve:
+            value = min(curve.values())
+        return value
+
+    def wall_time(self) -> float:
+        value = _num(self.summary.get("wall_time_s"))
+        if math.isnan(value) and self.metrics:
+            value = _num(self.metrics[-1].get("elapsed_s"))
+        return value
+
+    def rounds_to(self, target: float) -> float | None:
+        """First round whose balanced error is <= ``target``; inf if never; None if unknown."""
+        curve = self.curve()
+        if not curve:
+            return None
+        hits = [r for r, err in sorted(curve.items()) if err <= target]
+        return float(hits[0]) if hits else math.inf
+
+    def final_per_class(self) -> list[float] | None:
+        """Per-class error of the last evaluated model, or None without such a row."""
+        for row in reversed(self.metrics):
+            values = row.get("per_class_error")
+            if isinstance(values, list) and values:
+                return [_num(v) for v in values]
+        return None
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """The runs under one results folder and how to group them.
+
+    ``kind`` is "sweep", "runs" (a folder of run folders) or "single"; ``group_keys``
+    are the dotted keys whose values define a group (never ``seed``).
+    """
+
+    root: Path
+    kind: str
+    runs: list[RunRecord]
+    group_keys: list[str]
+    target_error: float | None = None
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in (SUMMARY_FILE, METRICS_FILE, CONFIG_FILE))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """Flattened config.toml, or {} when missing or unreadable (a run that died early)."""
+    try:
+        return _flatten(tomllib.loads((path / CONFIG_FILE).read_text()))
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _read_run(path: Path, params: dict[str, Any] | None = None) -> RunRecord:
+    config = _read_config(path)
+    summary = read_json(path / SUMMARY_FILE) or {}
+    try:
+        metrics = read_jsonl(path / METRICS_FILE)
+    except json.JSONDecodeError:
+        metrics = []  # a torn last line from a killed writer: treat as no metrics
+    metrics = sorted((m for m in metrics if "round" in m), key=lambda m: m["round"])
+    if summary.get("status"):
+        status = str(summary["status"])
+    else:
+        status = "running" if metrics else "missing"
+    return RunRecord(
+        name=path.name,
+        path=path,
+        params=dict(config if params is None else params),
+        config=config,
+        status=status,
+        summary=summary,
+        metrics=metrics,
+    )
+
+
+def _varying_keys(runs: Sequence[RunRecord]) -> list[str]:
+    """Config keys whose values differ between runs (first-seen order), minus per-run keys."""
+    with_config = [r for r in runs if r.config]
+    keys: list[str] = []
+    for run in with_config:
+        keys.extend(k for k in run.config if k not in keys)
+    return [
+        k
+        for k in keys
+        if not _PER_RUN_KEY.search(k)
+        and len({json.dumps(r.config.get(k), sort_keys=True) for r in with_config}) > 1
+    ]
+
+
+def load_runs(results_dir: str | Path) -> RunSet:
+    """Find and read the runs under ``results_dir`` (a sweep, one run, or run folders).
+
+    Raises
+    ------
+    ValueError
+        If ``results_dir`` is not a folder or holds no run.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ValueError(f"results_dir {str(root)!r} is not a folder")
+    sweep = read_json(root / SWEEP_FILE)
+    if sweep is not None:
+        cells = sweep.get("cells", [])
+        definition = sweep.get("sweep", {})
+        runs = [_read_run(root / c["name"], params=c.get("overrides", {})) for c in cells]
+        # A cell that wrote nothing yet: record what sweep.json says (pending, interrupted).
+        runs = [
+            r if r.status != "missing" else _with_status(r, c.get("status", "pending"))
+            for r, c in zip(runs, cells, strict=True)
+        ]
+        group_keys = [k for k in definition.get("grid", {}) if not _PER_RUN_KEY.search(k)]
+        target = definition.get("target_error")
+        return RunSet(root, "sweep", runs, group_keys, target)
+    if _is_run_dir(root):
+        return RunSet(root, "single", [_read_run(root)], [])
+    runs = [_read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and _is_run_dir(p)]
+    if not runs:
+        raise ValueError(
+            f"results_dir {str(root)!r} holds no run: expected {SWEEP_FILE}, a run folder "
+            f"({SUMMARY_FILE}/{METRICS_FILE}/{CONFIG_FILE}) or folders of runs"
+        )
+    return RunSet(root, "runs", runs, _varying_keys(runs))
+
+
+def _with_status(run: RunRecord, status: str) -> RunRecord:
+    return RunRecord(run.name, run.path, run.params, run.config, status, run.summary, run.metrics)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1) over seeds; NaN with fewer than two."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One table row: runs that share every group key value (they differ by seed).
+
+    Means and stds are over the group's completed runs; std is the sample std (ddof=1).
+    ``rounds_to_target`` is the mean over the runs that reached the target, and
+    ``reached_target`` how many did (of ``n`` completed runs).
+    """
+
+    label: dict[str, Any]
+    split: tuple[Any, ...]
+    series: tuple[Any, ...]
+    runs: list[RunRecord]
+    n: int
+    failed: int
+    incomplete: int
+    final_mean: float
+    final_std: float
+    best_mean: float
+    best_std: float
+    wall_mean: float
+    rounds_to_target: float
+    reached_target: int
+    best_in_split: bool = False
+    order: int = field(default=0, compare=False)
+
+    def label_text(self, keys: Sequence[str] | None = None) -> str:
+        keys = list(self.label) if keys is None else keys
+        return ", ".join(f"{k}={_display(self.label.get(k))}" for k in keys) or "all runs"
+
+
+def _label_keys(runset: RunSet) -> list[str]:
+    if runset.group_keys:
+        return list(runset.group_keys)
+    configs = [r.config for r in runset.runs if r.config]
+    return [k for k in HEADLINE_KEYS if configs and k in configs[0]]
+
+
+def _group_stats(
+    label: dict[str, Any], runs: list[RunRecord], split_keys: list[str], target: float | None
+) -> GroupStats:
+    done = [r for r in runs if r.completed]
+    finals = [v for v in (r.final_error() for r in done) if not math.isnan(v)]
+    bests = [v for v in (r.best_error() for r in done) if not math.isnan(v)]
+    walls = [v for v in (r.wall_time() for r in done) if not math.isnan(v)]
+    reached: list[float] = []
+    if target is not None:
+        hits = [r.rounds_to(target) for r in done]
+        reached = [h for h in hits if h is not None and math.isfinite(h)]
+    series_keys = [k for k in label if k not in split_keys]
+    return GroupStats(
+        label=label,
+        split=tuple(_hashable(label.get(k)) for k in split_keys),
+        series=tuple(_hashable(label.get(k)) for k in series_keys),
+        runs=runs,
+        n=len(done),
+        failed=sum(r.status == "failed" for r in runs),
+        incomplete=sum(r.status not in ("completed", "failed") for r in runs),
+        final_mean=_mean(finals),
+        final_std=_std(finals),
+        best_mean=_mean(bests),
+        best_std=_std(bests),
+        wall_mean=_mean(walls),
+        rounds_to_target=_mean(reached),
+        reached_target=len(reached),
+    )
+
+
+def split_keys_of(keys: Iterable[str]) -> list[str]:
+    """The keys that define a data split (``partition.*``)."""
+    return [k for k in keys if k.startswith(SPLIT_PREFIXES)]
+
+
+def summarize(runset: RunSet, target_error: float | None = None) -> list[GroupStats]:
+    """Group runs that differ only by seed and compute one table row per group.
+
+    Rows are sorted by mean final balanced error (groups without a completed run last);
+    ``best_in_split`` marks the lowest mean final error among rows of the same split.
+    """
+    keys = _label_keys(runset)
+    grouped: dict[tuple[Any, ...], list[RunRecord]] = {}
+    labels: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for run in runset.runs:
+        source = run.params if runset.group_keys else run.config
+        label = {k: source.get(k) for k in keys}
+        key = tuple(_hashable(v) for v in label.values()) if runset.group_keys else ()
+        grouped.setdefault(key, []).append(run)
+        # Without group keys the label is descriptive only: take it from a run that has
+        # a config (a run that died early has none).
+        if key not in labels or (run.config and not any(labels[key].values())):
+            labels[key] = label
+    split_keys = split_keys_of(keys)
+    rows = [
+        replace(_group_stats(labels[key], runs, split_keys, target_error), order=i)
+        for i, (key, runs) in enumerate(grouped.items())
+    ]
+    best: dict[tuple[Any, ...], GroupStats] = {}
+    for row in rows:
+        if not math.isnan(row.final_mean) and (
+            row.split not in best or row.final_mean < best[row.split].final_mean
+        ):
+            best[row.split] = row
+    rows = [replace(r, best_in_split=best.get(r.split) is r) for r in rows]
+    return sorted(rows, key=lambda r: (math.isnan(r.final_mean), r.final_mean, r.order))
+
+
+def _csv_num(value: float) -> str:
+    return "" if math.isnan(value) else repr(value)
+
+
+def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: float | None) -> Path:
+    header = [*keys, "n", "failed", "incomplete", "final_balanced_error_mean",
+              "final_balanced_error_std", "best_balanced_error_mean", "best_balanced_error_std"]
+    if target is not None:
+        header += ["rounds_to_target_mean", "reached_target"]
+    header += ["wall_time_s_mean", "best_in_split"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        line = [_display(r.label.get(k)) for k in keys]
+        line += [r.n, r.failed, r.incomplete, _csv_num(r.final_mean), _csv_num(r.final_std),
+                 _csv_num(r.best_mean), _csv_num(r.best_std)]
+        if target is not None:
+            line += [_csv_num(r.rounds_to_target), r.reached_target]
+        line += [_csv_num(r.wall_mean), int(r.best_in_split)]
+        writer.writerow(line)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _rounds_cell(row: GroupStats) -> str:
+    if row.reached_target == 0:
+        return "-"
+    text = f"{row.rounds_to_target:.1f}"
+    return text if row.reached_target == row.n else f"{text} ({row.reached_target}/{row.n})"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table(
+    rows: list[GroupStats], keys: list[str], target: float | None, title: str = "Report"
+) -> str:
+    """The report as Markdown: a table plus notes (what ``*`` means, failed runs)."""
+    header = ["", *keys, "n", "failed"]
+    show_incomplete = any(r.incomplete for r in rows)
+    if show_incomplete:
+        header.append("incomplete")
+    header += ["final BE", "best BE"]
+    if target is not None:
+        header.append(f"rounds to BE ≤ {target:g}")
+    header.append("wall time (s)")
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = ["*" if r.best_in_split else ""]
+        cells += [_md_escape(_display(r.label.get(k))) for k in keys]
+        cells += [str(r.n), str(r.failed)]
+        if show_incomplete:
+            cells.append(str(r.incomplete))
+        cells += [_pm(r.final_mean, r.final_std), _pm(r.best_mean, r.best_std)]
+        if target is not None:
+            cells.append(_rounds_cell(r))
+        cells.append("-" if math.isnan(r.wall_mean) else f"{r.wall_mean:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    split = split_keys_of(keys)
+    within = f"its split ({', '.join(split)})" if split else "the table"
+    lines += [
+        "",
+        "BE = global balanced error (mean per-class error on the balanced test set); "
+        "mean ± sample std (ddof=1) over the completed seeds.",
+        f"`*` = lowest mean final BE within {within}.",
+    ]
+    bad = [run for r in rows for run in r.runs if not run.completed]
+    if bad:
+        lines += ["", "## Failed or incomplete runs", ""]
+        for run in bad:
+            error = str(run.summary.get("error") or "").strip().splitlines()
+            detail = f": {_md_escape(error[-1][:200])}" if error else ""
+            lines.append(f"- `{run.name}` ({run.status}){detail}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    """PNG bytes in memory, then an atomic write: a reader never sees half a picture."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _placeholder(path: Path, message: str) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2))
+    fig.text(0.5, 0.5, message, ha="center", va="center")
+    return _save_figure(fig, path)
+
+
+def _series_band(runs: Sequence[RunRecord]) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """Balanced error over runs: (number of runs, rounds, [mean, min, max] per round).
+
+    Failed runs are left out; a still-running run counts for the rounds it has, so a
+    report built mid-run still shows its curve.
+    """
+    curves = [r.curve() for r in runs if r.status != "failed"]
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    rounds = sorted(set().union(*curves))
+    values = [[c[t] for c in curves if t in c] for t in rounds]
+    stats = np.array([[np.mean(v), np.min(v), np.max(v)] for v in values])
+    return len(curves), np.array(rounds), stats.T
+
+
+def plot_curves(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
+    """Balanced error vs round: one panel per split, one line per group (band: min..max)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    split = split_keys_of(keys)
+    series_keys = [k for k in keys if k not in split]
+    panels: dict[tuple[Any, ...], list[GroupStats]] = {}
+    for row in sorted(rows, key=lambda r: r.order):
+        panels.setdefault(row.split, []).append(row)
+    bands = {id(r): _series_band(r.runs) for r in rows}
+    if not any(b is not None for b in bands.values()):
+        return _placeholder(path, "no per-round metrics to plot")
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.8 * ncols, 3.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    for ax, (split_value, members) in zip(axes.flat, panels.items(), strict=False):
+        for row in members:
+            band = bands[id(row)]
+            if band is None:
+                continue
+            count, rounds, (mean, low, high) = band
+            name = ", ".join(_display(row.label.get(k)) for k in series_keys) or "mean"
+            (line,) = ax.plot(rounds, mean, marker="." if len(rounds) < 30 else None,
+                              label=f"{name} (n={count})")
+            ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        title = ", ".join(f"{k}={_display(v)}" for k, v in zip(split, split_value, strict=True))
+        ax.set_title(title or "all runs", fontsize=9)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, title=", ".join(series_keys) or None, title_fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("global balanced error")
+    fig.suptitle("Balanced error vs round (line: mean over seeds, band: min..max)", fontsize=10)
+    return _save_figure(fig, path)
+
+
+def _per_class_matrix(rows: list[GroupStats]) -> tuple[list[GroupStats], np.ndarray] | None:
+    """Groups with per-class data and their mean final per-class error (NaN-padded)."""
+    kept, means = [], []
+    for row in rows:
+        vectors = [v for v in (r.final_per_class() for r in row.runs if r.completed) if v]
+        if not vectors:
+            continue
+        width = max(len(v) for v in vectors)
+        padded = np.full((len(vectors), width), np.nan)
+        for i, v in enumerate(vectors):
+            padded[i, : len(v)] = v
+        kept.append(row)
+        # nanmean over seeds; an all-NaN column (class missing in every seed) stays NaN.
+        with np.errstate(all="ignore"):
+            counts = np.sum(~np.isnan(padded), axis=0)
+            sums = np.nansum(padded, axis=0)
+            means.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+    if not kept:
+        return None
+    width = max(len(m) for m in means)
+    matrix = np.full((len(kept), width), np.nan)
+    for i, m in enumerate(means):
+        matrix[i, : len(m)] = m
+    return kept, matrix
+
+
+def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
+    """Heatmap: rows = groups (table order), columns = classes, value = final error."""
+    from matplotlib.figure import Figure
+
+    found = _per_class_matrix(rows)
+    if found is None:
+        return _placeholder(path, "no per-class metrics of a completed run")
+    kept, matrix = found
+    n_rows, n_cls = matrix.shape
+    labels = [r.label_text(keys) for r in kept]
+    # Room for the row labels (~0.06 in per character at font size 7) plus the cells.
+    label_width = 0.06 * max(len(t) for t in labels)
+    annotate = n_cls <= 20 and n_rows * n_cls <= 200  # numbers only where they fit
+    cell_width = 0.45 if annotate else 0.12
+    width = min(24.0, 2.5 + label_width + max(3.0, cell_width * n_cls))
+    fig = Figure(figsize=(width, 1.8 + 0.4 * n_rows), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(n_rows), labels, fontsize=7)
+    step = max(1, n_cls // 25)
+    ax.set_xticks(range(0, n_cls, step))
+    ax.set_xlabel("class")
+    if annotate:
+        for (i, j), value in np.ndenumerate(matrix):
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="error")
+    ax.set_title("Per-class error of the final global model (mean over seeds)", fontsize=9)
+    return _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _check_target(target_error: Any) -> float | None:
+    if target_error is None:
+        return None
+    if isinstance(target_error, bool) or not isinstance(target_error, int | float) or not (
+        0 <= target_error <= 1
+    ):
+        raise ValueError(f"target_error must be a number in [0, 1] or None, got {target_error!r}")
+    return float(target_error)
+
+
+def build_report(results_dir: str | Path, *, target_error: float | None = None) -> dict[str, Path]:
+    """Write report.csv, report.md, curves.png and per_class.png into ``results_dir``.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        A sweep folder, one run folder, or a folder of run folders.
+    target_error : float, optional
+        Balanced error for the "rounds to reach target" column; default: the sweep's
+        ``target-error`` (from sweep.json), else no such column.
+
+    Returns
+    -------
+    dict
+        ``{"csv": ..., "md": ..., "curves": ..., "per_class": ...}`` -> written paths.
+
+    Raises
+    ------
+    ValueError
+        If ``results_dir`` holds no run or ``target_error`` is outside [0, 1].
+    """
+    target = _check_target(target_error)
+    runset = load_runs(results_dir)
+    if target is None:
+        target = _check_target(runset.target_error)
+    rows = summarize(runset, target)
+    keys = _label_keys(runset)
+    root = runset.root
+    title = f"Report: {root.resolve().name}"
+    return {
+        "csv": _write_csv(root / REPORT_CSV, rows, keys, target),
+        "md": atomic_write_text(root / REPORT_MD, markdown_table(rows, keys, target, title)),
+        "curves": plot_curves(rows, keys, root / CURVES_PNG),
+        "per_class": plot_per_class(rows, keys, root / PER_CLASS_PNG),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fedimb report <dir> [--target-error X]``: rebuild the report from disk."""
+    parser = argparse.ArgumentParser(
+        prog="fedimb report", description="Tables and plots from results folders."
+    )
+    parser.add_argument("results_dir", type=Path, help="a sweep, a run, or a folder of runs")
+    parser.add_argument("--target-error", type=float, default=None,
+                        help="balanced error for the 'rounds to reach' column")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_report(args.results_dir, target_error=args.target_error)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(paths["md"].read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""The results directory of a run, written so that a crash never leaves a half file.
+
+Layout (one run)::
+
+    config.toml      the resolved config (nested TOML, re-runnable with --config)
+    metrics.jsonl    one JSON object per evaluated round (round 0 = the initial model)
+    clients.jsonl    per-client training metrics, one object per client and round
+    summary.json     status, final/best balanced error, wall time, seed, versions
+    checkpoint.pt    global model + strategy + RNG state of the last checkpointed round
+
+Every file is replaced atomically: written to a temporary file in the same folder,
+flushed to disk, then renamed over the old one (``os.replace`` is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+CLIENTS_FILE = "clients.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace NaN/inf (not valid JSON) by None, recursively; numpy scalars to Python."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _json_safe(value.item())
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (non-finite floats become null)."""
+    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
+    """Write ``rows`` as JSON lines, replacing the file atomically."""
+    text = "".join(json.dumps(_json_safe(r)) + "\n" for r in rows)
+    return atomic_write_text(path, text)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; a missing file reads as no rows."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Read a JSON file, or None when it does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("fedimb", "torch", "torchvision", "flwr", "numpy", "ray"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class RunRecorder:
+    """Owns a run's results directory: per-round rows, summary, checkpoints.
+
+    Every write replaces a whole file atomically, so a run killed at any moment leaves
+    the files of its last completed write (never a half line). On resume the rows after
+    the checkpointed round are dropped: they will be recomputed identically.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, seed: int, num_rounds: int,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []
+        self.seed, self.num_rounds = seed, num_rounds
+        self.extra = dict(extra or {})
+        self.previous_wall = 0.0
+
+    def resume_from(self, checkpoint_round: int) -> None:
+        """Keep only what was recorded up to ``checkpoint_round``."""
+        self.rounds = [r for r in read_jsonl(self.out_dir / METRICS_FILE) if r["round"] <= checkpoint_round]
+        self.clients = [r for r in read_jsonl(self.out_dir / CLIENTS_FILE) if r["round"] <= checkpoint_round]
+        old = read_json(self.out_dir / SUMMARY_FILE) or {}
+        self.previous_wall = float(old.get("wall_time_s") or 0.0)
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        """Record one evaluated round and rewrite metrics.jsonl."""
+        self.rounds.append(row)
+        write_jsonl(self.out_dir / METRICS_FILE, self.rounds)
+
+    def add_clients(self, rows: list[dict[str, Any]]) -> None:
+        """Record per-client training metrics of a round and rewrite clients.jsonl."""
+        self.clients.extend(rows)
+        write_jsonl(self.out_dir / CLIENTS_FILE, self.clients)
+
+    def summary(self, status: str, wall_time_s: float, error: str | None = None) -> dict[str, Any]:
+        """Write summary.json from what has been recorded; return it."""
+        evaluated = [r for r in self.rounds if r.get("balanced_error") is not None]
+        best = min(evaluated, key=lambda r: r["balanced_error"], default=None)
+        last = evaluated[-1] if evaluated else None
+        summary = {
+            "status": status,
+            "final_balanced_error": last["balanced_error"] if last else None,
+            "final_accuracy": last["accuracy"] if last else None,
+            "best_balanced_error": best["balanced_error"] if best else None,
+            "best_round": best["round"] if best else None,
+            "num_rounds": self.num_rounds,
+            "rounds_completed": max((r["round"] for r in self.rounds), default=0),
+            "failures_total": sum(int(r.get("failures", 0)) for r in self.rounds),
+            "wall_time_s": self.previous_wall + wall_time_s,
+            "seed": self.seed,
+            **self.extra,
+            "versions": package_versions(),
+        }
+        if error is not None:
+            summary["error"] = error
+        atomic_write_json(self.out_dir / SUMMARY_FILE, summary)
+        return summary
+
+
+def new_run_dir(config: Any, root: str | os.PathLike[str] = "results") -> Path:
+    """A new, unused folder ``results/<time>-<loss>-<strategy>-s<seed>`` for a run."""
+    import time
+
+    stem = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stem}-{config.loss.name}-{config.strategy.name}-s{config['seed']}".replace(":", "_")
+    path, n = Path(root) / name, 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{name}-{n}"
+    return path

@@ -1,0 +1,282 @@
+"""The server side of a run: strategy, evaluation, fault filtering, checkpoints.
+
+:func:`run_server` is what the ServerApp's ``main`` calls, under any engine. It leaves
+the round loop to Flower (``strategy.start``) and adds fedimb's duties at two seams that
+work for every strategy, stock or the user's own:
+
+- a :class:`GuardedGrid` around the engine's Grid: replies that are errors, non-finite
+  or late are dropped before the strategy sees them, logged with the client id and
+  counted; past ``max-failure-fraction`` the run stops with a clear error;
+- the ``evaluate_fn`` that Flower calls after every round: global balanced error on the
+  test set, ``metrics.jsonl``, the progress bar and the checkpoint.
+
+A resumed run reloads the pickled strategy (momentum, server optimiser moments, SCAFFOLD
+control variates) and Python's ``random`` state (Flower samples clients with it), and
+:class:`ResumedStrategy` shifts Flower's round counter so rounds keep their numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import pickle
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+import strategies
+from fedimb.client import experiment_record
+from fedimb.config import Config
+from fedimb.federation import get_federation, init_model
+from fedimb.metrics import classification_metrics
+from fedimb.progress import RunProgress
+from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, RunRecorder, atomic_write_bytes, atomic_write_text
+from fedimb.train import evaluate_counts
+
+log = logging.getLogger(__name__)
+
+RoundHook = Callable[[int, dict[str, Any]], None]
+
+
+class TooManyFailures(RuntimeError):
+    """More clients failed in a round than ``max-failure-fraction`` allows."""
+
+
+class ResumedStrategy(Strategy):
+    """Delegates to ``inner`` with round numbers shifted by ``offset`` (0 for a fresh run)."""
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        self.inner, self.offset = inner, offset
+
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:  # noqa: D102
+        self.inner.summary()
+
+
+def _reply_fault(reply: Message, client_timeout: float) -> str | None:
+    """Why a train reply must not be aggregated, or None if it is sound."""
+    if reply.has_error():
+        return f"error: {reply.error.reason}"
+    metrics = reply.content.metric_records.get("metrics")
+    if metrics is None or "arrays" not in reply.content.array_records:
+        return "malformed reply: no 'arrays' or 'metrics' record"
+    loss = metrics.get("train-loss")
+    if loss is not None and not math.isfinite(float(loss)):
+        return f"non-finite training loss ({loss})"
+    if client_timeout and float(metrics.get("train-seconds", 0.0)) > client_timeout:
+        return f"timed out: trained {float(metrics['train-seconds']):.1f}s > client-timeout {client_timeout}s"
+    for key, array in reply.content["arrays"].items():
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"non-finite weights in {key!r}"
+    return None
+
+
+class GuardedGrid(Grid):
+    """A Grid that filters a round's train replies and records per-client metrics."""
+
+    def __init__(self, inner: Grid, recorder: RunRecorder, *, max_failure_fraction: float,
+                 client_timeout: float) -> None:
+        self.inner, self.recorder = inner, recorder
+        self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
+        self.failures: dict[int, list[dict[str, Any]]] = {}
+        self.train_loss: dict[int, float] = {}
+        self.aggregated: dict[int, int] = {}
+
+    # Everything but send_and_receive is the engine's own.
+    def set_run(self, run):  # noqa: D102
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: D102
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):  # noqa: D102
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages):  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Send a round's messages; return only the train replies fit to aggregate."""
+        messages = list(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return replies
+        server_round = int(messages[0].content["config"]["server-round"])
+        answered = {r.metadata.src_node_id for r in replies}
+        faults = [
+            {"node": m.metadata.dst_node_id, "reason": "no reply within the round timeout"}
+            for m in messages if m.metadata.dst_node_id not in answered
+        ]
+        good, rows = [], []
+        for reply in replies:
+            reason = _reply_fault(reply, self.client_timeout)
+            metrics = {} if reply.has_error() else dict(reply.content.metric_records.get("metrics", {}))
+            row = {"round": server_round, "node": reply.metadata.src_node_id, **metrics}
+            if reason is None:
+                good.append(reply)
+            else:
+                faults.append({"node": reply.metadata.src_node_id,
+                               "partition-id": metrics.get("partition-id"), "reason": reason})
+                row["fault"] = reason
+            rows.append(row)
+        for fault in faults:
+            log.warning("round %d: client %s left out: %s", server_round,
+                        fault.get("partition-id", fault["node"]), fault["reason"])
+        self.recorder.add_clients(rows)
+        self.failures[server_round] = faults
+        self.aggregated[server_round] = len(good)
+        losses = [(r["train-loss"], r["num-examples"]) for r in rows if "fault" not in r and "train-loss" in r]
+        if losses:
+            total = sum(n for _, n in losses)
+            self.train_loss[server_round] = sum(v * n for v, n in losses) / max(total, 1)
+        if faults and len(faults) > self.max_failure_fraction * len(messages):
+            raise TooManyFailures(
+                f"round {server_round}: {len(faults)} of {len(messages)} clients failed, more than "
+                f"max-failure-fraction = {self.max_failure_fraction}; first: {faults[0]['reason']}"
+            )
+        return good
+
+
+def build_strategy(config: Config) -> Strategy:
+    """The configured strategy, sampling ``fraction-train`` of the clients each round."""
+    opts = config.strategy_options
+    return strategies.make_strategy(
+        config.strategy.name,
+        fraction_train=opts["fraction-train"],
+        min_train_nodes=opts["min-train-clients"],
+        min_available_nodes=opts["min-train-clients"],
+        **config.strategy.kwargs(),
+    )
+
+
+def save_checkpoint(path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy) -> None:
+    """Global model, strategy and sampling RNG after ``server_round``, atomically."""
+    buffer = io.BytesIO()
+    torch.save({
+        "round": server_round,
+        "state_dict": arrays.to_torch_state_dict(),
+        "strategy": pickle.dumps(strategy),
+        "random_state": random.getstate(),
+    }, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["strategy"] = pickle.loads(state["strategy"])
+    return state
+
+
+def run_server(
+    grid: Grid,
+    config: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_round: RoundHook | None = None,
+    extra_summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the configured federated training on ``grid``; write results; return the summary."""
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    fed = get_federation(config)
+    model = init_model(config, fed).to(fed.device)
+    num_rounds = config["num-rounds"]
+    recorder = RunRecorder(out_dir, seed=config["seed"], num_rounds=num_rounds,
+                           extra={"engine": config["engine"], "device": str(fed.device),
+                                  **(extra_summary or {})})
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        start_round, strategy = int(state["round"]), state["strategy"]
+        arrays = ArrayRecord(state["state_dict"])
+        random.setstate(state["random_state"])
+        recorder.resume_from(start_round)
+    else:
+        if resume:
+            log.warning("no checkpoint in %s: starting from round 0", out_dir)
+        start_round, strategy = 0, build_strategy(config)
+        arrays = ArrayRecord(model.state_dict())
+        random.seed(config["seed"])  # Flower's client sampling uses the global `random`
+    atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
+    recorder.summary("running", 0.0)
+
+    guarded = GuardedGrid(grid, recorder, max_failure_fraction=config["max-failure-fraction"],
+                          client_timeout=config["client-timeout"])
+    x_test, y_test = fed.test_tensors()
+    every, ckpt_every = config["eval-every"], config["checkpoint-every"]
+    bar = RunProgress(num_rounds, f"{config.loss.name} / {config.strategy.name}", enabled=progress)
+
+    def evaluate(local_round: int, current: ArrayRecord) -> MetricRecord | None:
+        server_round = local_round + start_round
+        if local_round == 0 and start_round > 0:
+            return None  # the checkpointed model was evaluated before the interruption
+        last = server_round == num_rounds
+        row: dict[str, Any] = {"round": server_round}
+        if server_round % every == 0 or last or server_round == 0:
+            model.load_state_dict(current.to_torch_state_dict())
+            correct, total = evaluate_counts(model, x_test, y_test, fed.num_classes,
+                                             fed.dataset.to_float, config["eval-batch-size"])
+            row.update(classification_metrics(correct, total, train_counts=fed.global_counts))
+        if server_round > 0:
+            row["train_loss"] = guarded.train_loss.get(server_round)
+            row["clients"] = guarded.aggregated.get(server_round, 0)
+            row["failures"] = len(guarded.failures.get(server_round, []))
+        row["elapsed_s"] = time.perf_counter() - t_start
+        recorder.add_round(row)
+        if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
+            save_checkpoint(checkpoint_path, server_round, current, strategy)
+        bar.update(server_round, row.get("balanced_error"))
+        if on_round is not None:
+            on_round(server_round, row)
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
+
+    status, error = "failed", None
+    try:
+        with bar:
+            ResumedStrategy(strategy, start_round).start(
+                grid=guarded,
+                initial_arrays=arrays,
+                num_rounds=num_rounds - start_round,
+                timeout=config["round-timeout"],
+                train_config=experiment_record(config),
+                evaluate_config=ConfigRecord(config.to_flat()),
+                evaluate_fn=evaluate,
+            )
+        status = "completed"
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        summary = recorder.summary(status, time.perf_counter() - t_start, error)
+    return summary

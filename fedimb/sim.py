@@ -1,0 +1,125 @@
+"""Launch a run on one of two engines, with the same ServerApp code and ClientApp.
+
+- ``engine = "ray"``: Flower's simulation engine (Ray backend), started in this process
+  through Flower's own simulation entry point; one Flower node per client, client
+  resources and an optional existing Ray cluster (``ray.address``) from the config.
+- ``engine = "inprocess"``: :class:`fedimb.engine.InProcessGrid`, no Ray; a round's
+  clients are trained together on the device.
+
+Everything that can be wrong with the config or the data is found before either engine
+starts (:func:`prepare`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedimb.config import Config, ConfigError
+from fedimb.server import RoundHook, run_server
+
+log = logging.getLogger(__name__)
+
+
+def quiet_flower(verbose: bool = False) -> None:
+    """Keep Flower's per-round INFO logs out of the user's terminal unless asked for."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)
+
+
+def prepare(config: Config) -> None:
+    """Load the data and build the partition now, so bad input fails before Ray starts."""
+    from fedimb.federation import get_federation
+
+    try:
+        fed = get_federation(config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+    from fedimb.losses import make_loss
+
+    try:  # a user's loss, or a parameter that only fails on the real counts
+        make_loss(config.loss.name, fed.counts[0], server_round=1,
+                  num_rounds=config["num-rounds"], **config.loss.kwargs())
+    except ValueError as exc:
+        raise ConfigError(f"[loss] {config.loss.name}: {exc}") from exc
+
+
+def run_experiment(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_round: RoundHook | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run ``config`` on its engine; return the summary (also in ``out_dir/summary.json``)."""
+    quiet_flower(verbose)
+    prepare(config)
+    kwargs = {"resume": resume, "progress": progress, "on_round": on_round}
+    if config["engine"] == "inprocess":
+        return _run_inprocess(config, Path(out_dir), **kwargs)
+    return _run_ray(config, Path(out_dir), verbose=verbose, **kwargs)
+
+
+def _run_inprocess(config: Config, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    from clients.app import app as client_app
+    from fedimb.engine import InProcessGrid, task_identity
+
+    grid = InProcessGrid(client_app, config["num-clients"], batched=config["batched"] != "off")
+    with task_identity(grid.run.run_id):
+        return run_server(grid, config, out_dir, **kwargs)
+
+
+def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> dict[str, Any]:
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from clients.app import app as client_app
+
+    # Flower installs app dependencies at run time by default; everything is installed.
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    summary: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        del context  # the config comes from fedimb, not from a Flower project
+        summary.update(run_server(grid, config, out_dir, **kwargs))
+
+    resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": config["ray.client-gpus"]}
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    if config["ray.address"]:
+        init_args["address"] = config["ray.address"]
+    try:
+        _run_simulation(
+            num_supernodes=config["num-clients"],
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config={"client_resources": resources, "init_args": init_args},
+            verbose_logging=verbose,
+        )
+    finally:
+        _shutdown_ray()
+    if not summary:
+        raise RuntimeError("the Flower simulation ended without running the server (see the log above)")
+    return summary
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray cluster Flower started, so the next run (or sweep cell) starts clean."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass

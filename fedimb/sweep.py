@@ -1,0 +1,460 @@
+"""Sweeps: a grid of config overrides, one run per cell, then a report.
+
+A sweep file is a small TOML file::
+
+    base = "quickstart.toml"          # a run config, relative to this file
+    name = "compare-losses"           # output folder results/<name> by default
+    target-error = 0.3                # optional: report "rounds to reach target"
+    [set]                             # optional: fixed overrides for every cell
+    engine = "inprocess"
+    [grid]                            # cartesian product over dotted config keys
+    "loss.name" = ["ce", "focal"]
+    seed = [0, 1, 2]
+
+The single-run simulation is passed in as a callable ``run_cell(overrides, cell_dir)``,
+so this module never imports Flower, Ray or torch. Each cell writes its own results
+folder ``<out_dir>/<cell name>/``; a cell whose ``summary.json`` says ``completed`` is
+skipped on the next call, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+import time
+import tomllib
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedimb.progress import SweepProgress
+from fedimb.results import SUMMARY_FILE, atomic_write_json, atomic_write_text, read_json
+
+SWEEP_FILE = "sweep.json"
+TRACEBACK_FILE = "traceback.txt"
+SWEEP_KEYS = ("base", "name", "target-error", "set", "grid")
+DEFAULT_RESULTS_ROOT = Path("results")
+
+# Longest cell folder name; most file systems allow 255 bytes, and the run writes
+# files with their own names inside it.
+_MAX_CELL_NAME = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+RunCell = Callable[[dict[str, Any], Path], Any]
+ValidateCell = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file.
+
+    Attributes
+    ----------
+    base : Path
+        The run config every cell starts from (absolute path).
+    name : str
+        The sweep's name (default output folder ``results/<name>``).
+    target_error : float or None
+        Balanced error for the report's "rounds to reach target" column.
+    fixed : dict
+        Dotted config key -> value applied to every cell (the ``[set]`` table).
+    grid : dict
+        Dotted config key -> non-empty list of values; cells are their product.
+    """
+
+    base: Path
+    name: str
+    target_error: float | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The definition as JSON-ready data (for ``sweep.json``)."""
+        return {
+            "base": str(self.base),
+            "name": self.name,
+            "target_error": self.target_error,
+            "set": dict(self.fixed),
+            "grid": {k: list(v) for k, v in self.grid.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: a folder-safe ``name`` and the config ``overrides``."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """What happened to one cell in :func:`run_sweep`.
+
+    ``status`` is the cell's ``summary.json`` status after the call ("completed",
+    "failed", "running", or "missing" when the run wrote no summary); ``skipped`` is
+    True when the cell was already completed and not run again.
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    path: Path
+    status: str
+    skipped: bool = False
+    final_balanced_error: float | None = None
+    wall_time_s: float | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables -> dotted keys, so ``loss.name = x`` and ``"loss.name" = x`` agree."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _check_value(where: str, value: Any) -> None:
+    """Allow only JSON-representable TOML values (no dates), so sweep.json can hold them."""
+    if isinstance(value, list):
+        for item in value:
+            _check_value(where, item)
+    elif not isinstance(value, str | int | float | bool):
+        raise ValueError(
+            f"{where}: unsupported value {value!r} of type {type(value).__name__}; "
+            "allowed: strings, numbers, booleans and lists of them"
+        )
+
+
+def _parse_grid(raw: Any) -> dict[str, list[Any]]:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"grid must be a table of 'key = [values]', got {raw!r}")
+    grid = _flatten(raw)
+    if not grid:
+        raise ValueError("grid is empty: give at least one 'key = [value, ...]' under [grid]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(
+                f"grid key {key!r} must map to a non-empty list of values, got {values!r}"
+            )
+        _check_value(f"grid key {key!r}", values)
+        as_json = [json.dumps(v, sort_keys=True) for v in values]
+        if len(set(as_json)) != len(as_json):
+            raise ValueError(f"grid key {key!r} lists the same value twice: {values!r}")
+    return grid
+
+
+def _parse_target(raw: Any) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
+        raise ValueError(f"target-error must be a number in [0, 1], got {raw!r}")
+    return float(raw)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The sweep TOML file; its ``base`` is resolved relative to its folder.
+
+    Returns
+    -------
+    Sweep
+
+    Raises
+    ------
+    ValueError
+        Unknown top-level key, missing or non-existent ``base``, empty ``grid``, a grid
+        value that is not a non-empty list, a key both fixed and swept, a bad
+        ``target-error``.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"sweep file {str(path)!r} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"sweep file {str(path)!r} is not valid TOML: {exc}") from exc
+
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in sweep file {str(path)!r}; valid keys: {list(SWEEP_KEYS)}"
+        )
+    base_raw = raw.get("base")
+    if not isinstance(base_raw, str) or not base_raw:
+        raise ValueError(
+            f"sweep file {str(path)!r} needs 'base = \"<run config>.toml\"', got {base_raw!r}"
+        )
+    base = (path.parent / base_raw).resolve()
+    if not base.is_file():
+        raise ValueError(f"base config {base_raw!r} not found (looked at {str(base)!r})")
+
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip() or _UNSAFE.sub("_", name) != name:
+        raise ValueError(
+            f"name must be a non-empty folder-safe string (letters, digits, '._=,+-'), "
+            f"got {name!r}"
+        )
+
+    fixed_raw = raw.get("set", {})
+    if not isinstance(fixed_raw, Mapping):
+        raise ValueError(f"set must be a table of 'key = value', got {fixed_raw!r}")
+    fixed = _flatten(fixed_raw)
+    for key, value in fixed.items():
+        _check_value(f"set key {key!r}", value)
+
+    if "grid" not in raw:
+        raise ValueError(f"sweep file {str(path)!r} has no [grid] table")
+    grid = _parse_grid(raw["grid"])
+    both = sorted(set(fixed) & set(grid))
+    if both:
+        raise ValueError(f"key(s) {both} are both fixed in [set] and swept in [grid]")
+
+    return Sweep(
+        base=base,
+        name=name,
+        target_error=_parse_target(raw.get("target-error")),
+        fixed=fixed,
+        grid=grid,
+    )
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def _value_slug(value: Any) -> str:
+    """Short text for a grid value in a folder name."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _short_hash(overrides: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _cell_name(values: Mapping[str, Any]) -> str:
+    """``key=value,key=value`` with unsafe characters replaced; long names get a hash."""
+    text = ",".join(f"{k}={_value_slug(v)}" for k, v in values.items())
+    slug = _UNSAFE.sub("_", text).strip(".") or "cell"
+    if len(slug) > _MAX_CELL_NAME:
+        slug = f"{slug[: _MAX_CELL_NAME - 9]}-{_short_hash(values)}"
+    return slug
+
+
+def expand(sweep: Sweep) -> list[Cell]:
+    """All cells of the grid, in a fixed order.
+
+    The order is the grid's key order (as written in the file) with the last key varying
+    fastest, so ``seed`` listed last keeps replicate runs next to each other.
+
+    Returns
+    -------
+    list of Cell
+        ``overrides`` = the fixed ``[set]`` values plus the cell's grid values; ``name``
+        is built from the grid values only and is unique within the sweep.
+    """
+    keys = list(sweep.grid)
+    cells: list[Cell] = []
+    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        cells.append(Cell(name=_cell_name(values), overrides={**sweep.fixed, **values}))
+    # Slugging can map different values to one name ("a/b" vs "a_b"): disambiguate.
+    counts: dict[str, int] = {}
+    for cell in cells:
+        counts[cell.name] = counts.get(cell.name, 0) + 1
+    return [
+        Cell(f"{c.name}-{_short_hash(c.overrides)}", c.overrides) if counts[c.name] > 1 else c
+        for c in cells
+    ]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def default_out_dir(sweep: Sweep, root: str | Path = DEFAULT_RESULTS_ROOT) -> Path:
+    """``<root>/<sweep name>``, the folder a sweep writes to unless told otherwise."""
+    return Path(root) / sweep.name
+
+
+def _validate_all(cells: list[Cell], validate_cell: ValidateCell) -> None:
+    """Run ``validate_cell`` on every cell; raise one ValueError listing every bad cell."""
+    problems = []
+    for cell in cells:
+        try:
+            validate_cell(dict(cell.overrides))
+        except Exception as exc:
+            problems.append(f"  cell {cell.name!r}: {type(exc).__name__}: {exc}")
+    if problems:
+        raise ValueError(
+            f"{len(problems)} of {len(cells)} sweep cell(s) have an invalid config; "
+            "nothing was run:\n" + "\n".join(problems)
+        )
+
+
+def _write_sweep_json(
+    out_dir: Path, sweep: Sweep, cells: list[Cell], status: dict[str, str]
+) -> None:
+    """Rewrite sweep.json: the definition plus every cell's name, overrides and status."""
+    atomic_write_json(
+        out_dir / SWEEP_FILE,
+        {
+            "sweep": sweep.to_json(),
+            "cells": [
+                {"name": c.name, "overrides": c.overrides, "status": status[c.name]}
+                for c in cells
+            ],
+        },
+    )
+
+
+def _record_failure(cell_dir: Path, cell: Cell, exc: BaseException, seconds: float) -> str:
+    """Mark the cell failed in its summary.json (keeping what the run wrote) + traceback."""
+    error = f"{type(exc).__name__}: {exc}"
+    summary = read_json(cell_dir / SUMMARY_FILE) or {}
+    summary.update(status="failed", error=error)
+    summary.setdefault("wall_time_s", seconds)
+    if "seed" in cell.overrides:
+        summary.setdefault("seed", cell.overrides["seed"])
+    atomic_write_json(cell_dir / SUMMARY_FILE, summary)
+    atomic_write_text(
+        cell_dir / TRACEBACK_FILE,
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    )
+    return error
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _result(cell: Cell, cell_dir: Path, skipped: bool, error: str | None = None) -> CellResult:
+    summary = read_json(cell_dir / SUMMARY_FILE) or {}
+    return CellResult(
+        name=cell.name,
+        overrides=dict(cell.overrides),
+        path=cell_dir,
+        status=str(summary.get("status", "missing")),
+        skipped=skipped,
+        final_balanced_error=_float_or_none(summary.get("final_balanced_error")),
+        wall_time_s=_float_or_none(summary.get("wall_time_s")),
+        error=error if error is not None else summary.get("error"),
+    )
+
+
+def _run_one(cell: Cell, cell_dir: Path, run_cell: RunCell) -> CellResult:
+    """Run one cell; an exception becomes a recorded failure, not the end of the sweep."""
+    # A stale traceback from an earlier failed attempt would contradict a success now.
+    (cell_dir / TRACEBACK_FILE).unlink(missing_ok=True)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        run_cell(dict(cell.overrides), cell_dir)
+    except Exception as exc:
+        error = _record_failure(cell_dir, cell, exc, time.perf_counter() - start)
+        return _result(cell, cell_dir, skipped=False, error=error)
+    return _result(cell, cell_dir, skipped=False)
+
+
+def _is_completed(cell_dir: Path) -> bool:
+    summary = read_json(cell_dir / SUMMARY_FILE)
+    return bool(summary) and summary.get("status") == "completed"
+
+
+def run_sweep(
+    sweep: Sweep,
+    out_dir: str | Path | None,
+    run_cell: RunCell,
+    *,
+    validate_cell: ValidateCell | None = None,
+    progress: bool = True,
+) -> list[CellResult]:
+    """Run every cell of ``sweep`` (skipping completed ones), then build the report.
+
+    Parameters
+    ----------
+    sweep : Sweep
+        From :func:`load_sweep`.
+    out_dir : str, Path or None
+        The sweep's folder (None: ``results/<sweep name>``). Cell ``c`` writes to
+        ``out_dir/<c.name>``; ``sweep.json`` lists the cells and their status.
+    run_cell : callable
+        ``run_cell(overrides, cell_dir)`` runs one simulation with the base config plus
+        ``overrides`` (dotted keys) and writes its results folder into ``cell_dir``.
+        An exception marks the cell failed (``summary.json`` + ``traceback.txt``) and the
+        sweep goes on; KeyboardInterrupt stops it (resumable).
+    validate_cell : callable, optional
+        ``validate_cell(overrides)`` raises on a bad config. Called for every cell before
+        anything runs or is written, so a typo fails in seconds, not hours in.
+    progress : bool
+        True: a progress bar over cells (on a terminal). False: one plain line per cell.
+
+    Returns
+    -------
+    list of CellResult
+        One per cell, in :func:`expand` order.
+
+    Raises
+    ------
+    ValueError
+        If ``validate_cell`` rejects any cell (the message names each bad cell).
+    """
+    from fedimb.report import build_report  # report imports matplotlib; load it only here
+
+    cells = expand(sweep)
+    if validate_cell is not None:
+        _validate_all(cells, validate_cell)
+    out_dir = default_out_dir(sweep) if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    status = {}
+    for cell in cells:
+        summary = read_json(out_dir / cell.name / SUMMARY_FILE) or {}
+        status[cell.name] = str(summary.get("status", "pending"))
+    _write_sweep_json(out_dir, sweep, cells, status)
+
+    results: list[CellResult] = []
+    with SweepProgress(len(cells), sweep.name, enabled=progress) as bar:
+        for done, cell in enumerate(cells, start=1):
+            cell_dir = out_dir / cell.name
+            if _is_completed(cell_dir):
+                result = _result(cell, cell_dir, skipped=True)
+            else:
+                status[cell.name] = "running"
+                _write_sweep_json(out_dir, sweep, cells, status)
+                try:
+                    result = _run_one(cell, cell_dir, run_cell)
+                except BaseException:
+                    # Ctrl-C (or a crash of the sweep itself): say so, then stop; a
+                    # re-run resumes from this cell.
+                    status[cell.name] = "interrupted"
+                    _write_sweep_json(out_dir, sweep, cells, status)
+                    raise
+            status[cell.name] = result.status
+            _write_sweep_json(out_dir, sweep, cells, status)
+            results.append(result)
+            shown = "skipped (done)" if result.skipped else result.status
+            bar.update(done, cell.name, shown, result.final_balanced_error, result.wall_time_s)
+
+    build_report(out_dir, target_error=sweep.target_error)
+    return results

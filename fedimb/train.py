@@ -1,0 +1,215 @@
+"""Local training of one client, and evaluation of a model on a test set.
+
+A round of local training is planned before it runs (:func:`make_plan`): the batch
+indices of every step and the augmentation of every sample, drawn from a generator
+seeded by (run seed, round, client). Both trainers consume the same plan, so training a
+client alone (:func:`train_client`, here) and training many at once
+(:func:`fedimb.batched.train_clients`) give the same update up to float rounding, and
+a client's update does not depend on which other clients share its group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedimb.sampling import epoch_indices
+
+ToFloat = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Hyperparameters of local training shared by every client of a run."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    augment: bool = False
+    padding: int = 4
+    bf16: bool = False
+    channels_last: bool = False
+
+
+@dataclasses.dataclass
+class ClientPlan:
+    """What one client does in one round: its batches and their augmentation.
+
+    ``batches[t]`` holds the indices (into the client's own samples) of step t;
+    ``shift`` / ``flip`` (when augmenting) give, per step, each sample's crop offset
+    (dy, dx in [0, 2*padding]) and horizontal flip.
+    """
+
+    batches: list[np.ndarray]
+    shift: list[np.ndarray] | None = None
+    flip: list[np.ndarray] | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.batches)
+
+    @property
+    def num_examples(self) -> int:
+        return int(sum(len(b) for b in self.batches))
+
+
+@dataclasses.dataclass
+class ClientJob:
+    """One client's inputs for a round of local training."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    plan: ClientPlan
+    prox_mu: float = 0.0
+    control: Mapping[str, torch.Tensor] | None = None
+    """SCAFFOLD's correction c - c_i per parameter name, added to every gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """A client's updated weights and what it reports."""
+
+    state: dict[str, torch.Tensor]
+    loss: float
+    num_examples: int
+    num_steps: int
+
+
+def client_rng(seed: int, server_round: int, partition_id: int) -> np.random.Generator:
+    """The generator of one client in one round: independent of engine and grouping."""
+    return np.random.default_rng(np.random.SeedSequence([seed, server_round, partition_id]))
+
+
+def make_plan(
+    labels: np.ndarray,
+    settings: TrainSettings,
+    rng: np.random.Generator,
+    *,
+    sampler: str = "instance",
+    server_round: int = 1,
+    num_rounds: int = 1,
+    drs_start: float | int | None = None,
+) -> ClientPlan:
+    """Draw a client's batches (and augmentation) for one round of local training."""
+    batches: list[np.ndarray] = []
+    for _ in range(settings.epochs):
+        order = epoch_indices(
+            sampler, labels, rng, server_round=server_round, num_rounds=num_rounds,
+            drs_start=drs_start,
+        )
+        batches += [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    if not settings.augment:
+        return ClientPlan(batches)
+    span = 2 * settings.padding + 1
+    shift = [rng.integers(0, span, size=(len(b), 2)) for b in batches]
+    flip = [rng.random(len(b)) < 0.5 for b in batches]
+    return ClientPlan(batches, shift, flip)
+
+
+def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, padding: int) -> torch.Tensor:
+    """Crop each image of ``x`` [N, C, H, W] from its zero-padded copy at ``shift`` [N, 2]
+    (dy, dx) and mirror those with ``flip`` [N]: the standard CIFAR augmentation, as one
+    gather on the tensor's device."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    rows = shift[:, 0:1] + torch.arange(h, device=x.device)  # [N, H]
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + shift[:, 1:2]  # [N, W]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+
+def batch_inputs(
+    job: ClientJob, step: int, to_float: ToFloat, settings: TrainSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of one step of one client, augmented on the device."""
+    device = job.x.device
+    idx = torch.as_tensor(job.plan.batches[step], device=device)
+    x = to_float(job.x[idx])
+    if job.plan.shift is not None:
+        shift = torch.as_tensor(job.plan.shift[step], device=device)
+        flip = torch.as_tensor(job.plan.flip[step], device=device)
+        x = crop_flip(x, shift, flip, settings.padding)
+    return x, job.y[idx]
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; a no-op otherwise."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_client(
+    model: nn.Module,
+    job: ClientJob,
+    to_float: ToFloat,
+    settings: TrainSettings,
+) -> TrainResult:
+    """Train ``model`` in place on one client's plan with SGD; return its new state.
+
+    FedProx's proximal term mu/2 ||w - w_global||^2 and SCAFFOLD's control correction are
+    added to the gradient before the optimizer step, as in their papers.
+    """
+    device = job.x.device
+    model.train()
+    if settings.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = dict(model.named_parameters())
+    anchor = {k: p.detach().clone() for k, p in params.items()} if job.prox_mu else None
+    opt = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    total = torch.zeros((), device=device)
+    for step in range(job.plan.num_steps):
+        x, y = batch_inputs(job, step, to_float, settings)
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, settings.bf16):
+            loss = job.loss(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for name, p in params.items():
+                if anchor is not None:
+                    p.grad.add_(p - anchor[name], alpha=job.prox_mu)
+                if job.control is not None:
+                    p.grad.add_(job.control[name])
+        opt.step()
+        total += loss.detach().float()
+    steps = max(job.plan.num_steps, 1)
+    return TrainResult(
+        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        loss=float(total) / steps,
+        num_examples=job.plan.num_examples,
+        num_steps=job.plan.num_steps,
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, to_float: ToFloat, batch_size: int = 1024
+) -> torch.Tensor:
+    """Predicted class of every sample of ``x`` (on ``x``'s device)."""
+    model.eval()
+    preds = [model(to_float(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def evaluate_counts(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, to_float: ToFloat,
+    batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class correct and total counts of ``model`` on (x, y): these add up across clients."""
+    pred = predict(model, x, to_float, batch_size)
+    total = torch.bincount(y, minlength=num_classes)
+    correct = torch.bincount(y[pred == y], minlength=num_classes)
+    return correct.cpu().numpy(), total.cpu().numpy()

@@ -1,0 +1,23 @@
+"""Flower server strategies: stock ones, ours (SCAFFOLD, FedNova, FedAwS) and plug-ins.
+
+``make_strategy(name, **params)`` builds one by registered name or by import path
+``"package.module:Class"``; see ``strategies.registry``.
+"""
+
+from strategies.registry import (
+    REQUIRED,
+    STRATEGIES,
+    list_strategies,
+    make_strategy,
+    resolve_strategy,
+    strategy_params,
+)
+
+__all__ = [
+    "REQUIRED",
+    "STRATEGIES",
+    "list_strategies",
+    "make_strategy",
+    "resolve_strategy",
+    "strategy_params",
+]

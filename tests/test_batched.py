@@ -1,0 +1,117 @@
+"""Training many clients at once equals training them one at a time (same plan, same update)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedimb.batched import can_batch, train_clients
+from fedimb.losses import make_loss
+from fedimb.models import build_model
+from fedimb.train import ClientJob, TrainSettings, client_rng, crop_flip, make_plan, train_client
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
+
+
+def _jobs(model, settings, loss_name, shape, sizes, *, prox_mu=0.0, control=False, seed=0, **params):
+    """Clients with uneven data (different step counts, short last batches)."""
+    gen = torch.Generator().manual_seed(seed)
+    jobs = []
+    for pid, n in enumerate(sizes):
+        classes = torch.tensor([pid % 4, (pid + 1) % 4])
+        y = classes[torch.randint(0, 2, (n,), generator=gen)]
+        x = torch.randn(n, *shape, generator=gen)
+        counts = np.bincount(y.numpy(), minlength=4)
+        loss = make_loss(loss_name, counts, server_round=3, num_rounds=4, **params)
+        plan = make_plan(y.numpy(), settings, client_rng(seed, 3, pid))
+        ctl = None
+        if control:
+            ctl = {n: 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+        jobs.append(ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=ctl))
+    return jobs
+
+
+def _sequential(model, state, jobs, settings):
+    out = []
+    for job in jobs:
+        model.load_state_dict(state)
+        out.append(train_client(model, job, identity, settings))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("loss_name", "params", "momentum", "wd", "prox", "control"),
+    [
+        ("ce", {}, 0.0, 0.0, 0.0, False),
+        ("ldam-drw", {}, 0.9, 5e-4, 0.0, False),
+        ("class-balanced", {"base": "focal"}, 0.9, 0.0, 0.01, False),
+        ("fedrs", {}, 0.0, 0.0, 0.0, True),
+        ("balanced-softmax", {}, 0.5, 1e-3, 0.1, True),
+    ],
+)
+def test_vectorised_training_equals_one_client_at_a_time(loss_name, params, momentum, wd, prox, control):
+    torch.manual_seed(0)
+    model = build_model("mlp", (12,), 4, hidden=16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, momentum=momentum, weight_decay=wd)
+    jobs = _jobs(model, settings, loss_name, (12,), [19, 24, 7, 16], prox_mu=prox, control=control, **params)
+    seq = _sequential(model, state, jobs, settings)
+    vec = train_clients(model, state, jobs, identity, settings)
+    for a, b in zip(seq, vec, strict=True):
+        assert a.num_steps == b.num_steps and a.num_examples == b.num_examples
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-5)
+        for key in a.state:
+            torch.testing.assert_close(a.state[key], b.state[key], rtol=1e-4, atol=1e-5)
+    # the update is real: weights moved
+    assert not torch.allclose(vec[0].state["1.weight"], state["1.weight"])
+
+
+def test_vectorised_cnn_with_augmentation_equals_sequential():
+    torch.manual_seed(1)
+    model = build_model("cnn", (3, 8, 8), 4, width=4, hidden=16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(epochs=1, batch_size=5, lr=0.05, augment=True, padding=2)
+    jobs = _jobs(model, settings, "ce", (3, 8, 8), [11, 9, 5])
+    assert jobs[0].plan.shift is not None
+    seq = _sequential(model, state, jobs, settings)
+    vec = train_clients(model, state, jobs, identity, settings)
+    for a, b in zip(seq, vec, strict=True):
+        for key in a.state:
+            torch.testing.assert_close(a.state[key], b.state[key], rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_models_are_not_batched():
+    model = build_model("resnet32", (3, 8, 8), 4, norm="batch")
+    settings = TrainSettings()
+    jobs = _jobs(build_model("mlp", (3, 8, 8), 4), settings, "ce", (3, 8, 8), [4, 4])
+    assert "BatchNorm" in can_batch(model, jobs)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_clients(model, model.state_dict(), jobs, identity, settings)
+
+
+def test_crop_flip_matches_per_sample_reference():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, 7, generator=gen)
+    shift = torch.randint(0, 5, (6, 2), generator=gen)
+    flip = torch.rand(6, generator=gen) < 0.5
+    out = crop_flip(x, shift, flip, padding=2)
+    for i in range(6):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        dy, dx = shift[i].tolist()
+        ref = padded[:, dy : dy + 5, dx : dx + 7]
+        if flip[i]:
+            ref = ref.flip(-1)  # crop, then mirror
+        torch.testing.assert_close(out[i], ref)
+
+
+def test_plan_is_seeded_per_client_and_round():
+    settings = TrainSettings(epochs=2, batch_size=4, augment=True)
+    labels = np.repeat([0, 1], 9)
+    a = make_plan(labels, settings, client_rng(0, 1, 5))
+    b = make_plan(labels, settings, client_rng(0, 1, 5))
+    c = make_plan(labels, settings, client_rng(0, 2, 5))
+    assert all(np.array_equal(p, q) for p, q in zip(a.batches, b.batches, strict=True))
+    assert not all(np.array_equal(p, q) for p, q in zip(a.batches, c.batches, strict=True))
+    assert a.num_examples == 36 and a.num_steps == 10  # 2 epochs x ceil(18 / 4)
+    assert sorted(np.concatenate(a.batches[:5])) == list(range(18))  # an epoch covers every sample
