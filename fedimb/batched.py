@@ -75,15 +75,20 @@ def train_clients(
     k_all = len(jobs)
     names = [n for n, _ in model.named_parameters()]
     buffer_names = [n for n, _ in model.named_buffers()]
-    params = {n: global_state[n].to(device).expand(k_all, *global_state[n].shape).clone() for n in names}
-    buffers = {n: global_state[n].to(device).expand(k_all, *global_state[n].shape).clone()
-               for n in buffer_names}
+    params = {
+        n: global_state[n].to(device).expand(k_all, *global_state[n].shape).clone() for n in names
+    }
+    buffers = {
+        n: global_state[n].to(device).expand(k_all, *global_state[n].shape).clone()
+        for n in buffer_names
+    }
     anchor = {n: global_state[n].to(device) for n in names}
     momentum = {n: torch.zeros_like(p) for n, p in params.items()} if settings.momentum else None
     prox = torch.tensor([job.prox_mu for job in jobs], device=device)
     control = (
         {n: torch.stack([job.control[n] for job in jobs]).to(device) for n in names}
-        if any(job.control is not None for job in jobs) else None
+        if any(job.control is not None for job in jobs)
+        else None
     )
 
     lp = stack_params([job.loss.params for job in jobs])
@@ -93,7 +98,15 @@ def train_clients(
         with autocast(device, settings.bf16):
             logits = functional_call(model, (p, b), (x,))
         return imbalance_loss_tensors(
-            logits.float(), y, weight, offset, scale, margin, mask, s=lp.s, gamma=lp.gamma,
+            logits.float(),
+            y,
+            weight,
+            offset,
+            scale,
+            margin,
+            mask,
+            s=lp.s,
+            gamma=lp.gamma,
             base=lp.base,
         )
 
@@ -110,35 +123,52 @@ def train_clients(
         for members in groups.values():
             whole = len(members) == k_all
             sel = slice(None) if whole else torch.tensor(members, device=device)
-            idx = torch.as_tensor(np.stack([jobs[k].plan.batches[t] for k in members]), device=device)
+            idx = torch.as_tensor(
+                np.stack([jobs[k].plan.batches[t] for k in members]), device=device
+            )
             rows = torch.as_tensor(members, device=device)[:, None]
             x = to_float(data_x[rows, idx])  # [G, B, ...]
             if settings.augment:
-                shift = torch.as_tensor(np.stack([jobs[k].plan.shift[t] for k in members]), device=device)
-                flip = torch.as_tensor(np.stack([jobs[k].plan.flip[t] for k in members]), device=device)
+                shift = torch.as_tensor(
+                    np.stack([jobs[k].plan.shift[t] for k in members]), device=device
+                )
+                flip = torch.as_tensor(
+                    np.stack([jobs[k].plan.flip[t] for k in members]), device=device
+                )
                 g, b = idx.shape
-                x = crop_flip(x.flatten(0, 1), shift.flatten(0, 1), flip.flatten(0, 1),
-                              settings.padding).reshape(g, b, *x.shape[2:])
+                x = crop_flip(
+                    x.flatten(0, 1), shift.flatten(0, 1), flip.flatten(0, 1), settings.padding
+                ).reshape(g, b, *x.shape[2:])
             y = data_y[rows, idx]
             p = {n: v[sel] for n, v in params.items()}
             bufs = {n: v[sel] for n, v in buffers.items()}
             grads, loss = step_fn(p, bufs, x, y, *(v[sel] for v in loss_tensors.values()))
             loss_sum[sel] += loss.detach().float()
             with torch.no_grad():
-                _sgd_update(params, momentum, grads, sel, anchor, prox[sel],
-                            None if control is None else {n: c[sel] for n, c in control.items()},
-                            settings, first_step=t == 0)
+                _sgd_update(
+                    params,
+                    momentum,
+                    grads,
+                    sel,
+                    anchor,
+                    prox[sel],
+                    None if control is None else {n: c[sel] for n, c in control.items()},
+                    settings,
+                    first_step=t == 0,
+                )
 
     results = []
     for k, job in enumerate(jobs):
         state = {n: v.clone() for n, v in global_state.items()}
         state.update({n: params[n][k].detach().clone() for n in names})
-        results.append(TrainResult(
-            state=state,
-            loss=float(loss_sum[k]) / max(int(steps[k]), 1),
-            num_examples=job.plan.num_examples,
-            num_steps=job.plan.num_steps,
-        ))
+        results.append(
+            TrainResult(
+                state=state,
+                loss=float(loss_sum[k]) / max(int(steps[k]), 1),
+                num_examples=job.plan.num_examples,
+                num_steps=job.plan.num_steps,
+            )
+        )
     return results
 
 

@@ -19,42 +19,84 @@ EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, default=None,
-                   help=f"experiment config TOML (default: {DEFAULT_CONFIG.name})")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set loss.name=ldam-drw (repeatable)")
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help=f"experiment config TOML (default: {DEFAULT_CONFIG.name})",
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set loss.name=ldam-drw (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedimb", description="Federated learning under class imbalance: simulate, compare, report."
+        prog="fedimb",
+        description="Federated learning under class imbalance: simulate, compare, report.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one simulation (default: configs/quickstart.toml)")
     _add_config_args(run)
-    run.add_argument("--out", type=Path, default=None, help="results folder (default: a new one under results/)")
-    run.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                     help="continue the run in DIR from its last checkpoint")
-    run.add_argument("--engine", choices=["ray", "inprocess"], default=None, help="shortcut for --set engine=...")
-    run.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (shortcut for --set ray.address=...)")
-    run.add_argument("--quiet", "-q", action="store_true", help="plain log lines instead of progress bars")
+    run.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: a new one under results/)"
+    )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint",
+    )
+    run.add_argument(
+        "--engine", choices=["ray", "inprocess"], default=None, help="shortcut for --set engine=..."
+    )
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        help="run on an existing Ray cluster (shortcut for --set ray.address=...)",
+    )
+    run.add_argument(
+        "--quiet", "-q", action="store_true", help="plain log lines instead of progress bars"
+    )
     run.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
 
-    parts = sub.add_parser("partitions", help="show who holds what: per-client class counts and a heatmap")
+    parts = sub.add_parser(
+        "partitions", help="show who holds what: per-client class counts and a heatmap"
+    )
     _add_config_args(parts)
-    parts.add_argument("--png", type=Path, default=Path("partitions.png"), help="heatmap file (default: partitions.png)")
+    parts.add_argument(
+        "--png",
+        type=Path,
+        default=Path("partitions.png"),
+        help="heatmap file (default: partitions.png)",
+    )
 
     sweep = sub.add_parser("sweep", help="run a grid of configs (resumable) and write a report")
     sweep.add_argument("sweep_file", type=Path)
-    sweep.add_argument("--out", type=Path, default=None, help="sweep folder (default: results/<sweep name>)")
+    sweep.add_argument(
+        "--out", type=Path, default=None, help="sweep folder (default: results/<sweep name>)"
+    )
     sweep.add_argument("--quiet", "-q", action="store_true")
 
     report = sub.add_parser("report", help="rebuild tables and plots from a results folder")
     report.add_argument("results_dir", type=Path)
-    report.add_argument("--target-error", type=float, default=None, help="for 'rounds to reach target'")
+    report.add_argument(
+        "--target-error", type=float, default=None, help="for 'rounds to reach target'"
+    )
 
-    sub.add_parser("list", help="list the registered datasets, partitions, losses, samplers, models, strategies")
+    sub.add_parser(
+        "list",
+        help="list the registered datasets, partitions, losses, samplers, models, strategies",
+    )
     return parser
 
 
@@ -75,15 +117,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra["ray.address"] = args.ray_address
     if args.resume is not None:
         if not (args.resume / CONFIG_FILE).is_file():
-            raise ConfigError(f"--resume {args.resume}: no {CONFIG_FILE} there (not a fedimb results folder)")
+            raise ConfigError(
+                f"--resume {args.resume}: no {CONFIG_FILE} there (not a fedimb results folder)"
+            )
         if args.config or args.overrides:
             raise ConfigError("--resume continues a run exactly as configured; drop --config/--set")
         config, out = load_config(args.resume / CONFIG_FILE, extra), args.resume
     else:
         config = _load(args, extra)
         out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
-    summary = run_experiment(config, out, resume=args.resume is not None, progress=not args.quiet,
-                             verbose=args.verbose)
+    summary = run_experiment(
+        config, out, resume=args.resume is not None, progress=not args.quiet, verbose=args.verbose
+    )
     print(
         f"done: final balanced error {summary['final_balanced_error']:.4f} "
         f"(best {summary['best_balanced_error']:.4f} at round {summary['best_round']}), "
@@ -118,17 +163,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prepare(load_config(sweep.base, overrides))  # data + partition too, before any cell runs
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
-        run_experiment(load_config(sweep.base, overrides), cell_dir, resume=True,
-                       progress=not args.quiet)
+        run_experiment(
+            load_config(sweep.base, overrides), cell_dir, resume=True, progress=not args.quiet
+        )
 
     try:
-        results = run_sweep(sweep, out, run_cell, validate_cell=validate_cell, progress=not args.quiet)
+        results = run_sweep(
+            sweep, out, run_cell, validate_cell=validate_cell, progress=not args.quiet
+        )
     except ValueError as exc:
         if isinstance(exc, ConfigError) or "cell" in str(exc):
             raise ConfigError(str(exc)) from exc
         raise
     failed = [r for r in results if r.status == "failed"]
-    print(f"sweep: {len(results) - len(failed)} cells completed, {len(failed)} failed; report in {out}")
+    print(
+        f"sweep: {len(results) - len(failed)} cells completed, {len(failed)} failed; "
+        f"report in {out}"
+    )
     return EXIT_FAILED if failed else 0
 
 
@@ -160,8 +211,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "partitions": cmd_partitions, "sweep": cmd_sweep, "report": cmd_report,
-            "list": cmd_list}
+COMMANDS = {
+    "run": cmd_run,
+    "partitions": cmd_partitions,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "list": cmd_list,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,9 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("fedimb: interrupted; resume with `fedimb run --resume <results folder>`", file=sys.stderr)
+        print(
+            "fedimb: interrupted; resume with `fedimb run --resume <results folder>`",
+            file=sys.stderr,
+        )
         return 130
-    except Exception as exc:  # noqa: BLE001 - turn known resource errors into advice
+    except Exception as exc:
         hint = resource_hint(exc)
         if hint is None:
             raise
@@ -187,13 +246,17 @@ def resource_hint(exc: BaseException) -> str | None:
     text = f"{type(exc).__name__}: {exc}"
     chain = exc.__cause__ or exc.__context__
     if "out of memory" in text.lower() or "OutOfMemoryError" in text:
-        return ("the GPU ran out of memory: train fewer clients at once (--set group-size=16), "
-                "use a smaller batch-size, or --set precision=bf16")
+        return (
+            "the GPU ran out of memory: train fewer clients at once (--set group-size=16), "
+            "use a smaller batch-size, or --set precision=bf16"
+        )
     if isinstance(exc, OSError) and exc.errno == 28:
         return "no space left on the device: free disk space or choose --out on another disk"
     if "ray" in text.lower() and ("init" in text.lower() or "start" in text.lower()):
-        return ("Ray failed to start: check `ray status`, free memory, or run without Ray "
-                "(--engine inprocess)")
+        return (
+            "Ray failed to start: check `ray status`, free memory, or run without Ray "
+            "(--engine inprocess)"
+        )
     if chain is not None and chain is not exc:
         return resource_hint(chain)
     return None

@@ -24,7 +24,13 @@ from torch import nn
 
 from fedimb import batched
 from fedimb.config import TOP_LEVEL, Config, parse_id_list
-from fedimb.federation import Federation, get_federation, init_model, use_augmentation
+from fedimb.federation import (
+    Federation,
+    get_federation,
+    init_model,
+    model_kwargs,
+    use_augmentation,
+)
 from fedimb.losses import make_loss
 from fedimb.train import (
     ClientJob,
@@ -83,8 +89,15 @@ _MODELS: dict[str, nn.Module] = {}
 
 def model_for(config: Config, fed: Federation) -> nn.Module:
     """A process-wide instance of the run's architecture on the training device."""
-    key = json.dumps([config.model.name, dict(config.model.params), str(fed.device),
-                      fed.dataset.input_shape, fed.num_classes])
+    key = json.dumps(
+        [
+            config.model.name,
+            model_kwargs(config),
+            str(fed.device),
+            fed.dataset.input_shape,
+            fed.num_classes,
+        ]
+    )
     if key not in _MODELS:
         _MODELS[key] = init_model(config, fed).to(fed.device)
     return _MODELS[key]
@@ -101,24 +114,35 @@ def _scaffold_control(
         return None, None
     c = {k: v.to(device) for k, v in msg.content[SCAFFOLD_CONTROL].to_torch_state_dict().items()}
     if SCAFFOLD_STATE in context.state.array_records:
-        c_i = {k: v.to(device) for k, v in context.state[SCAFFOLD_STATE].to_torch_state_dict().items()}
+        c_i = {
+            k: v.to(device) for k, v in context.state[SCAFFOLD_STATE].to_torch_state_dict().items()
+        }
     else:
         c_i = {k: torch.zeros_like(c[k]) for k in params}
     return c, c_i
 
 
-def build_job(config: Config, fed: Federation, pid: int, msg: Message, context: Context) -> ClientJob:
+def build_job(
+    config: Config, fed: Federation, pid: int, msg: Message, context: Context
+) -> ClientJob:
     """One client's job for this round: its data, its loss from its own counts, its plan."""
     server_round = int(msg.content["config"]["server-round"])
     settings = train_settings(config, fed)
     x, y = fed.client_tensors(pid)
     loss = make_loss(
-        config.loss.name, fed.counts[pid], server_round=server_round,
-        num_rounds=config["num-rounds"], **config.loss.kwargs(),
+        config.loss.name,
+        fed.counts[pid],
+        server_round=server_round,
+        num_rounds=config["num-rounds"],
+        **config.loss.kwargs(),
     )
     plan = make_plan(
-        fed.client_labels(pid), settings, client_rng(config["seed"], server_round, pid),
-        sampler=config.sampling.name, server_round=server_round, num_rounds=config["num-rounds"],
+        fed.client_labels(pid),
+        settings,
+        client_rng(config["seed"], server_round, pid),
+        sampler=config.sampling.name,
+        server_round=server_round,
+        num_rounds=config["num-rounds"],
         **config.sampling.kwargs(),
     )
     prox_mu = float(msg.content["config"].get("proximal-mu", 0.0))
@@ -128,39 +152,54 @@ def build_job(config: Config, fed: Federation, pid: int, msg: Message, context: 
     return ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=control)
 
 
-def _inject_faults(config: Config, pid: int, server_round: int, result: TrainResult) -> None:
-    """Test-only faults from the ``[faults]`` table."""
+def _inject_faults(config: Config, pid: int, server_round: int, result: TrainResult) -> float:
+    """Test-only faults from the ``[faults]`` table; returns the seconds it slept."""
     rounds = parse_id_list(config["faults.rounds"])
     if rounds and server_round not in rounds:
-        return
+        return 0.0
+    slept = 0.0
     if pid in parse_id_list(config["faults.slow-clients"]):
-        time.sleep(config["faults.slow-s"])
+        slept = config["faults.slow-s"]
+        time.sleep(slept)
     if pid in parse_id_list(config["faults.raise-clients"]):
         raise InjectedFault(f"client {pid}: injected failure in round {server_round}")
     if pid in parse_id_list(config["faults.nan-clients"]):
         first = next(k for k, v in result.state.items() if v.is_floating_point())
         result.state[first] = torch.full_like(result.state[first], float("nan"))
         result.loss = float("nan")
+    return slept
 
 
 def make_reply(
-    msg: Message, context: Context, job: ClientJob, result: TrainResult, pid: int,
-    lr: float, global_state: dict[str, torch.Tensor], seconds: float,
+    msg: Message,
+    context: Context,
+    job: ClientJob,
+    result: TrainResult,
+    pid: int,
+    lr: float,
+    global_state: dict[str, torch.Tensor],
+    seconds: float,
 ) -> Message:
     """The train reply: weights, metrics, and SCAFFOLD's control delta when used."""
-    content = RecordDict({
-        "arrays": ArrayRecord({k: v.cpu() for k, v in result.state.items()}),
-        "metrics": MetricRecord({
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "num-steps": result.num_steps,
-            "partition-id": pid,
-            "train-seconds": seconds,
-        }),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.cpu() for k, v in result.state.items()}),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "train-loss": result.loss,
+                    "num-steps": result.num_steps,
+                    "partition-id": pid,
+                    "train-seconds": seconds,
+                }
+            ),
+        }
+    )
     if job.control is not None:
         # Option II of Karimireddy et al.: c_i+ = c_i - c + (x - y_i) / (K * lr).
-        c, c_i = _scaffold_control(msg, context, list(job.control), result.state[next(iter(job.control))].device)
+        c, c_i = _scaffold_control(
+            msg, context, list(job.control), result.state[next(iter(job.control))].device
+        )
         steps = max(result.num_steps, 1)
         new_ci = {
             k: c_i[k] - c[k] + (global_state[k].to(c[k].device) - result.state[k]) / (steps * lr)
@@ -173,10 +212,25 @@ def make_reply(
 
 def error_reply(msg: Message, exc: BaseException) -> Message:
     """A Flower error reply: the strategy counts it as a failure and goes on."""
-    return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    return Message(
+        Error(code=CLIENT_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
+    )
 
 
 # ------------------------------------------------------------------------ handlers
+
+
+def global_weights(msg: Message, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The message's global model, in the model's own dtypes and device.
+
+    Server-side aggregation may hand back float64 weights and float integer buffers
+    (e.g. BatchNorm's step counter); training works on the model's own dtypes.
+    """
+    own = model.state_dict()
+    return {
+        k: v.to(device=own[k].device, dtype=own[k].dtype)
+        for k, v in msg.content["arrays"].to_torch_state_dict().items()
+    }
 
 
 def train_replies(
@@ -194,13 +248,13 @@ def train_replies(
     config = config_from_message(first)
     fed = get_federation(config)
     model = model_for(config, fed)
-    global_state = {k: v.to(fed.device) for k, v in first.content["arrays"].to_torch_state_dict().items()}
+    global_state = global_weights(first, model)
     settings = train_settings(config, fed)
     pids = [int(c.node_config["partition-id"]) for c in contexts]
     for i, (msg, ctx) in enumerate(zip(messages, contexts, strict=True)):
         try:
             jobs[i] = build_job(config, fed, pids[i], msg, ctx)
-        except Exception as exc:  # noqa: BLE001 - one bad client must not stop the round
+        except Exception as exc:
             replies[i] = error_reply(msg, exc)
 
     order = list(jobs)
@@ -214,7 +268,9 @@ def train_replies(
         for start in range(0, len(order), size):
             group = order[start : start + size]
             t0 = time.perf_counter()
-            out = batched.train_clients(model, global_state, [jobs[i] for i in group], fed.dataset.to_float, settings)
+            out = batched.train_clients(
+                model, global_state, [jobs[i] for i in group], fed.dataset.to_float, settings
+            )
             per_client = (time.perf_counter() - t0) / len(group)
             results.update({i: (r, per_client) for i, r in zip(group, out, strict=True)})
     for i in order:
@@ -226,9 +282,11 @@ def train_replies(
                 result = train_client(model, jobs[i], fed.dataset.to_float, settings)
                 results[i] = (result, time.perf_counter() - t0)
             result, seconds = results[i]
-            _inject_faults(config, pids[i], server_round, result)
-            replies[i] = make_reply(msg, contexts[i], jobs[i], result, pids[i], settings.lr, global_state, seconds)
-        except Exception as exc:  # noqa: BLE001
+            seconds += _inject_faults(config, pids[i], server_round, result)
+            replies[i] = make_reply(
+                msg, contexts[i], jobs[i], result, pids[i], settings.lr, global_state, seconds
+            )
+        except Exception as exc:
             replies[i] = error_reply(msg, exc)
     return replies  # type: ignore[return-value]
 
@@ -256,18 +314,24 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     fed = get_federation(config)
     pid = int(context.node_config["partition-id"])
     model = model_for(config, fed)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(global_weights(msg, model))
     x_test, y_test = fed.test_tensors()
     idx = torch.as_tensor(local_test_indices(fed, pid), device=fed.device)
     correct, total = evaluate_counts(
-        model, x_test[idx], y_test[idx], fed.num_classes, fed.dataset.to_float,
+        model,
+        x_test[idx],
+        y_test[idx],
+        fed.num_classes,
+        fed.dataset.to_float,
         config["eval-batch-size"],
     )
-    metrics = MetricRecord({
-        "num-examples": int(total.sum()),
-        "correct-per-class": [int(v) for v in correct],
-        "count-per-class": [int(v) for v in total],
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": int(total.sum()),
+            "correct-per-class": [int(v) for v in correct],
+            "count-per-class": [int(v) for v in total],
+        }
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -261,7 +261,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value as a TOML literal (``3``, ``0.5``, ``true``, ``"x"``), else a string."""
+    """Parse a ``--set`` value as a TOML literal (``3``, ``0.5``, ``true``, ``"x"``), else text."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -306,7 +306,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
     """Read a TOML config (default: ``configs/quickstart.toml``), apply overrides, validate."""
     nested = read_toml(path or DEFAULT_CONFIG)
     return from_nested(apply_overrides(nested, overrides or {}))
@@ -495,8 +497,9 @@ def _check_component_params(config: Config) -> None:
     loss = config.loss
     counts = [10] * 3
     try:
-        losses.make_loss(loss.name, counts, server_round=1, num_rounds=config["num-rounds"],
-                         **loss.kwargs())
+        losses.make_loss(
+            loss.name, counts, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()
+        )
     except (ValueError, TypeError, RegistryError) as exc:
         raise ConfigError(f"[loss] {loss.name}: {exc}") from exc
 

@@ -20,7 +20,7 @@ import random
 import uuid
 from collections.abc import Iterable, Iterator
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -56,8 +56,14 @@ class InProcessGrid(Grid):
         Hand a round's train messages to :func:`fedimb.client.train_replies` at once.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, batched: bool = True,
-                 run_id: int | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        *,
+        batched: bool = True,
+        run_id: int | None = None,
+    ) -> None:
         self.client_app, self.batched = client_app, batched
         self._run = Run.create_empty(run_id if run_id is not None else random.getrandbits(63))
         self.contexts = {
@@ -72,23 +78,39 @@ class InProcessGrid(Grid):
         }
         self._replies: dict[str, Message] = {}
 
-    def set_run(self, run: Run) -> None:  # noqa: D102
+    def export_client_state(self) -> dict[int, dict[str, dict]]:
+        """Every client's persistent ArrayRecords (e.g. SCAFFOLD's c_i), for checkpoints."""
+        return {
+            int(ctx.node_config["partition-id"]): {
+                name: record.to_torch_state_dict()
+                for name, record in ctx.state.array_records.items()
+            }
+            for ctx in self.contexts.values()
+        }
+
+    def import_client_state(self, states: dict[int, dict[str, dict]]) -> None:
+        """Restore what :meth:`export_client_state` returned."""
+        for ctx in self.contexts.values():
+            for name, state in states.get(int(ctx.node_config["partition-id"]), {}).items():
+                ctx.state[name] = ArrayRecord(state)
+
+    def set_run(self, run: Run) -> None:
         self._run = run
 
     @property
-    def run(self) -> Run:  # noqa: D102
+    def run(self) -> Run:
         return self._run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: D102
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
-    def get_node_ids(self) -> list[int]:  # noqa: D102
+    def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
     def _call(self, msg: Message) -> Message:
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # noqa: BLE001 - a failing client becomes an error reply
+        except Exception as exc:
             return error_reply(msg, exc)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
@@ -106,9 +128,11 @@ class InProcessGrid(Grid):
                 self._replies[msg.metadata.message_id] = self._call(msg)
         return [m.metadata.message_id for m in messages]
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # noqa: D102
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         """Push and pull at once: every client answers before this returns."""
         return self.pull_messages(self.push_messages(messages))

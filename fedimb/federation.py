@@ -18,10 +18,13 @@ from torch import nn
 
 from fedimb.config import Config
 from fedimb.data import datasets
+from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
-from fedimb.data.augment import default_augment
 from fedimb.models import build_model
+
+# Losses that assume a cosine-normalised classifier; it is on for them unless set.
+COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
 
 # Flat config keys that decide the data and the partition (the federation's cache key).
 DATA_KEYS = ("dataset", "data-root", "num-clients", "seed", "long-tail.ratio", "long-tail.profile")
@@ -57,7 +60,9 @@ class Federation:
     _client_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
         default_factory=dict, repr=False
     )
-    _test_cache: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    _test_cache: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(
+        default=None, repr=False
+    )
 
     @property
     def num_classes(self) -> int:
@@ -84,7 +89,10 @@ class Federation:
     def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The balanced test split, resident on the training device."""
         if self._test_cache is None:
-            self._test_cache = (self.dataset.x_test.to(self.device), self.dataset.y_test.to(self.device))
+            self._test_cache = (
+                self.dataset.x_test.to(self.device),
+                self.dataset.y_test.to(self.device),
+            )
         return self._test_cache
 
 
@@ -96,12 +104,18 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
     seed = config["seed"]
     if config["long-tail.ratio"] > 1:
         keep = long_tail(
-            labels, config["long-tail.ratio"], seeded_rng(seed, 1), profile=config["long-tail.profile"]
+            labels,
+            config["long-tail.ratio"],
+            seeded_rng(seed, 1),
+            profile=config["long-tail.profile"],
         )
     else:
         keep = np.arange(len(labels))
     local_parts = split_clients(
-        config.partition.name, labels[keep], config["num-clients"], seeded_rng(seed, 2),
+        config.partition.name,
+        labels[keep],
+        config["num-clients"],
+        seeded_rng(seed, 2),
         **config.partition.kwargs(),
     )
     parts = [keep[p] for p in local_parts]
@@ -128,8 +142,16 @@ def init_model(config: Config, fed: Federation) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
         return build_model(
-            config.model.name, fed.dataset.input_shape, fed.num_classes, **config.model.kwargs()
+            config.model.name, fed.dataset.input_shape, fed.num_classes, **model_kwargs(config)
         )
+
+
+def model_kwargs(config: Config) -> dict[str, Any]:
+    """The model's parameters; LDAM turns the cosine head on unless the config says otherwise."""
+    kwargs = config.model.kwargs()
+    if config.loss.name in COSINE_HEAD_LOSSES and "cosine_head" not in kwargs:
+        kwargs["cosine_head"] = True  # LDAM's margins and scale s assume cosine logits
+    return kwargs
 
 
 def use_augmentation(config: Config, fed: Federation) -> bool:

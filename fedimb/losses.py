@@ -55,7 +55,7 @@ inf/NaN (``n**-1/4``, ``1 - beta**0``, ``log 0``). Every count-based loss takes
     Counts are clamped to ``min_count`` before the published formula (over all classes).
 ``"mask"``
     Absent classes are removed from the softmax: the exact ``n_j -> 0`` limit of the
-    log-prior formulas (``log 0 = -inf``), and FedRS's limit ``alpha -> 0`` taken literally.
+    log-prior formulas (``log 0 = -inf``); a harder form of FedRS's ``alpha -> 0``.
     A one-class client then has a loss identically 0 and learns nothing.
 
 Defaults: ``present`` for the weighting losses, focal and LDAM (their statistics over the
@@ -102,6 +102,7 @@ __all__ = [
     "make_loss",
     "stack_params",
     "switch_round",
+    "validate_counts",
 ]
 
 MISSING_POLICIES = ("present", "clamp", "mask")
@@ -165,8 +166,9 @@ class LossParams:
         """C, the size of the last dimension."""
         return int(self.weight.shape[-1])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-           ) -> LossParams:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LossParams:
         """A copy on ``device`` with float tensors in ``dtype`` (the mask stays bool)."""
         moved = {f: getattr(self, f).to(device=device, dtype=dtype) for f in TENSOR_FIELDS[:-1]}
         return replace(self, **moved, mask=self.mask.to(device=device))
@@ -247,8 +249,16 @@ def imbalance_loss_tensors(
 def imbalance_loss(logits: Tensor, targets: Tensor, p: LossParams) -> Tensor:
     """The loss of ``logits`` [B, C] for ``targets`` [B] under ``p`` (a scalar tensor)."""
     return imbalance_loss_tensors(
-        logits, targets, p.weight, p.offset, p.scale, p.margin, p.mask,
-        s=p.s, gamma=p.gamma, base=p.base,
+        logits,
+        targets,
+        p.weight,
+        p.offset,
+        p.scale,
+        p.margin,
+        p.mask,
+        s=p.s,
+        gamma=p.gamma,
+        base=p.base,
     )
 
 
@@ -305,9 +315,13 @@ class Loss:
         For messages and logs.
     """
 
-    def __init__(self, params: LossParams | None = None,
-                 fn: Callable[[Tensor, Tensor], Tensor] | None = None, *, name: str = "loss"
-                 ) -> None:
+    def __init__(
+        self,
+        params: LossParams | None = None,
+        fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        name: str = "loss",
+    ) -> None:
         if (params is None) == (fn is None):
             raise ValueError("Loss needs exactly one of params (a LossParams) or fn (a callable)")
         self.params = params
@@ -386,8 +400,9 @@ def _check_rounds(server_round: Any, num_rounds: Any) -> _Rounds:
     return _Rounds(int(server_round), int(num_rounds))
 
 
-def switch_round(start: int | float | None, num_rounds: int, *, name: str = "drw_start"
-                 ) -> int | None:
+def switch_round(
+    start: int | float | None, num_rounds: int, *, name: str = "drw_start"
+) -> int | None:
     """The first round (1-based) of a deferred schedule (DRW, DRS), or None when off.
 
     Parameters
@@ -412,8 +427,9 @@ def switch_round(start: int | float | None, num_rounds: int, *, name: str = "drw
         return None
     if _is_int(start):
         if start < 1:
-            raise ValueError(f"{name} must be a round number >= 1 or a fraction in (0, 1], "
-                             f"got {start!r}")
+            raise ValueError(
+                f"{name} must be a round number >= 1 or a fraction in (0, 1], got {start!r}"
+            )
         first = int(start)
     elif _is_real(start):
         if not (math.isfinite(start) and 0 < start <= 1):
@@ -423,16 +439,20 @@ def switch_round(start: int | float | None, num_rounds: int, *, name: str = "drw
             )
         first = max(1, math.ceil(float(start) * num_rounds - 1e-9))  # 1e-9: 0.7*10 -> 7
     else:
-        raise ValueError(f"{name} must be None, an int round number >= 1 or a fraction in "
-                         f"(0, 1], got {start!r}")
+        raise ValueError(
+            f"{name} must be None, an int round number >= 1 or a fraction in (0, 1], got {start!r}"
+        )
     if first > num_rounds:
-        raise ValueError(f"{name}={start!r} starts at round {first}, after the last round "
-                         f"(num_rounds={num_rounds})")
+        raise ValueError(
+            f"{name}={start!r} starts at round {first}, after the last round "
+            f"(num_rounds={num_rounds})"
+        )
     return first
 
 
-def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
-              ) -> Callable[[str, Any], float]:
+def _in_range(
+    lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str, Any], float]:
     def check(name: str, value: Any) -> float:
         ok = _is_real(value) and math.isfinite(value)
         ok = ok and (value > lo if lo_open else value >= lo)
@@ -448,8 +468,9 @@ def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fa
 def _choice(allowed: Sequence[str]) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
         return value
 
     return check
@@ -464,19 +485,21 @@ def _schedule_start(name: str, value: Any) -> int | float | None:
 
 _INF = math.inf
 # One validator per parameter name: a name means the same thing in every loss.
-_CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
-    "beta": _in_range(0, 1, hi_open=True),
-    "drw_beta": _in_range(0, 1, hi_open=True),
-    "gamma": _in_range(0, _INF, hi_open=True),
-    "s": _in_range(0, _INF, lo_open=True, hi_open=True),
-    "max_m": _in_range(0, _INF, lo_open=True, hi_open=True),
-    "min_count": _in_range(0, _INF, lo_open=True, hi_open=True),
-    "alpha": _in_range(0, 1),
-    "tau": _in_range(0, _INF, hi_open=True),
-    "missing": _choice(MISSING_POLICIES),
-    "base": _choice(("softmax", "sigmoid", "focal")),
-    "drw_start": _schedule_start,
-})
+_CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
+    {
+        "beta": _in_range(0, 1, hi_open=True),
+        "drw_beta": _in_range(0, 1, hi_open=True),
+        "gamma": _in_range(0, _INF, hi_open=True),
+        "s": _in_range(0, _INF, lo_open=True, hi_open=True),
+        "max_m": _in_range(0, _INF, lo_open=True, hi_open=True),
+        "min_count": _in_range(0, _INF, lo_open=True, hi_open=True),
+        "alpha": _in_range(0, 1),
+        "tau": _in_range(0, _INF, hi_open=True),
+        "missing": _choice(MISSING_POLICIES),
+        "base": _choice(("softmax", "sigmoid", "focal")),
+        "drw_start": _schedule_start,
+    }
+)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -484,8 +507,9 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
 # in float64; LossParams stores float32.
 
 
-def _class_weights(counts: np.ndarray, raw: Callable[[np.ndarray], np.ndarray], missing: str,
-                   min_count: float) -> np.ndarray:
+def _class_weights(
+    counts: np.ndarray, raw: Callable[[np.ndarray], np.ndarray], missing: str, min_count: float
+) -> np.ndarray:
     """Weights ``raw(n)`` normalised to mean 1 (sum C) over the classes they cover."""
     if missing == "clamp":
         w = raw(np.maximum(counts, min_count).astype(np.float64))
@@ -502,8 +526,7 @@ def _cb_raw(beta: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda n: (1.0 - beta) / (1.0 - np.power(beta, n))
 
 
-def _ldam_margins(counts: np.ndarray, max_m: float, missing: str, min_count: float
-                  ) -> np.ndarray:
+def _ldam_margins(counts: np.ndarray, max_m: float, missing: str, min_count: float) -> np.ndarray:
     """``n**-1/4`` scaled so that the largest margin (over covered classes) is ``max_m``."""
     if missing == "clamp":
         m = np.power(np.maximum(counts, min_count).astype(np.float64), -0.25)
@@ -515,8 +538,9 @@ def _ldam_margins(counts: np.ndarray, max_m: float, missing: str, min_count: flo
     return m
 
 
-def _offsets(counts: np.ndarray, raw: Callable[[np.ndarray], np.ndarray], missing: str,
-             min_count: float) -> np.ndarray:
+def _offsets(
+    counts: np.ndarray, raw: Callable[[np.ndarray], np.ndarray], missing: str, min_count: float
+) -> np.ndarray:
     """Log-prior style offsets ``raw(n)`` (``raw`` sees the whole count vector)."""
     if missing == "clamp":
         return raw(np.maximum(counts, min_count).astype(np.float64))
@@ -533,8 +557,14 @@ def _keep(counts: np.ndarray, missing: str) -> np.ndarray:
     return counts > 0 if missing == "mask" else np.ones(len(counts), dtype=bool)
 
 
-def _drw_weights(counts: np.ndarray, rounds: _Rounds, drw_start: int | float | None,
-                 drw_beta: float, missing: str, min_count: float) -> np.ndarray:
+def _drw_weights(
+    counts: np.ndarray,
+    rounds: _Rounds,
+    drw_start: int | float | None,
+    drw_beta: float,
+    missing: str,
+    min_count: float,
+) -> np.ndarray:
     """Ones before the DRW switch round, class-balanced weights from it on."""
     first = switch_round(drw_start, rounds.num_rounds, name="drw_start")
     if first is None or rounds.server_round < first:
@@ -542,24 +572,39 @@ def _drw_weights(counts: np.ndarray, rounds: _Rounds, drw_start: int | float | N
     return _class_weights(counts, _cb_raw(drw_beta), missing, min_count)
 
 
-def _params(counts: np.ndarray, *, weight: np.ndarray | None = None,
-            offset: np.ndarray | None = None, scale: np.ndarray | None = None,
-            margin: np.ndarray | None = None, keep: np.ndarray | None = None,
-            s: float = 1.0, gamma: float = 0.0, base: str = "softmax") -> LossParams:
+def _params(
+    counts: np.ndarray,
+    *,
+    weight: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    margin: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
+    s: float = 1.0,
+    gamma: float = 0.0,
+    base: str = "softmax",
+) -> LossParams:
     """LossParams from numpy vectors; unspecified ones are neutral."""
     c = len(counts)
 
     def vec(v: np.ndarray | None, fill: float) -> Tensor:
         arr = np.full(c, fill) if v is None else v
         if not np.all(np.isfinite(arr)):  # a bug guard: the policies above exclude this
-            raise ValueError(f"non-finite loss statistics {arr.tolist()} for counts "
-                             f"{counts.tolist()}")
+            raise ValueError(
+                f"non-finite loss statistics {arr.tolist()} for counts {counts.tolist()}"
+            )
         return torch.as_tensor(arr, dtype=torch.float32)
 
     mask = torch.ones(c, dtype=torch.bool) if keep is None else torch.as_tensor(keep)
     return LossParams(
-        weight=vec(weight, 1.0), offset=vec(offset, 0.0), scale=vec(scale, 1.0),
-        margin=vec(margin, 0.0), mask=mask, s=float(s), gamma=float(gamma), base=base,
+        weight=vec(weight, 1.0),
+        offset=vec(offset, 0.0),
+        scale=vec(scale, 1.0),
+        margin=vec(margin, 0.0),
+        mask=mask,
+        s=float(s),
+        gamma=float(gamma),
+        base=base,
     )
 
 
@@ -575,8 +620,10 @@ class _LossSpec:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             valid = ", ".join(sorted(self.defaults)) or "(none)"
-            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for loss "
-                             f"{name!r}; valid parameters: {valid}")
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))} for loss "
+                f"{name!r}; valid parameters: {valid}"
+            )
         values = {**self.defaults, **params}
         return {k: _CHECKS[k](k, v) for k, v in values.items()}
 
@@ -586,8 +633,9 @@ _MISSING = {"min_count": 1}
 _DRW = {"drw_start": None, "drw_beta": 0.9999}
 
 
-def _register(name: str, **defaults: Any) -> Callable[[Callable[..., LossParams]],
-                                                         Callable[..., LossParams]]:
+def _register(
+    name: str, **defaults: Any
+) -> Callable[[Callable[..., LossParams]], Callable[..., LossParams]]:
     def decorator(build: Callable[..., LossParams]) -> Callable[..., LossParams]:
         unchecked = set(defaults) - set(_CHECKS)
         assert not unchecked, f"no validator for {unchecked}"
@@ -598,46 +646,83 @@ def _register(name: str, **defaults: Any) -> Callable[[Callable[..., LossParams]
 
 
 @_register("ce", missing="present", **_MISSING, **_DRW)
-def _ce(counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float,
-        drw_start: int | float | None, drw_beta: float) -> LossParams:
+def _ce(
+    counts: np.ndarray,
+    rounds: _Rounds,
+    *,
+    missing: str,
+    min_count: float,
+    drw_start: int | float | None,
+    drw_beta: float,
+) -> LossParams:
     weight = _drw_weights(counts, rounds, drw_start, drw_beta, missing, min_count)
     return _params(counts, weight=weight, keep=_keep(counts, missing))
 
 
 @_register("inverse-frequency", missing="present", **_MISSING)
-def _inverse_frequency(counts: np.ndarray, rounds: _Rounds, *, missing: str,
-                       min_count: float) -> LossParams:
+def _inverse_frequency(
+    counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
+) -> LossParams:
     weight = _class_weights(counts, lambda n: 1.0 / n, missing, min_count)
     return _params(counts, weight=weight, keep=_keep(counts, missing))
 
 
 @_register("inverse-sqrt-frequency", missing="present", **_MISSING)
-def _inverse_sqrt_frequency(counts: np.ndarray, rounds: _Rounds, *, missing: str,
-                            min_count: float) -> LossParams:
+def _inverse_sqrt_frequency(
+    counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
+) -> LossParams:
     weight = _class_weights(counts, lambda n: 1.0 / np.sqrt(n), missing, min_count)
     return _params(counts, weight=weight, keep=_keep(counts, missing))
 
 
-@_register("class-balanced", beta=0.9999, base="softmax", gamma=1.0, missing="present",
-           **_MISSING)
-def _class_balanced(counts: np.ndarray, rounds: _Rounds, *, beta: float, base: str,
-                    gamma: float, missing: str, min_count: float) -> LossParams:
+@_register("class-balanced", beta=0.9999, base="softmax", gamma=1.0, missing="present", **_MISSING)
+def _class_balanced(
+    counts: np.ndarray,
+    rounds: _Rounds,
+    *,
+    beta: float,
+    base: str,
+    gamma: float,
+    missing: str,
+    min_count: float,
+) -> LossParams:
     weight = _class_weights(counts, _cb_raw(beta), missing, min_count)
     # gamma only shapes the focal base; softmax / sigmoid CB have no focal term.
-    return _params(counts, weight=weight, keep=_keep(counts, missing),
-                   base="softmax" if base == "softmax" else "sigmoid",
-                   gamma=gamma if base == "focal" else 0.0)
+    return _params(
+        counts,
+        weight=weight,
+        keep=_keep(counts, missing),
+        base="softmax" if base == "softmax" else "sigmoid",
+        gamma=gamma if base == "focal" else 0.0,
+    )
 
 
 @_register("focal", gamma=1.0, missing="present", **_MISSING, **_DRW)
-def _focal(counts: np.ndarray, rounds: _Rounds, *, gamma: float, missing: str,
-           min_count: float, drw_start: int | float | None, drw_beta: float) -> LossParams:
+def _focal(
+    counts: np.ndarray,
+    rounds: _Rounds,
+    *,
+    gamma: float,
+    missing: str,
+    min_count: float,
+    drw_start: int | float | None,
+    drw_beta: float,
+) -> LossParams:
     weight = _drw_weights(counts, rounds, drw_start, drw_beta, missing, min_count)
     return _params(counts, weight=weight, keep=_keep(counts, missing), gamma=gamma)
 
 
-def _ldam(counts: np.ndarray, rounds: _Rounds, *, max_m: float, s: float, missing: str,
-          min_count: float, drw_start: int | float | None, drw_beta: float) -> LossParams:
+def _ldam(
+    counts: np.ndarray,
+    rounds: _Rounds,
+    *,
+    max_m: float,
+    s: float,
+    missing: str,
+    min_count: float,
+    drw_start: int | float | None,
+    drw_beta: float,
+) -> LossParams:
     weight = _drw_weights(counts, rounds, drw_start, drw_beta, missing, min_count)
     margin = _ldam_margins(counts, max_m, missing, min_count)
     return _params(counts, weight=weight, margin=margin, keep=_keep(counts, missing), s=s)
@@ -649,15 +734,17 @@ _register("ldam-drw", **_LDAM, **{**_DRW, "drw_start": 0.8})(_ldam)
 
 
 @_register("balanced-softmax", missing="clamp", **_MISSING)
-def _balanced_softmax(counts: np.ndarray, rounds: _Rounds, *, missing: str,
-                      min_count: float) -> LossParams:
+def _balanced_softmax(
+    counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
+) -> LossParams:
     offset = _offsets(counts, np.log, missing, min_count)
     return _params(counts, offset=offset, keep=_keep(counts, missing))
 
 
 @_register("logit-adjusted", tau=1.0, missing="clamp", **_MISSING)
-def _logit_adjusted(counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str,
-                    min_count: float) -> LossParams:
+def _logit_adjusted(
+    counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str, min_count: float
+) -> LossParams:
     present = counts > 0
 
     def log_prior(n: np.ndarray) -> np.ndarray:
@@ -675,8 +762,9 @@ def _fedrs(counts: np.ndarray, rounds: _Rounds, *, alpha: float) -> LossParams:
 
 
 @_register("fedlc", tau=1.0, missing="clamp", **_MISSING)
-def _fedlc(counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str,
-           min_count: float) -> LossParams:
+def _fedlc(
+    counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str, min_count: float
+) -> LossParams:
     offset = _offsets(counts, lambda n: -tau * np.power(n, -0.25), missing, min_count)
     return _params(counts, offset=offset, keep=_keep(counts, missing))
 
@@ -705,8 +793,9 @@ def loss_defaults(name: str) -> dict[str, Any]:
     return out
 
 
-def make_loss(name: str, class_counts: Any, *, server_round: int = 1, num_rounds: int = 1,
-              **params: Any) -> Loss:
+def make_loss(
+    name: str, class_counts: Any, *, server_round: int = 1, num_rounds: int = 1, **params: Any
+) -> Loss:
     """Build loss ``name`` for a client with ``class_counts`` in round ``server_round``.
 
     Parameters
@@ -741,14 +830,16 @@ def make_loss(name: str, class_counts: Any, *, server_round: int = 1, num_rounds
     factory = _LOSSES.get(name)  # an import path, else RegistryError listing the names
     if not callable(factory):
         raise ValueError(f"loss {name!r} is not callable: {factory!r}")
-    built = factory(counts, server_round=rounds.server_round, num_rounds=rounds.num_rounds,
-                    **params)
+    built = factory(
+        counts, server_round=rounds.server_round, num_rounds=rounds.num_rounds, **params
+    )
     if isinstance(built, Loss):
         return built
     if isinstance(built, LossParams):
         return Loss(built, name=name)
     if callable(built):
         return Loss(fn=built, name=name)
-    raise ValueError(f"loss factory {name!r} returned {type(built).__name__}; expected a Loss, "
-                     f"a LossParams or a callable (logits, targets) -> Tensor")
-
+    raise ValueError(
+        f"loss factory {name!r} returned {type(built).__name__}; expected a Loss, "
+        f"a LossParams or a callable (logits, targets) -> Tensor"
+    )

@@ -60,7 +60,11 @@ class CosineLinear(nn.Module):
 
 def classifier(in_features: int, num_classes: int, cosine_head: bool) -> nn.Module:
     """The last layer: plain linear or cosine-normalised."""
-    return CosineLinear(in_features, num_classes) if cosine_head else nn.Linear(in_features, num_classes)
+    return (
+        CosineLinear(in_features, num_classes)
+        if cosine_head
+        else nn.Linear(in_features, num_classes)
+    )
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -91,7 +95,11 @@ def mlp(
 
 @MODELS.register("cnn")
 def cnn(
-    input_shape: tuple[int, ...], num_classes: int, *, width: int = 32, hidden: int = 512,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: int = 32,
+    hidden: int = 512,
     cosine_head: bool = False,
 ) -> nn.Module:
     """McMahan et al.'s CNN: 2x (5x5 conv, ReLU, 2x2 max-pool), FC(hidden), ReLU, classifier."""
@@ -170,7 +178,11 @@ class ResNetCifar(nn.Module):
 
 @MODELS.register("resnet32")
 def resnet32(
-    input_shape: tuple[int, ...], num_classes: int, *, norm: str = "group", cosine_head: bool = False
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    norm: str = "group",
+    cosine_head: bool = False,
 ) -> nn.Module:
     """ResNet-32 (5 blocks per stage) as in Cao et al. 2019, GroupNorm by default."""
     if len(input_shape) != 3:

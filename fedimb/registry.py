@@ -32,9 +32,7 @@ def import_object(path: str) -> Any:
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise RegistryError(
-            f"bad import path {path!r}: expected 'package.module:attribute'"
-        )
+        raise RegistryError(f"bad import path {path!r}: expected 'package.module:attribute'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -44,7 +42,9 @@ def import_object(path: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as exc:
-        raise RegistryError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from exc
+        raise RegistryError(
+            f"module {module_name!r} has no attribute {attr!r} (from {path!r})"
+        ) from exc
     return obj
 
 

@@ -395,8 +395,16 @@ def _csv_num(value: float) -> str:
 
 
 def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: float | None) -> Path:
-    header = [*keys, "n", "failed", "incomplete", "final_balanced_error_mean",
-              "final_balanced_error_std", "best_balanced_error_mean", "best_balanced_error_std"]
+    header = [
+        *keys,
+        "n",
+        "failed",
+        "incomplete",
+        "final_balanced_error_mean",
+        "final_balanced_error_std",
+        "best_balanced_error_mean",
+        "best_balanced_error_std",
+    ]
     if target is not None:
         header += ["rounds_to_target_mean", "reached_target"]
     header += ["wall_time_s_mean", "best_in_split"]
@@ -405,8 +413,15 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
     writer.writerow(header)
     for r in rows:
         line = [_display(r.label.get(k)) for k in keys]
-        line += [r.n, r.failed, r.incomplete, _csv_num(r.final_mean), _csv_num(r.final_std),
-                 _csv_num(r.best_mean), _csv_num(r.best_std)]
+        line += [
+            r.n,
+            r.failed,
+            r.incomplete,
+            _csv_num(r.final_mean),
+            _csv_num(r.final_std),
+            _csv_num(r.best_mean),
+            _csv_num(r.best_std),
+        ]
         if target is not None:
             line += [_csv_num(r.rounds_to_target), r.reached_target]
         line += [_csv_num(r.wall_mean), int(r.best_in_split)]
@@ -443,8 +458,12 @@ def markdown_table(
     if target is not None:
         header.append(f"rounds to BE ≤ {target:g}")
     header.append("wall time (s)")
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for r in rows:
         cells = ["*" if r.best_in_split else ""]
         cells += [_md_escape(_display(r.label.get(k))) for k in keys]
@@ -533,8 +552,9 @@ def plot_curves(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
                 continue
             count, rounds, (mean, low, high) = band
             name = ", ".join(_display(row.label.get(k)) for k in series_keys) or "mean"
-            (line,) = ax.plot(rounds, mean, marker="." if len(rounds) < 30 else None,
-                              label=f"{name} (n={count})")
+            (line,) = ax.plot(
+                rounds, mean, marker="." if len(rounds) < 30 else None, label=f"{name} (n={count})"
+            )
             ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         title = ", ".join(f"{k}={_display(v)}" for k, v in zip(split, split_value, strict=True))
         ax.set_title(title or "all runs", fontsize=9)
@@ -544,7 +564,7 @@ def plot_curves(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, title=", ".join(series_keys) or None, title_fontsize=7)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("global balanced error")
@@ -603,8 +623,15 @@ def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
     if annotate:
         for (i, j), value in np.ndenumerate(matrix):
             if not math.isnan(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if value > 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if value > 0.6 else "white",
+                )
     fig.colorbar(image, ax=ax, label="error")
     ax.set_title("Per-class error of the final global model (mean over seeds)", fontsize=9)
     return _save_figure(fig, path)
@@ -616,8 +643,10 @@ def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
 def _check_target(target_error: Any) -> float | None:
     if target_error is None:
         return None
-    if isinstance(target_error, bool) or not isinstance(target_error, int | float) or not (
-        0 <= target_error <= 1
+    if (
+        isinstance(target_error, bool)
+        or not isinstance(target_error, int | float)
+        or not (0 <= target_error <= 1)
     ):
         raise ValueError(f"target_error must be a number in [0, 1] or None, got {target_error!r}")
     return float(target_error)
@@ -666,8 +695,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fedimb report", description="Tables and plots from results folders."
     )
     parser.add_argument("results_dir", type=Path, help="a sweep, a run, or a folder of runs")
-    parser.add_argument("--target-error", type=float, default=None,
-                        help="balanced error for the 'rounds to reach' column")
+    parser.add_argument(
+        "--target-error",
+        type=float,
+        default=None,
+        help="balanced error for the 'rounds to reach' column",
+    )
     args = parser.parse_args(argv)
     try:
         paths = build_report(args.results_dir, target_error=args.target_error)

@@ -111,8 +111,14 @@ class RunRecorder:
     the checkpointed round are dropped: they will be recomputed identically.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, seed: int, num_rounds: int,
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        seed: int,
+        num_rounds: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
@@ -123,8 +129,12 @@ class RunRecorder:
 
     def resume_from(self, checkpoint_round: int) -> None:
         """Keep only what was recorded up to ``checkpoint_round``."""
-        self.rounds = [r for r in read_jsonl(self.out_dir / METRICS_FILE) if r["round"] <= checkpoint_round]
-        self.clients = [r for r in read_jsonl(self.out_dir / CLIENTS_FILE) if r["round"] <= checkpoint_round]
+        self.rounds = [
+            r for r in read_jsonl(self.out_dir / METRICS_FILE) if r["round"] <= checkpoint_round
+        ]
+        self.clients = [
+            r for r in read_jsonl(self.out_dir / CLIENTS_FILE) if r["round"] <= checkpoint_round
+        ]
         old = read_json(self.out_dir / SUMMARY_FILE) or {}
         self.previous_wall = float(old.get("wall_time_s") or 0.0)
 

@@ -51,8 +51,7 @@ def _present(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return present, counts[present]
 
 
-def _within_class(labels: np.ndarray, classes: np.ndarray, rng: np.random.Generator
-                  ) -> np.ndarray:
+def _within_class(labels: np.ndarray, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One uniformly drawn sample index of each class in ``classes`` (with replacement)."""
     order = np.argsort(labels, kind="stable")  # indices grouped by class
     counts = np.bincount(labels)
@@ -121,8 +120,15 @@ def _check_rounds(server_round: Any, num_rounds: Any) -> None:
         )
 
 
-def epoch_indices(name: str, labels: Any, rng: np.random.Generator, *, server_round: int = 1,
-                  num_rounds: int = 1, drs_start: int | float | None = None) -> np.ndarray:
+def epoch_indices(
+    name: str,
+    labels: Any,
+    rng: np.random.Generator,
+    *,
+    server_round: int = 1,
+    num_rounds: int = 1,
+    drs_start: int | float | None = None,
+) -> np.ndarray:
     """The order of one local epoch, as int64 indices into the client's samples.
 
     Parameters
@@ -155,12 +161,14 @@ def epoch_indices(name: str, labels: Any, rng: np.random.Generator, *, server_ro
         first = switch_round(start, num_rounds, name="drs_start")
         name = "instance" if server_round < first else "class-balanced"
     elif drs_start is not None:
-        raise ValueError(f"drs_start={drs_start!r} is a parameter of sampler 'drs' only, "
-                         f"not of {name!r}")
+        raise ValueError(
+            f"drs_start={drs_start!r} is a parameter of sampler 'drs' only, not of {name!r}"
+        )
     sampler = _SAMPLERS.get(name)  # raises listing the valid names, or imports a path
     if name not in _SAMPLERS:
         return _check_user_indices(
-            name, sampler(labels, rng, server_round=server_round, num_rounds=num_rounds),
+            name,
+            sampler(labels, rng, server_round=server_round, num_rounds=num_rounds),
             len(labels),
         )
     if labels.size == 0:
@@ -171,8 +179,10 @@ def epoch_indices(name: str, labels: Any, rng: np.random.Generator, *, server_ro
 def _check_user_indices(name: str, out: Any, n: int) -> np.ndarray:
     idx = np.asarray(out)
     if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-        raise ValueError(f"sampler {name!r} must return 1-D integer indices, got "
-                         f"shape {idx.shape} dtype {idx.dtype}")
+        raise ValueError(
+            f"sampler {name!r} must return 1-D integer indices, got "
+            f"shape {idx.shape} dtype {idx.dtype}"
+        )
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"sampler {name!r} returned indices outside [0, {n})")
     return idx.astype(np.int64, copy=False)

@@ -39,7 +39,13 @@ from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
-from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, RunRecorder, atomic_write_bytes, atomic_write_text
+from fedimb.results import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    RunRecorder,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 from fedimb.train import evaluate_counts
 
 log = logging.getLogger(__name__)
@@ -57,19 +63,19 @@ class ResumedStrategy(Strategy):
     def __init__(self, inner: Strategy, offset: int) -> None:
         self.inner, self.offset = inner, offset
 
-    def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
+    def configure_train(self, server_round, arrays, config, grid):
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
-    def aggregate_train(self, server_round, replies):  # noqa: D102
+    def aggregate_train(self, server_round, replies):
         return self.inner.aggregate_train(server_round + self.offset, replies)
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+    def configure_evaluate(self, server_round, arrays, config, grid):
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+    def aggregate_evaluate(self, server_round, replies):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
-    def summary(self) -> None:  # noqa: D102
+    def summary(self) -> None:
         self.inner.summary()
 
 
@@ -84,7 +90,8 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
     if loss is not None and not math.isfinite(float(loss)):
         return f"non-finite training loss ({loss})"
     if client_timeout and float(metrics.get("train-seconds", 0.0)) > client_timeout:
-        return f"timed out: trained {float(metrics['train-seconds']):.1f}s > client-timeout {client_timeout}s"
+        seconds = float(metrics["train-seconds"])
+        return f"timed out: trained {seconds:.1f}s > client-timeout {client_timeout}s"
     for key, array in reply.content["arrays"].items():
         values = array.numpy()
         if values.dtype.kind == "f" and not np.isfinite(values).all():
@@ -95,35 +102,44 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
 class GuardedGrid(Grid):
     """A Grid that filters a round's train replies and records per-client metrics."""
 
-    def __init__(self, inner: Grid, recorder: RunRecorder, *, max_failure_fraction: float,
-                 client_timeout: float) -> None:
+    def __init__(
+        self,
+        inner: Grid,
+        recorder: RunRecorder,
+        *,
+        max_failure_fraction: float,
+        client_timeout: float,
+    ) -> None:
         self.inner, self.recorder = inner, recorder
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
         self.failures: dict[int, list[dict[str, Any]]] = {}
         self.train_loss: dict[int, float] = {}
         self.aggregated: dict[int, int] = {}
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
 
     # Everything but send_and_receive is the engine's own.
-    def set_run(self, run):  # noqa: D102
+    def set_run(self, run):
         self.inner.set_run(run)
 
     @property
-    def run(self):  # noqa: D102
+    def run(self):
         return self.inner.run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
-    def get_node_ids(self):  # noqa: D102
+    def get_node_ids(self):
         return self.inner.get_node_ids()
 
-    def push_messages(self, messages):  # noqa: D102
+    def push_messages(self, messages):
         return self.inner.push_messages(messages)
 
-    def pull_messages(self, message_ids):  # noqa: D102
+    def pull_messages(self, message_ids):
         return self.inner.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         """Send a round's messages; return only the train replies fit to aggregate."""
         messages = list(messages)
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
@@ -132,28 +148,48 @@ class GuardedGrid(Grid):
         server_round = int(messages[0].content["config"]["server-round"])
         answered = {r.metadata.src_node_id for r in replies}
         faults = [
-            {"node": m.metadata.dst_node_id, "reason": "no reply within the round timeout"}
-            for m in messages if m.metadata.dst_node_id not in answered
+            {
+                "node": m.metadata.dst_node_id,
+                "partition-id": self.partition_of.get(m.metadata.dst_node_id),
+                "reason": "no reply within the round timeout",
+            }
+            for m in messages
+            if m.metadata.dst_node_id not in answered
         ]
         good, rows = [], []
         for reply in replies:
+            node = reply.metadata.src_node_id
             reason = _reply_fault(reply, self.client_timeout)
-            metrics = {} if reply.has_error() else dict(reply.content.metric_records.get("metrics", {}))
-            row = {"round": server_round, "node": reply.metadata.src_node_id, **metrics}
+            metrics = (
+                {} if reply.has_error() else dict(reply.content.metric_records.get("metrics", {}))
+            )
+            if "partition-id" in metrics:
+                self.partition_of[node] = int(metrics["partition-id"])
+            metrics.setdefault("partition-id", self.partition_of.get(node))
+            row = {"round": server_round, "node": node, **metrics}
             if reason is None:
                 good.append(reply)
             else:
-                faults.append({"node": reply.metadata.src_node_id,
-                               "partition-id": metrics.get("partition-id"), "reason": reason})
+                faults.append(
+                    {"node": node, "partition-id": metrics["partition-id"], "reason": reason}
+                )
                 row["fault"] = reason
             rows.append(row)
         for fault in faults:
-            log.warning("round %d: client %s left out: %s", server_round,
-                        fault.get("partition-id", fault["node"]), fault["reason"])
+            who = (
+                fault["partition-id"]
+                if fault["partition-id"] is not None
+                else f"node {fault['node']}"
+            )
+            log.warning("round %d: client %s left out: %s", server_round, who, fault["reason"])
         self.recorder.add_clients(rows)
         self.failures[server_round] = faults
         self.aggregated[server_round] = len(good)
-        losses = [(r["train-loss"], r["num-examples"]) for r in rows if "fault" not in r and "train-loss" in r]
+        losses = [
+            (r["train-loss"], r["num-examples"])
+            for r in rows
+            if "fault" not in r and "train-loss" in r
+        ]
         if losses:
             total = sum(n for _, n in losses)
             self.train_loss[server_round] = sum(v * n for v, n in losses) / max(total, 1)
@@ -177,15 +213,23 @@ def build_strategy(config: Config) -> Strategy:
     )
 
 
-def save_checkpoint(path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy) -> None:
-    """Global model, strategy and sampling RNG after ``server_round``, atomically."""
+def save_checkpoint(
+    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, grid: Grid
+) -> None:
+    """Global model, strategy, sampling RNG and (where the engine exposes them) the clients'
+    persistent states after ``server_round``, atomically."""
     buffer = io.BytesIO()
-    torch.save({
-        "round": server_round,
-        "state_dict": arrays.to_torch_state_dict(),
-        "strategy": pickle.dumps(strategy),
-        "random_state": random.getstate(),
-    }, buffer)
+    export = getattr(grid, "export_client_state", None)
+    torch.save(
+        {
+            "round": server_round,
+            "state_dict": arrays.to_torch_state_dict(),
+            "strategy": pickle.dumps(strategy),
+            "random_state": random.getstate(),
+            "client_state": export() if export else None,
+        },
+        buffer,
+    )
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -212,9 +256,12 @@ def run_server(
     fed = get_federation(config)
     model = init_model(config, fed).to(fed.device)
     num_rounds = config["num-rounds"]
-    recorder = RunRecorder(out_dir, seed=config["seed"], num_rounds=num_rounds,
-                           extra={"engine": config["engine"], "device": str(fed.device),
-                                  **(extra_summary or {})})
+    recorder = RunRecorder(
+        out_dir,
+        seed=config["seed"],
+        num_rounds=num_rounds,
+        extra={"engine": config["engine"], "device": str(fed.device), **(extra_summary or {})},
+    )
     checkpoint_path = out_dir / CHECKPOINT_FILE
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
@@ -222,6 +269,14 @@ def run_server(
         arrays = ArrayRecord(state["state_dict"])
         random.setstate(state["random_state"])
         recorder.resume_from(start_round)
+        if state.get("client_state"):
+            if hasattr(grid, "import_client_state"):
+                grid.import_client_state(state["client_state"])
+            else:
+                log.warning(
+                    "this engine cannot restore client-side state (e.g. SCAFFOLD's c_i): "
+                    "those clients start again from zero"
+                )
     else:
         if resume:
             log.warning("no checkpoint in %s: starting from round 0", out_dir)
@@ -231,8 +286,12 @@ def run_server(
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
     recorder.summary("running", 0.0)
 
-    guarded = GuardedGrid(grid, recorder, max_failure_fraction=config["max-failure-fraction"],
-                          client_timeout=config["client-timeout"])
+    guarded = GuardedGrid(
+        grid,
+        recorder,
+        max_failure_fraction=config["max-failure-fraction"],
+        client_timeout=config["client-timeout"],
+    )
     x_test, y_test = fed.test_tensors()
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]
     bar = RunProgress(num_rounds, f"{config.loss.name} / {config.strategy.name}", enabled=progress)
@@ -245,8 +304,14 @@ def run_server(
         row: dict[str, Any] = {"round": server_round}
         if server_round % every == 0 or last or server_round == 0:
             model.load_state_dict(current.to_torch_state_dict())
-            correct, total = evaluate_counts(model, x_test, y_test, fed.num_classes,
-                                             fed.dataset.to_float, config["eval-batch-size"])
+            correct, total = evaluate_counts(
+                model,
+                x_test,
+                y_test,
+                fed.num_classes,
+                fed.dataset.to_float,
+                config["eval-batch-size"],
+            )
             row.update(classification_metrics(correct, total, train_counts=fed.global_counts))
         if server_round > 0:
             row["train_loss"] = guarded.train_loss.get(server_round)
@@ -255,7 +320,7 @@ def run_server(
         row["elapsed_s"] = time.perf_counter() - t_start
         recorder.add_round(row)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
-            save_checkpoint(checkpoint_path, server_round, current, strategy)
+            save_checkpoint(checkpoint_path, server_round, current, strategy, grid)
         bar.update(server_round, row.get("balanced_error"))
         if on_round is not None:
             on_round(server_round, row)

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def quiet_flower(verbose: bool = False) -> None:
     """Keep Flower's per-round INFO logs out of the user's terminal unless asked for."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    level = logging.INFO if verbose else logging.WARNING
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)
 
 
@@ -44,8 +45,13 @@ def prepare(config: Config) -> None:
     from fedimb.losses import make_loss
 
     try:  # a user's loss, or a parameter that only fails on the real counts
-        make_loss(config.loss.name, fed.counts[0], server_round=1,
-                  num_rounds=config["num-rounds"], **config.loss.kwargs())
+        make_loss(
+            config.loss.name,
+            fed.counts[0],
+            server_round=1,
+            num_rounds=config["num-rounds"],
+            **config.loss.kwargs(),
+        )
     except ValueError as exc:
         raise ConfigError(f"[loss] {config.loss.name}: {exc}") from exc
 
@@ -110,7 +116,9 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
     finally:
         _shutdown_ray()
     if not summary:
-        raise RuntimeError("the Flower simulation ended without running the server (see the log above)")
+        raise RuntimeError(
+            "the Flower simulation ended without running the server (see the log above)"
+        )
     return summary
 
 

@@ -208,8 +208,7 @@ def load_sweep(path: str | Path) -> Sweep:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name.strip() or _UNSAFE.sub("_", name) != name:
         raise ValueError(
-            f"name must be a non-empty folder-safe string (letters, digits, '._=,+-'), "
-            f"got {name!r}"
+            f"name must be a non-empty folder-safe string (letters, digits, '._=,+-'), got {name!r}"
         )
 
     fixed_raw = raw.get("set", {})
@@ -319,8 +318,7 @@ def _write_sweep_json(
         {
             "sweep": sweep.to_json(),
             "cells": [
-                {"name": c.name, "overrides": c.overrides, "status": status[c.name]}
-                for c in cells
+                {"name": c.name, "overrides": c.overrides, "status": status[c.name]} for c in cells
             ],
         },
     )

@@ -102,10 +102,16 @@ def make_plan(
     batches: list[np.ndarray] = []
     for _ in range(settings.epochs):
         order = epoch_indices(
-            sampler, labels, rng, server_round=server_round, num_rounds=num_rounds,
+            sampler,
+            labels,
+            rng,
+            server_round=server_round,
+            num_rounds=num_rounds,
             drs_start=drs_start,
         )
-        batches += [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        batches += [
+            order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
+        ]
     if not settings.augment:
         return ClientPlan(batches)
     span = 2 * settings.padding + 1
@@ -114,7 +120,9 @@ def make_plan(
     return ClientPlan(batches, shift, flip)
 
 
-def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, padding: int) -> torch.Tensor:
+def crop_flip(
+    x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
     """Crop each image of ``x`` [N, C, H, W] from its zero-padded copy at ``shift`` [N, 2]
     (dy, dx) and mirror those with ``flip`` [N]: the standard CIFAR augmentation, as one
     gather on the tensor's device."""
@@ -167,7 +175,9 @@ def train_client(
     params = dict(model.named_parameters())
     anchor = {k: p.detach().clone() for k, p in params.items()} if job.prox_mu else None
     opt = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum,
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
         weight_decay=settings.weight_decay,
     )
     total = torch.zeros((), device=device)
@@ -205,7 +215,11 @@ def predict(
 
 
 def evaluate_counts(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, to_float: ToFloat,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    to_float: ToFloat,
     batch_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class correct and total counts of ``model`` on (x, y): these add up across clients."""

@@ -14,7 +14,9 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def _jobs(model, settings, loss_name, shape, sizes, *, prox_mu=0.0, control=False, seed=0, **params):
+def _jobs(
+    model, settings, loss_name, shape, sizes, *, prox_mu=0.0, control=False, seed=0, **params
+):
     """Clients with uneven data (different step counts, short last batches)."""
     gen = torch.Generator().manual_seed(seed)
     jobs = []
@@ -27,7 +29,9 @@ def _jobs(model, settings, loss_name, shape, sizes, *, prox_mu=0.0, control=Fals
         plan = make_plan(y.numpy(), settings, client_rng(seed, 3, pid))
         ctl = None
         if control:
-            ctl = {n: 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+            ctl = {
+                n: 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()
+            }
         jobs.append(ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=ctl))
     return jobs
 
@@ -50,12 +54,16 @@ def _sequential(model, state, jobs, settings):
         ("balanced-softmax", {}, 0.5, 1e-3, 0.1, True),
     ],
 )
-def test_vectorised_training_equals_one_client_at_a_time(loss_name, params, momentum, wd, prox, control):
+def test_vectorised_training_equals_one_client_at_a_time(
+    loss_name, params, momentum, wd, prox, control
+):
     torch.manual_seed(0)
     model = build_model("mlp", (12,), 4, hidden=16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     settings = TrainSettings(epochs=2, batch_size=8, lr=0.1, momentum=momentum, weight_decay=wd)
-    jobs = _jobs(model, settings, loss_name, (12,), [19, 24, 7, 16], prox_mu=prox, control=control, **params)
+    jobs = _jobs(
+        model, settings, loss_name, (12,), [19, 24, 7, 16], prox_mu=prox, control=control, **params
+    )
     seq = _sequential(model, state, jobs, settings)
     vec = train_clients(model, state, jobs, identity, settings)
     for a, b in zip(seq, vec, strict=True):

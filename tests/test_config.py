@@ -28,9 +28,16 @@ def test_quickstart_loads_with_documented_shape():
 
 
 def test_overrides_reach_component_tables():
-    config = load_config(overrides=parse_overrides([
-        "loss.name=ldam-drw", "partition.classes-per-client=1", "lr=0.1", "loss.max-m=0.3",
-    ]))
+    config = load_config(
+        overrides=parse_overrides(
+            [
+                "loss.name=ldam-drw",
+                "partition.classes-per-client=1",
+                "lr=0.1",
+                "loss.max-m=0.3",
+            ]
+        )
+    )
     assert config.loss.name == "ldam-drw"
     assert config.loss.kwargs()["max_m"] == 0.3
     assert config.partition.params["classes-per-client"] == 1
@@ -50,7 +57,10 @@ def test_toml_round_trip(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml())
     assert load_config(path) == config
-    assert tomllib.loads(dump_toml({"a": 'x"y', "t": {"k-1": 1.5}})) == {"a": 'x"y', "t": {"k-1": 1.5}}
+    assert tomllib.loads(dump_toml({"a": 'x"y', "t": {"k-1": 1.5}})) == {
+        "a": 'x"y',
+        "t": {"k-1": 1.5},
+    }
 
 
 def test_shared_loss_table_gives_each_loss_its_own_params():
@@ -74,7 +84,10 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"loss.name": "focal", "loss.gamma": -1.0}, "gamma"),
         ({"loss.name": "fedrs", "loss.alpha": 2.0}, "alpha"),
         ({"strategy.name": "fedavgg"}, "did you mean 'fedavg'"),
-        ({"strategy.fraction-train": 1.5}, "strategy.fraction-train = 1.5: must be a number in (0, 1]"),
+        (
+            {"strategy.fraction-train": 1.5},
+            "strategy.fraction-train = 1.5: must be a number in (0, 1]",
+        ),
         ({"strategy.min-train-clients": 50}, "must be <= num-clients"),
         ({"partition.name": "dirichlet", "partition.alpha": 0.0}, None),  # checked with the data
         ({"long-tail.ratio": 0.5}, "long-tail.ratio = 0.5: must be a number >= 1"),
@@ -105,7 +118,12 @@ def test_missing_and_malformed_files(tmp_path):
 def test_bad_set_syntax():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides(["lr"])
-    assert parse_overrides(["a=1", "b=true", "c=ldam", "d=0.5"]) == {"a": 1, "b": True, "c": "ldam", "d": 0.5}
+    assert parse_overrides(["a=1", "b=true", "c=ldam", "d=0.5"]) == {
+        "a": 1,
+        "b": True,
+        "c": "ldam",
+        "d": 0.5,
+    }
 
 
 def test_shipped_configs_are_valid_and_work_as_flower_run_configs():
@@ -114,7 +132,9 @@ def test_shipped_configs_are_valid_and_work_as_flower_run_configs():
     from fedimb.config import flatten
 
     app_keys = set(flatten(pyproject["tool"]["flwr"]["app"]["config"]))
-    assert Config.from_flat(flatten(pyproject["tool"]["flwr"]["app"]["config"])) == load_config(DEFAULT_CONFIG)
+    assert Config.from_flat(flatten(pyproject["tool"]["flwr"]["app"]["config"])) == load_config(
+        DEFAULT_CONFIG
+    )
     for path in sorted((ROOT / "configs").glob("*.toml")):
         nested = tomllib.loads(path.read_text())
         if "grid" in nested:  # a sweep file

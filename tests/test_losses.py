@@ -29,8 +29,17 @@ C = 10
 B = 24
 SEEDS = (0, 1, 2)
 ALL_LOSSES = (
-    "balanced-softmax", "ce", "class-balanced", "fedlc", "fedrs", "focal",
-    "inverse-frequency", "inverse-sqrt-frequency", "ldam", "ldam-drw", "logit-adjusted",
+    "balanced-softmax",
+    "ce",
+    "class-balanced",
+    "fedlc",
+    "fedrs",
+    "focal",
+    "inverse-frequency",
+    "inverse-sqrt-frequency",
+    "ldam",
+    "ldam-drw",
+    "logit-adjusted",
 )
 
 
@@ -99,9 +108,11 @@ def ref_ldam(x, y, counts, max_m, s, w) -> torch.Tensor:
     m = [v * max_m / max(m) for v in m]
     rows = []
     for i in range(x.shape[0]):
-        rows.append(torch.stack([
-            s * (x[i, j] - (m[j] if j == int(y[i]) else 0.0)) for j in range(x.shape[1])
-        ]))
+        rows.append(
+            torch.stack(
+                [s * (x[i, j] - (m[j] if j == int(y[i]) else 0.0)) for j in range(x.shape[1])]
+            )
+        )
     return ref_weighted_mean(ref_ce_terms(torch.stack(rows), y), y, w)
 
 
@@ -128,7 +139,8 @@ def reference(name: str, x, y, counts, **p) -> torch.Tensor:
         return ref_ldam(x, y, counts, p["max_m"], p["s"], drw)
     if name == "balanced-softmax":
         return ref_weighted_mean(
-            ref_ce_terms(ref_logit_shift(x, lambda j: math.log(counts[j])), y), y, ones)
+            ref_ce_terms(ref_logit_shift(x, lambda j: math.log(counts[j])), y), y, ones
+        )
     if name == "logit-adjusted":
         total = sum(counts)
         z = ref_logit_shift(x, lambda j: p["tau"] * math.log(counts[j] / total))
@@ -137,8 +149,12 @@ def reference(name: str, x, y, counts, **p) -> torch.Tensor:
         z = ref_logit_shift(x, lambda j: -p["tau"] * counts[j] ** -0.25)
         return ref_weighted_mean(ref_ce_terms(z, y), y, ones)
     if name == "fedrs":
-        rows = [torch.stack([x[i, j] * (1.0 if counts[j] > 0 else p["alpha"])
-                             for j in range(x.shape[1])]) for i in range(x.shape[0])]
+        rows = [
+            torch.stack(
+                [x[i, j] * (1.0 if counts[j] > 0 else p["alpha"]) for j in range(x.shape[1])]
+            )
+            for i in range(x.shape[0])
+        ]
         return ref_weighted_mean(ref_ce_terms(torch.stack(rows), y), y, ones)
     raise KeyError(name)
 
@@ -172,7 +188,7 @@ def random_problem(seed: int, counts=None):
     if counts is None:
         counts = rng.integers(1, 500, size=C).tolist()
     present = [j for j, n in enumerate(counts) if n > 0]
-    x = (3 * torch.randn(B, len(counts), generator=gen, dtype=torch.float64))
+    x = 3 * torch.randn(B, len(counts), generator=gen, dtype=torch.float64)
     y = torch.tensor(rng.choice(present, size=B), dtype=torch.long)
     return x, y, counts
 
@@ -214,14 +230,16 @@ def test_ce_equals_torch_cross_entropy(seed):
     x32 = x.float()
     torch.testing.assert_close(make_loss("ce", counts)(x32, y), F.cross_entropy(x32, y))
     w = torch.tensor(normalise([1 / n for n in counts]), dtype=torch.float32)
-    torch.testing.assert_close(make_loss("inverse-frequency", counts)(x32, y),
-                               F.cross_entropy(x32, y, weight=w))
+    torch.testing.assert_close(
+        make_loss("inverse-frequency", counts)(x32, y), F.cross_entropy(x32, y, weight=w)
+    )
 
 
 def test_focal_with_gamma_zero_is_ce():
     x, y, counts = random_problem(5)
-    torch.testing.assert_close(make_loss("focal", counts, gamma=0.0)(x, y),
-                               make_loss("ce", counts)(x, y))
+    torch.testing.assert_close(
+        make_loss("focal", counts, gamma=0.0)(x, y), make_loss("ce", counts)(x, y)
+    )
 
 
 def test_low_precision_logits_reduce_in_float32():
@@ -250,8 +268,12 @@ def variants():
                 out += [(name, params), (name, {**params, "drw_start": 1})]
             else:
                 out.append((name, params))
-    out += [("focal", {"gamma": 0.5, "missing": "mask"}), ("focal", {"gamma": 3.0}),
-            ("fedrs", {"alpha": 0.0}), ("ldam", {"missing": "clamp", "min_count": 0.5})]
+    out += [
+        ("focal", {"gamma": 0.5, "missing": "mask"}),
+        ("focal", {"gamma": 3.0}),
+        ("fedrs", {"alpha": 0.0}),
+        ("ldam", {"missing": "clamp", "min_count": 0.5}),
+    ]
     return out
 
 
@@ -268,8 +290,9 @@ def test_missing_classes_stay_finite(name, params, counts):
             assert value >= 0
 
 
-@pytest.mark.parametrize("name", ["ce", "ldam", "balanced-softmax", "logit-adjusted", "fedlc",
-                                  "class-balanced", "focal"])
+@pytest.mark.parametrize(
+    "name", ["ce", "ldam", "balanced-softmax", "logit-adjusted", "fedlc", "class-balanced", "focal"]
+)
 def test_mask_policy_removes_absent_classes(name):
     counts = [250, 250] + [0] * 8
     x, y, _ = random_problem(11, counts)
@@ -300,8 +323,9 @@ def test_present_policy_treats_absent_classes_as_typical(name):
     # Balanced present classes: every class gets the same offset, so the loss is plain CE.
     counts = [0, 120, 0, 0, 120, 0, 0, 0, 0, 0]
     x, y, _ = random_problem(13, counts)
-    torch.testing.assert_close(make_loss(name, counts, missing="present")(x, y),
-                               F.cross_entropy(x, y))
+    torch.testing.assert_close(
+        make_loss(name, counts, missing="present")(x, y), F.cross_entropy(x, y)
+    )
 
 
 def test_clamp_policy_uses_min_count():
@@ -337,8 +361,15 @@ def test_present_policy_statistics():
 
 
 def test_missing_defaults_are_documented_choices():
-    for name in ("ce", "inverse-frequency", "inverse-sqrt-frequency", "class-balanced", "focal",
-                 "ldam", "ldam-drw"):
+    for name in (
+        "ce",
+        "inverse-frequency",
+        "inverse-sqrt-frequency",
+        "class-balanced",
+        "focal",
+        "ldam",
+        "ldam-drw",
+    ):
         assert loss_defaults(name)["missing"] == "present"
     for name in ("balanced-softmax", "logit-adjusted", "fedlc"):
         assert loss_defaults(name)["missing"] == "clamp"
@@ -357,9 +388,10 @@ def test_target_of_masked_class_stays_finite():
 
 
 @pytest.mark.parametrize("name", ["ce", "focal", "ldam"])
-@pytest.mark.parametrize(("drw_start", "num_rounds", "first"),
-                         [(3, 5, 3), (1, 4, 1), (0.5, 5, 3), (0.8, 200, 160), (1.0, 7, 7),
-                          (0.01, 10, 1), (0.7, 10, 7)])
+@pytest.mark.parametrize(
+    ("drw_start", "num_rounds", "first"),
+    [(3, 5, 3), (1, 4, 1), (0.5, 5, 3), (0.8, 200, 160), (1.0, 7, 7), (0.01, 10, 1), (0.7, 10, 7)],
+)
 def test_drw_switch(name, drw_start, num_rounds, first):
     counts = [300, 40, 7, 1, 0, 90, 12, 5, 2, 60]
     present = [n for n in counts if n > 0]
@@ -367,8 +399,14 @@ def test_drw_switch(name, drw_start, num_rounds, first):
     expected = torch.ones(C)
     expected[torch.tensor(counts) > 0] = torch.tensor(cb, dtype=torch.float32)
     for server_round in sorted({1, max(first - 1, 1), first, num_rounds}):
-        p = make_loss(name, counts, server_round=server_round, num_rounds=num_rounds,
-                      drw_start=drw_start, drw_beta=0.999).params
+        p = make_loss(
+            name,
+            counts,
+            server_round=server_round,
+            num_rounds=num_rounds,
+            drw_start=drw_start,
+            drw_beta=0.999,
+        ).params
         want = expected if server_round >= first else torch.ones(C)
         torch.testing.assert_close(p.weight, want)
 
@@ -380,8 +418,9 @@ def test_ldam_drw_defaults_to_fraction():
     before = make_loss("ldam-drw", counts, server_round=159, num_rounds=200).params
     after = make_loss("ldam-drw", counts, server_round=160, num_rounds=200).params
     assert torch.all(before.weight == 1)
-    torch.testing.assert_close(after.weight, torch.tensor(ref_cb_weights(counts, 0.9999),
-                                                          dtype=torch.float32))
+    torch.testing.assert_close(
+        after.weight, torch.tensor(ref_cb_weights(counts, 0.9999), dtype=torch.float32)
+    )
     off = make_loss("ldam-drw", counts, server_round=200, num_rounds=200, drw_start=None)
     assert torch.all(off.params.weight == 1)
 
@@ -427,30 +466,34 @@ def test_unknown_param_names_it_and_lists_valid():
         make_loss("ldam", [3, 4], gamma=1.0)
 
 
-@pytest.mark.parametrize(("name", "params", "word"), [
-    ("class-balanced", {"beta": 1.0}, "beta"),
-    ("class-balanced", {"beta": -0.1}, "beta"),
-    ("class-balanced", {"gamma": -1.0}, "gamma"),
-    ("class-balanced", {"base": "tanh"}, "base"),
-    ("focal", {"gamma": -0.5}, "gamma"),
-    ("ldam", {"s": 0.0}, "s"),
-    ("ldam", {"max_m": 0.0}, "max_m"),
-    ("ldam", {"max_m": float("inf")}, "max_m"),
-    ("ldam", {"drw_beta": 1.0}, "drw_beta"),
-    ("fedrs", {"alpha": 1.5}, "alpha"),
-    ("fedrs", {"alpha": -0.1}, "alpha"),
-    ("logit-adjusted", {"tau": -1.0}, "tau"),
-    ("fedlc", {"tau": "1"}, "tau"),
-    ("balanced-softmax", {"missing": "ignore"}, "missing"),
-    ("balanced-softmax", {"min_count": 0}, "min_count"),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "word"),
+    [
+        ("class-balanced", {"beta": 1.0}, "beta"),
+        ("class-balanced", {"beta": -0.1}, "beta"),
+        ("class-balanced", {"gamma": -1.0}, "gamma"),
+        ("class-balanced", {"base": "tanh"}, "base"),
+        ("focal", {"gamma": -0.5}, "gamma"),
+        ("ldam", {"s": 0.0}, "s"),
+        ("ldam", {"max_m": 0.0}, "max_m"),
+        ("ldam", {"max_m": float("inf")}, "max_m"),
+        ("ldam", {"drw_beta": 1.0}, "drw_beta"),
+        ("fedrs", {"alpha": 1.5}, "alpha"),
+        ("fedrs", {"alpha": -0.1}, "alpha"),
+        ("logit-adjusted", {"tau": -1.0}, "tau"),
+        ("fedlc", {"tau": "1"}, "tau"),
+        ("balanced-softmax", {"missing": "ignore"}, "missing"),
+        ("balanced-softmax", {"min_count": 0}, "min_count"),
+    ],
+)
 def test_out_of_range_params(name, params, word):
     with pytest.raises(ValueError, match=word):
         make_loss(name, [3, 4, 5], **params)
 
 
-@pytest.mark.parametrize("counts", [[0, 0, 0], [3, -1, 2], [5], [[1, 2], [3, 4]], [1.5, 2],
-                                    ["a", 1], [float("nan"), 1]])
+@pytest.mark.parametrize(
+    "counts", [[0, 0, 0], [3, -1, 2], [5], [[1, 2], [3, 4]], [1.5, 2], ["a", 1], [float("nan"), 1]]
+)
 def test_bad_counts(counts):
     with pytest.raises(ValueError, match="class_counts"):
         make_loss("ce", counts)
@@ -466,9 +509,14 @@ def test_wrong_number_of_logits():
         make_loss("ce", [1, 2, 3])(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
 
 
-@pytest.mark.parametrize(("kw", "word"), [({"server_round": 0}, "server_round"),
-                                          ({"server_round": 3, "num_rounds": 2}, "server_round"),
-                                          ({"num_rounds": 0}, "num_rounds")])
+@pytest.mark.parametrize(
+    ("kw", "word"),
+    [
+        ({"server_round": 0}, "server_round"),
+        ({"server_round": 3, "num_rounds": 2}, "server_round"),
+        ({"num_rounds": 0}, "num_rounds"),
+    ],
+)
 def test_bad_rounds(kw, word):
     with pytest.raises(ValueError, match=word):
         make_loss("ce", [1, 2], **kw)
@@ -481,13 +529,17 @@ CALLS: list[dict] = []
 
 def params_factory(class_counts, server_round, num_rounds, shift=2.0):
     """A user loss that is a member of the family: a constant offset on class 0."""
-    CALLS.append({"counts": class_counts, "server_round": server_round,
-                  "num_rounds": num_rounds})
+    CALLS.append({"counts": class_counts, "server_round": server_round, "num_rounds": num_rounds})
     c = len(class_counts)
     offset = torch.zeros(c)
     offset[0] = shift
-    return LossParams(weight=torch.ones(c), offset=offset, scale=torch.ones(c),
-                      margin=torch.zeros(c), mask=torch.ones(c, dtype=torch.bool))
+    return LossParams(
+        weight=torch.ones(c),
+        offset=offset,
+        scale=torch.ones(c),
+        margin=torch.zeros(c),
+        mask=torch.ones(c, dtype=torch.bool),
+    )
 
 
 def callable_factory(class_counts, server_round, num_rounds, **params):
@@ -503,8 +555,9 @@ def bad_factory(class_counts, server_round, num_rounds):
 
 def test_import_path_factory_returning_params():
     CALLS.clear()
-    loss = make_loss(f"{__name__}:params_factory", [4, 0, 6], server_round=2, num_rounds=3,
-                     shift=1.5)
+    loss = make_loss(
+        f"{__name__}:params_factory", [4, 0, 6], server_round=2, num_rounds=3, shift=1.5
+    )
     assert CALLS[0]["server_round"] == 2 and CALLS[0]["num_rounds"] == 3
     assert CALLS[0]["counts"].tolist() == [4, 0, 6]
     assert loss.params is not None
@@ -554,8 +607,9 @@ def test_vmap_equals_separate_calls(name, params):
     assert stacked.weight.shape == (3, C) and stacked.mask.dtype == torch.bool
 
     def one(lg, t, w, o, sc, m, mk):
-        return imbalance_loss_tensors(lg, t, w, o, sc, m, mk, s=stacked.s, gamma=stacked.gamma,
-                                      base=stacked.base)
+        return imbalance_loss_tensors(
+            lg, t, w, o, sc, m, mk, s=stacked.s, gamma=stacked.gamma, base=stacked.base
+        )
 
     tensors = (stacked.weight, stacked.offset, stacked.scale, stacked.margin, stacked.mask)
     values = vmap(one)(x, y, *tensors)
@@ -574,8 +628,12 @@ def test_stack_params_rejects_mixed_scalars():
     with pytest.raises(ValueError, match="gamma"):
         stack_params([make_loss("focal", [3, 4]).params, make_loss("ce", [3, 4]).params])
     with pytest.raises(ValueError, match="base"):
-        stack_params([make_loss("class-balanced", [3, 4], base="sigmoid").params,
-                      make_loss("ce", [3, 4]).params])
+        stack_params(
+            [
+                make_loss("class-balanced", [3, 4], base="sigmoid").params,
+                make_loss("ce", [3, 4]).params,
+            ]
+        )
     with pytest.raises(ValueError, match="shape"):
         stack_params([a, make_loss("ldam", [3, 4, 5]).params])
     with pytest.raises(ValueError, match="empty"):
@@ -583,8 +641,13 @@ def test_stack_params_rejects_mixed_scalars():
 
 
 def test_loss_params_validation():
-    ok = {"weight": torch.ones(3), "offset": torch.zeros(3), "scale": torch.ones(3),
-          "margin": torch.zeros(3), "mask": torch.ones(3, dtype=torch.bool)}
+    ok = {
+        "weight": torch.ones(3),
+        "offset": torch.zeros(3),
+        "scale": torch.ones(3),
+        "margin": torch.zeros(3),
+        "mask": torch.ones(3, dtype=torch.bool),
+    }
     with pytest.raises(ValueError, match="shape"):
         LossParams(**{**ok, "offset": torch.zeros(4)})
     with pytest.raises(ValueError, match="bool"):

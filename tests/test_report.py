@@ -63,26 +63,44 @@ def write_run(
 ) -> Path:
     """A results folder as the single-run code writes it (parts can be left out)."""
     folder.mkdir(parents=True)
-    config = {"dataset": "digits", "num-rounds": ROUNDS, "seed": seed,
-              "partition": {"name": "shards", "classes-per-client": cpc},
-              "loss": {"name": loss}, "strategy": {"name": "fedavg"}}
+    config = {
+        "dataset": "digits",
+        "num-rounds": ROUNDS,
+        "seed": seed,
+        "partition": {"name": "shards", "classes-per-client": cpc},
+        "loss": {"name": loss},
+        "strategy": {"name": "fedavg"},
+    }
     if out_dir_key:
         config["output-dir"] = str(folder)  # differs per run, must not split groups
     (folder / "config.toml").write_text(toml_dumps(config))
     errors = curve_of(final_of(loss, cpc, seed))
     if metrics:
-        rows = [{"round": r, "balanced_error": e, "accuracy": 1 - e,
-                 "per_class_error": [e - 0.2, e, e + 0.2], "worst_class_error": e + 0.2,
-                 "train_loss": None if r == 0 else 1.0, "elapsed_s": 3.0 * r}
-                for r, e in enumerate(errors)]
+        rows = [
+            {
+                "round": r,
+                "balanced_error": e,
+                "accuracy": 1 - e,
+                "per_class_error": [e - 0.2, e, e + 0.2],
+                "worst_class_error": e + 0.2,
+                "train_loss": None if r == 0 else 1.0,
+                "elapsed_s": 3.0 * r,
+            }
+            for r, e in enumerate(errors)
+        ]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if status is not None:
         summary: dict[str, Any] = {"status": status, "seed": seed, "num_rounds": ROUNDS}
         if status == "failed":
             summary["error"] = "ValueError: diverged"
         elif summary_numbers:
-            summary.update(final_balanced_error=errors[-1], best_balanced_error=min(errors),
-                           best_round=3, rounds_completed=ROUNDS, wall_time_s=20.0 + seed)
+            summary.update(
+                final_balanced_error=errors[-1],
+                best_balanced_error=min(errors),
+                best_round=3,
+                rounds_completed=ROUNDS,
+                wall_time_s=20.0 + seed,
+            )
         (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -114,7 +132,8 @@ def test_folder_of_runs_groups_by_differing_config_keys(runs_dir: Path) -> None:
     assert len(rows) == 4
     finals_sorted = sorted(
         statistics.mean(final_of(loss, cpc, s) for s in (0, 1))
-        for loss in ("ce", "ldam") for cpc in (1, 2)
+        for loss in ("ce", "ldam")
+        for cpc in (1, 2)
     )
     assert [float(r["final_balanced_error_mean"]) for r in rows] == pytest.approx(finals_sorted)
     for row in rows:

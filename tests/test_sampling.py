@@ -47,12 +47,15 @@ def test_instance_is_a_permutation():
 # Binomial standard deviation of a frequency over 300 * 525 draws is below 0.0013, so a
 # tolerance of 0.01 is > 7 sigma: a correct sampler essentially never fails, and a wrong
 # target (e.g. instance frequencies 0.76 / 0.19 / 0.04 / 0.01) always does.
-@pytest.mark.parametrize(("name", "weights"), [
-    ("instance", COUNTS),
-    ("class-balanced", dict.fromkeys(COUNTS, 1.0)),
-    ("sqrt", {c: np.sqrt(n) for c, n in COUNTS.items()}),
-    ("undersample", dict.fromkeys(COUNTS, 1.0)),
-])
+@pytest.mark.parametrize(
+    ("name", "weights"),
+    [
+        ("instance", COUNTS),
+        ("class-balanced", dict.fromkeys(COUNTS, 1.0)),
+        ("sqrt", {c: np.sqrt(n) for c, n in COUNTS.items()}),
+        ("undersample", dict.fromkeys(COUNTS, 1.0)),
+    ],
+)
 def test_class_frequencies_converge(name, weights):
     labels = make_labels()
     freq, _ = class_frequencies(name, labels)
@@ -103,13 +106,21 @@ def test_deterministic_for_a_given_rng(name):
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize(("drs_start", "num_rounds", "first"),
-                         [(None, 10, 8), (0.5, 5, 3), (3, 4, 3), (1, 3, 1), (1.0, 6, 6)])
+@pytest.mark.parametrize(
+    ("drs_start", "num_rounds", "first"),
+    [(None, 10, 8), (0.5, 5, 3), (3, 4, 3), (1, 3, 1), (1.0, 6, 6)],
+)
 def test_drs_switches_from_instance_to_class_balanced(drs_start, num_rounds, first):
     labels = make_labels()
     for server_round in range(1, num_rounds + 1):
-        got = epoch_indices("drs", labels, np.random.default_rng(7), server_round=server_round,
-                            num_rounds=num_rounds, drs_start=drs_start)
+        got = epoch_indices(
+            "drs",
+            labels,
+            np.random.default_rng(7),
+            server_round=server_round,
+            num_rounds=num_rounds,
+            drs_start=drs_start,
+        )
         same_as = "class-balanced" if server_round >= first else "instance"
         want = epoch_indices(same_as, labels, np.random.default_rng(7))
         np.testing.assert_array_equal(got, want)
@@ -132,8 +143,13 @@ def bad_sampler(labels, rng, server_round, num_rounds):
 
 
 def test_user_sampler_by_import_path():
-    order = epoch_indices(f"{__name__}:user_sampler", np.arange(10) % 3,
-                          np.random.default_rng(0), server_round=2, num_rounds=3)
+    order = epoch_indices(
+        f"{__name__}:user_sampler",
+        np.arange(10) % 3,
+        np.random.default_rng(0),
+        server_round=2,
+        num_rounds=3,
+    )
     np.testing.assert_array_equal(order, [9, 8, 7, 6])
     with pytest.raises(ValueError, match="outside"):
         epoch_indices(f"{__name__}:bad_sampler", np.arange(10) % 3, np.random.default_rng(0))
@@ -145,22 +161,24 @@ def test_unknown_sampler_lists_names():
     assert "'class-balanced'" in str(info.value) and "undersample" in str(info.value)
 
 
-@pytest.mark.parametrize(("kwargs", "word"), [
-    ({"name": "instance", "drs_start": 0.5}, "drs_start"),
-    ({"name": "drs", "drs_start": 0}, "drs_start"),
-    ({"name": "drs", "drs_start": 1.5}, "drs_start"),
-    ({"name": "drs", "drs_start": 11}, "after the last round"),
-    ({"name": "drs", "drs_start": "0.5"}, "drs_start"),
-    ({"name": "instance", "server_round": 11}, "server_round"),
-    ({"name": "instance", "num_rounds": 0}, "num_rounds"),
-    ({"name": "instance", "labels": np.array([0.5, 1.0])}, "integers"),
-    ({"name": "instance", "labels": np.array([0, -1])}, ">= 0"),
-    ({"name": "instance", "labels": np.zeros((2, 2), dtype=int)}, "1-D"),
-    ({"name": "instance", "rng": 0}, "Generator"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"name": "instance", "drs_start": 0.5}, "drs_start"),
+        ({"name": "drs", "drs_start": 0}, "drs_start"),
+        ({"name": "drs", "drs_start": 1.5}, "drs_start"),
+        ({"name": "drs", "drs_start": 11}, "after the last round"),
+        ({"name": "drs", "drs_start": "0.5"}, "drs_start"),
+        ({"name": "instance", "server_round": 11}, "server_round"),
+        ({"name": "instance", "num_rounds": 0}, "num_rounds"),
+        ({"name": "instance", "labels": np.array([0.5, 1.0])}, "integers"),
+        ({"name": "instance", "labels": np.array([0, -1])}, ">= 0"),
+        ({"name": "instance", "labels": np.zeros((2, 2), dtype=int)}, "1-D"),
+        ({"name": "instance", "rng": 0}, "Generator"),
+    ],
+)
 def test_bad_input(kwargs, word):
-    call = {"labels": make_labels(), "rng": np.random.default_rng(0), "num_rounds": 10,
-            **kwargs}
+    call = {"labels": make_labels(), "rng": np.random.default_rng(0), "num_rounds": 10, **kwargs}
     name = call.pop("name")
     labels, rng = call.pop("labels"), call.pop("rng")
     with pytest.raises(ValueError, match=word):

@@ -54,9 +54,14 @@ def toml_dumps(table: dict[str, Any]) -> str:
 
 
 def nest(overrides: dict[str, Any]) -> dict[str, Any]:
-    config: dict[str, Any] = {"dataset": "digits", "num-rounds": ROUNDS, "seed": 0,
-                              "partition": {"name": "shards", "classes-per-client": 2},
-                              "loss": {"name": "ce"}, "strategy": {"name": "fedavg"}}
+    config: dict[str, Any] = {
+        "dataset": "digits",
+        "num-rounds": ROUNDS,
+        "seed": 0,
+        "partition": {"name": "shards", "classes-per-client": 2},
+        "loss": {"name": "ce"},
+        "strategy": {"name": "fedavg"},
+    }
     for key, value in overrides.items():
         head, _, tail = key.partition(".")
         if tail:
@@ -83,16 +88,28 @@ class FakeRun:
             raise RuntimeError(f"boom {loss} {seed}")
         final = final_error(loss, seed, cpc)
         rows = [
-            {"round": r, "balanced_error": error_at(r, final), "accuracy": 1 - error_at(r, final),
-             "per_class_error": [error_at(r, final) - 0.1, error_at(r, final) + 0.1],
-             "worst_class_error": error_at(r, final) + 0.1,
-             "train_loss": None if r == 0 else 1.0 / r, "elapsed_s": 2.0 * r}
+            {
+                "round": r,
+                "balanced_error": error_at(r, final),
+                "accuracy": 1 - error_at(r, final),
+                "per_class_error": [error_at(r, final) - 0.1, error_at(r, final) + 0.1],
+                "worst_class_error": error_at(r, final) + 0.1,
+                "train_loss": None if r == 0 else 1.0 / r,
+                "elapsed_s": 2.0 * r,
+            }
             for r in range(ROUNDS + 1)
         ]
         (cell_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = {"status": "completed", "final_balanced_error": final,
-                   "best_balanced_error": final, "best_round": ROUNDS, "num_rounds": ROUNDS,
-                   "rounds_completed": ROUNDS, "wall_time_s": 10.0 + seed, "seed": seed}
+        summary = {
+            "status": "completed",
+            "final_balanced_error": final,
+            "best_balanced_error": final,
+            "best_round": ROUNDS,
+            "num_rounds": ROUNDS,
+            "rounds_completed": ROUNDS,
+            "wall_time_s": 10.0 + seed,
+            "seed": seed,
+        }
         (cell_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -127,8 +144,11 @@ def first_round_below(final: float, target: float) -> int:
 
 
 def test_load_sweep_resolves_base_and_flattens_dotted_keys(tmp_path: Path) -> None:
-    path = write_sweep(tmp_path, 'target-error = 0.3\n[set]\nloss.gamma = 2.0\n'
-                                 '[grid]\nloss.name = ["ce", "focal"]\n"seed" = [0]\n')
+    path = write_sweep(
+        tmp_path,
+        "target-error = 0.3\n[set]\nloss.gamma = 2.0\n"
+        '[grid]\nloss.name = ["ce", "focal"]\n"seed" = [0]\n',
+    )
     sweep = load_sweep(path)
     assert sweep.base == (tmp_path / "base.toml").resolve()
     assert sweep.name == "exp"  # default: the file's stem
@@ -173,15 +193,25 @@ def test_unknown_key_message_lists_valid_keys(tmp_path: Path) -> None:
 
 
 def test_expand_is_the_ordered_product_with_safe_unique_names(tmp_path: Path) -> None:
-    sweep = Sweep(base=tmp_path / "b.toml", name="s", fixed={"engine": "inprocess"},
-                  grid={"loss.name": ["ce", "focal"], "partition.classes-per-client": [1, 2],
-                        "seed": [0, 1, 2]})
+    sweep = Sweep(
+        base=tmp_path / "b.toml",
+        name="s",
+        fixed={"engine": "inprocess"},
+        grid={
+            "loss.name": ["ce", "focal"],
+            "partition.classes-per-client": [1, 2],
+            "seed": [0, 1, 2],
+        },
+    )
     cells = expand(sweep)
     assert len(cells) == 2 * 2 * 3
-    expected = [(loss, cpc, seed) for loss in ("ce", "focal") for cpc in (1, 2)
-                for seed in (0, 1, 2)]
-    got = [(c.overrides["loss.name"], c.overrides["partition.classes-per-client"],
-            c.overrides["seed"]) for c in cells]
+    expected = [
+        (loss, cpc, seed) for loss in ("ce", "focal") for cpc in (1, 2) for seed in (0, 1, 2)
+    ]
+    got = [
+        (c.overrides["loss.name"], c.overrides["partition.classes-per-client"], c.overrides["seed"])
+        for c in cells
+    ]
     assert got == expected
     assert all(c.overrides["engine"] == "inprocess" for c in cells)
     assert len({c.name for c in cells}) == len(cells)
@@ -282,7 +312,8 @@ def test_failing_cell_is_recorded_and_others_complete(tmp_path: Path) -> None:
     rows = {r["loss.name"]: r for r in read_csv(out / "report.csv")}
     assert (rows["focal"]["n"], rows["focal"]["failed"]) == ("1", "1")
     assert float(rows["focal"]["final_balanced_error_mean"]) == pytest.approx(
-        final_error("focal", 0))
+        final_error("focal", 0)
+    )
     assert rows["focal"]["final_balanced_error_std"] == ""  # one seed: no std
     assert "boom focal 1" in (out / "report.md").read_text()
 

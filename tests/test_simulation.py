@@ -1,0 +1,235 @@
+"""End-to-end runs: Flower on Ray, the in-process engine, resume, faults, determinism."""
+
+import json
+import math
+
+import pytest
+
+from fedimb.cli import main
+from fedimb.config import load_config
+from fedimb.results import read_json, read_jsonl
+from fedimb.server import TooManyFailures
+from fedimb.sim import run_experiment
+
+pytestmark = pytest.mark.slow
+
+CHANCE = 0.9  # balanced error of a random guess on 10 digit classes
+
+
+def small(**overrides):
+    base = {
+        "num-clients": 10,
+        "num-rounds": 3,
+        "engine": "inprocess",
+        "strategy.min-train-clients": 2,
+    }
+    return load_config(overrides={**base, **overrides})
+
+
+def curve(out):
+    return [(r["round"], r.get("balanced_error")) for r in read_jsonl(out / "metrics.jsonl")]
+
+
+def check_results(out, rounds):
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    for row in rows:
+        assert math.isfinite(row["balanced_error"]) and math.isfinite(row["accuracy"])
+        assert len(row["per_class_error"]) == 10
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "completed"
+    assert summary["rounds_completed"] == rounds
+    assert math.isfinite(summary["final_balanced_error"]) and summary["wall_time_s"] > 0
+    assert {"torch", "flwr"} <= set(summary["versions"])
+    return rows
+
+
+def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(tmp_path):
+    ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+    run_experiment(small(engine="ray"), ray_out, progress=False)
+    rows = check_results(ray_out, 3)
+    assert rows[-1]["balanced_error"] < 0.75 < CHANCE
+    assert (ray_out / "config.toml").exists() and (ray_out / "clients.jsonl").exists()
+    # Same ServerApp, strategy and client code: the engines agree on every round.
+    run_experiment(small(engine="inprocess", batched="off"), local_out, progress=False)
+    assert curve(local_out) == pytest.approx(curve(ray_out))
+
+
+def test_batched_and_sequential_inprocess_runs_agree(tmp_path):
+    run_experiment(
+        small(batched="on", momentum=0.9, **{"loss.name": "ldam-drw"}),
+        tmp_path / "a",
+        progress=False,
+    )
+    run_experiment(
+        small(batched="off", momentum=0.9, **{"loss.name": "ldam-drw"}),
+        tmp_path / "b",
+        progress=False,
+    )
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert [r for r, _ in a] == [r for r, _ in b]
+    assert [e for _, e in a] == pytest.approx([e for _, e in b], abs=0.01)
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path):
+    cfg = small(**{"strategy.fraction-train": 0.5, "augment": "on"})
+    run_experiment(cfg, tmp_path / "a", progress=False)
+    run_experiment(cfg, tmp_path / "b", progress=False)
+    run_experiment(cfg.with_overrides({"seed": 1}), tmp_path / "c", progress=False)
+    assert (
+        read_jsonl(tmp_path / "a" / "metrics.jsonl")[-1]["per_class_error"]
+        == read_jsonl(tmp_path / "b" / "metrics.jsonl")[-1]["per_class_error"]
+    )
+    assert curve(tmp_path / "a") == curve(tmp_path / "b")
+    assert curve(tmp_path / "a") != curve(tmp_path / "c")
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold"])
+def test_resume_continues_exactly(tmp_path, strategy):
+    cfg = small(
+        **{
+            "num-rounds": 4,
+            "strategy.name": strategy,
+            "strategy.fraction-train": 0.5,
+            "momentum": 0.5,
+        }
+    )
+    run_experiment(cfg, tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(server_round, row):
+        if server_round == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut", progress=False, on_round=interrupt)
+    assert read_json(tmp_path / "cut" / "summary.json")["status"] == "failed"
+    assert [r["round"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == [0, 1, 2]
+    run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert curve(tmp_path / "cut") == curve(tmp_path / "full")
+    assert read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"
+
+
+def test_faulty_clients_are_left_out_and_counted(tmp_path):
+    cfg = small(
+        **{
+            "faults.raise-clients": "1",
+            "faults.nan-clients": "2",
+            "faults.slow-clients": "3",
+            "faults.slow-s": 0.3,
+            "client-timeout": 0.25,
+            "faults.rounds": "2",
+        }
+    )
+    run_experiment(cfg, tmp_path, progress=False)
+    rows = check_results(tmp_path, 3)
+    assert [r.get("failures") for r in rows[1:]] == [0, 3, 0]
+    assert [r.get("clients") for r in rows[1:]] == [10, 7, 10]
+    faults = [c for c in read_jsonl(tmp_path / "clients.jsonl") if "fault" in c]
+    reasons = sorted((c["round"], c["partition-id"], c["fault"].split(":")[0]) for c in faults)
+    assert reasons == [
+        (2, 1, "error"),
+        (2, 2, "non-finite training loss (nan)"),
+        (2, 3, "timed out"),
+    ]
+    assert read_json(tmp_path / "summary.json")["failures_total"] == 3
+
+
+def test_too_many_failures_stop_the_run_with_a_clear_error(tmp_path):
+    cfg = small(**{"faults.raise-clients": "0,1,2,3,4,5", "max-failure-fraction": 0.5})
+    with pytest.raises(TooManyFailures, match="6 of 10 clients failed"):
+        run_experiment(cfg, tmp_path, progress=False)
+    assert read_json(tmp_path / "summary.json")["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"strategy.name": "fedprox", "strategy.proximal-mu": 0.01},
+        {"strategy.name": "scaffold"},
+        {"strategy.name": "fednova"},
+        {"strategy.name": "fedaws", "partition.classes-per-client": 1},
+        {"strategy.name": "strategies.example_custom:ServerLRFedAvg", "strategy.server-lr": 1.0},
+    ],
+)
+def test_each_strategy_trains(tmp_path, overrides):
+    run_experiment(small(**{"num-rounds": 4, **overrides}), tmp_path, progress=False)
+    rows = check_results(tmp_path, 4)
+    assert rows[-1]["balanced_error"] < rows[0]["balanced_error"]
+
+
+@pytest.mark.parametrize(
+    "loss", ["ce", "class-balanced", "focal", "ldam-drw", "balanced-softmax", "fedrs", "fedlc"]
+)
+def test_each_loss_family_trains(tmp_path, loss):
+    run_experiment(
+        small(**{"num-rounds": 4, "loss.name": loss, "lr": 0.05}), tmp_path, progress=False
+    )
+    rows = check_results(tmp_path, 4)
+    assert rows[-1]["balanced_error"] < 0.8
+
+
+def test_cli_run_writes_results_and_bad_input_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            "--engine",
+            "inprocess",
+            "--set",
+            "num-rounds=2",
+            "--set",
+            "num-clients=6",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert "final balanced error" in capsys.readouterr().out
+    check_results(out, 2)
+
+    bad = tmp_path / "bad"
+    assert main(["run", "--set", "num-rond=2", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'num-rond'" in err and "did you mean 'num-rounds'" in err
+    assert not bad.exists()
+    too_many = [
+        "run",
+        "--engine",
+        "inprocess",
+        "--set",
+        "partition.classes-per-client=11",
+        "--out",
+        str(bad),
+    ]
+    assert main(too_many) == 2
+    assert "classes" in capsys.readouterr().err
+    assert not bad.exists()
+
+
+def test_cli_resume_of_a_finished_run_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "--engine",
+                "inprocess",
+                "--set",
+                "num-rounds=2",
+                "--set",
+                "num-clients=4",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", "--resume", str(out), "-q"]) == 0
+    assert (out / "metrics.jsonl").read_text() == before
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
