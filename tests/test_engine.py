@@ -1,0 +1,80 @@
+"""The in-process engine is a real Flower Grid: stock strategies run on it unchanged."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedimb.engine import InProcessGrid, task_identity
+
+
+def test_task_identity_is_set_for_the_run_and_restored():
+    # Guards the one private Flower module we touch (flwr is pinned to 1.42.*).
+    before = TaskIdentity._run_id
+    with task_identity(1234):
+        assert TaskIdentity.run_id == 1234
+        Message(RecordDict(), 7, "train")  # building a Message needs the identity
+    assert TaskIdentity._run_id == before
+
+
+def _mean_client():
+    """A ClientApp whose update is known: it adds (partition id + 1) to every weight."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = context.node_config["partition-id"]
+        arrays = {k: Array(a.numpy() + pid + 1) for k, a in msg.content["arrays"].items()}
+        seen = context.state.config_records.get("seen", ConfigRecord({"rounds": 0}))
+        context.state["seen"] = ConfigRecord({"rounds": seen["rounds"] + 1})
+        metrics = MetricRecord({"num-examples": pid + 1})
+        return Message(
+            RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg
+        )
+
+    return app
+
+
+def test_stock_fedavg_runs_on_the_inprocess_grid():
+    app = _mean_client()
+    grid = InProcessGrid(app, num_nodes=4, batched=False)
+    start = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    with task_identity(grid.run.run_id):
+        result = FedAvg(fraction_evaluate=0.0, min_available_nodes=4).start(
+            grid=grid, initial_arrays=start, num_rounds=2
+        )
+    # Weighted by num-examples = pid + 1: each round adds sum((p+1)^2) / sum(p+1) = 30 / 10.
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full(3, 6.0))
+    # Each node kept its own Context across rounds, as under Flower's simulation engine.
+    assert [c.state["seen"]["rounds"] for c in grid.contexts.values()] == [2, 2, 2, 2]
+    assert sorted(c.node_config["partition-id"] for c in grid.contexts.values()) == [0, 1, 2, 3]
+
+
+def test_a_raising_client_becomes_an_error_reply():
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        raise RuntimeError("boom")
+
+    grid = InProcessGrid(app, num_nodes=2, batched=False)
+    with task_identity(grid.run.run_id):
+        msgs = [Message(RecordDict(), node, "train") for node in grid.get_node_ids()]
+        replies = grid.send_and_receive(msgs)
+    assert len(replies) == 2 and all(r.has_error() for r in replies)
+    assert "boom" in replies[0].error.reason
+
+
+def test_pull_returns_each_reply_once():
+    app = _mean_client()
+    grid = InProcessGrid(app, num_nodes=3, batched=False)
+    with task_identity(grid.run.run_id):
+        msg = Message(
+            RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})}),
+            grid.get_node_ids()[0],
+            "train",
+        )
+        ids = grid.push_messages([msg])
+        assert len(grid.pull_messages(ids)) == 1
+        assert grid.pull_messages(ids) == []
