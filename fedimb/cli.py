@@ -150,6 +150,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedimb.results import CHECKPOINT_FILE
     from fedimb.sim import prepare, run_experiment
     from fedimb.sweep import load_sweep, run_sweep
 
@@ -163,8 +164,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prepare(load_config(sweep.base, overrides))  # data + partition too, before any cell runs
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
+        # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
         run_experiment(
-            load_config(sweep.base, overrides), cell_dir, resume=True, progress=not args.quiet
+            load_config(sweep.base, overrides),
+            cell_dir,
+            resume=(cell_dir / CHECKPOINT_FILE).exists(),
+            progress=None if args.quiet else True,
         )
 
     try:

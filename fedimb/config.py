@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from fedimb.registry import RegistryError, is_import_path
+from fedimb.registry import RegistryError, import_object, is_import_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
 
@@ -426,6 +426,11 @@ def _build_component(table: str, body: Mapping[str, Any]) -> Component:
         raise ConfigError(f"{table}.name = {name!r}: expected a non-empty string")
     if is_import_path(name):
         # A user plug-in receives every parameter of its table; it checks them itself.
+        # Import it now, so that a bad path fails before anything runs.
+        try:
+            import_object(name)
+        except RegistryError as exc:
+            raise ConfigError(f"{table}.name = {name!r}: {exc}") from exc
         return Component(name, MappingProxyType(body))
     names, defaults_of = _component_catalog(table)
     if name not in names:
@@ -491,17 +496,31 @@ def from_nested(nested: Mapping[str, Any]) -> Config:
 
 
 def _check_component_params(config: Config) -> None:
-    """Let each component validate its own parameters by building it on small dummy input."""
+    """Let the loss and the strategy check their own parameters by building them.
+
+    (The partition, dataset and model are checked with the data, before any engine
+    starts: :func:`fedimb.sim.prepare`.)
+    """
+    import strategies
     from fedimb import losses
 
-    loss = config.loss
-    counts = [10] * 3
+    loss, strategy, opts = config.loss, config.strategy, config.strategy_options
     try:
         losses.make_loss(
-            loss.name, counts, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()
+            loss.name, [10] * 3, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()
         )
     except (ValueError, TypeError, RegistryError) as exc:
         raise ConfigError(f"[loss] {loss.name}: {exc}") from exc
+    try:
+        strategies.make_strategy(
+            strategy.name,
+            fraction_train=opts["fraction-train"],
+            min_train_nodes=opts["min-train-clients"],
+            min_available_nodes=opts["min-train-clients"],
+            **strategy.kwargs(),
+        )
+    except (ValueError, TypeError, RegistryError) as exc:
+        raise ConfigError(f"[strategy] {strategy.name}: {exc}") from exc
 
 
 def _check_cross_field(config: Config) -> None:

@@ -67,14 +67,19 @@ class _Bar:
         Text shown before the bar / at the start of each plain line.
     enabled : bool
         False for quiet mode: plain lines, no bar.
+    silent : bool
+        Neither bar nor lines (e.g. a run inside a quiet sweep, which prints per cell).
     """
 
-    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, description: str, enabled: bool = True, silent: bool = False
+    ) -> None:
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
         self.total = total
         self.description = description
-        self.use_bar = enabled and stdout_is_terminal()
+        self.silent = silent
+        self.use_bar = enabled and not silent and stdout_is_terminal()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._owns_display = False
@@ -115,7 +120,7 @@ class _Bar:
         """Move the bar to ``completed`` steps, or print ``line`` in plain mode."""
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=completed, info=info)
-        else:
+        elif not self.silent:
             print(line, flush=True)
 
 
@@ -129,8 +134,10 @@ class RunProgress(_Bar):
     quickstart round 1/3 balanced_error=0.5000
     """
 
-    def __init__(self, total_rounds: int, description: str, enabled: bool = True) -> None:
-        super().__init__(total_rounds, description, enabled)
+    def __init__(
+        self, total_rounds: int, description: str, enabled: bool = True, silent: bool = False
+    ) -> None:
+        super().__init__(total_rounds, description, enabled, silent)
 
     def __enter__(self) -> RunProgress:
         super().__enter__()

@@ -246,11 +246,15 @@ def run_server(
     out_dir: str | Path,
     *,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
     on_round: RoundHook | None = None,
     extra_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the configured federated training on ``grid``; write results; return the summary."""
+    """Run the configured federated training on ``grid``; write results; return the summary.
+
+    ``progress``: True = a bar (plain lines when not on a terminal), False = plain lines,
+    None = nothing.
+    """
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     fed = get_federation(config)
@@ -294,7 +298,12 @@ def run_server(
     )
     x_test, y_test = fed.test_tensors()
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]
-    bar = RunProgress(num_rounds, f"{config.loss.name} / {config.strategy.name}", enabled=progress)
+    bar = RunProgress(
+        num_rounds,
+        f"{config.loss.name} / {config.strategy.name}",
+        enabled=bool(progress),
+        silent=progress is None,
+    )
 
     def evaluate(local_round: int, current: ArrayRecord) -> MetricRecord | None:
         server_round = local_round + start_round

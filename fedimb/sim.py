@@ -61,7 +61,7 @@ def run_experiment(
     out_dir: str | Path,
     *,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
     on_round: RoundHook | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:

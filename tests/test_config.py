@@ -95,6 +95,13 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"loss": 3}, "'loss' is a table"),
         ({"faults.raise-clients": "a,b"}, "comma-separated integers"),
         ({"loss.name": "ldam-drw", "loss.drw-start": 50}, "drw"),
+        ({"strategy.name": "no_such_pkg.mod:Strategy"}, "cannot import module 'no_such_pkg.mod'"),
+        ({"strategy.name": "fedimb.config:Config"}, "not a subclass"),
+        (
+            {"strategy.name": "strategies.example_custom:ServerLRFedAvg", "strategy.server-lr": -1},
+            "server_lr",
+        ),
+        ({"loss.name": "tests.nowhere:factory"}, "cannot import module 'tests.nowhere'"),
     ],
 )
 def test_bad_values_get_one_clear_error(overrides, message):
