@@ -757,12 +757,22 @@ def have_flower() -> bool:
     """Whether flwr and ray can be imported (``BENCH_NO_FLOWER=1`` pretends not)."""
     if os.environ.get("BENCH_NO_FLOWER") == "1":
         return False
-    return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
 
 
 def flower_free_imports() -> dict[str, list[str]]:
     """For each fedimb module the no-flwr path uses: the flwr/ray modules it imports."""
-    modules = ["fedimb.batched", "fedimb.train", "fedimb.models", "fedimb.losses", "fedimb.data"]
+    modules = [
+        "fedimb.batched",
+        "fedimb.train",
+        "fedimb.models",
+        "fedimb.losses",
+        "fedimb.data",
+        "fedimb.federation",
+    ]
     code = (
         "import importlib, json, sys\n"
         f"out = {{}}\nfor m in {modules!r}:\n"
@@ -991,11 +1001,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     flower = have_flower()
     runs = workloads(args, device)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "machine": machine_info(device)}
+    report["flower_free_imports"] = flower_free_imports()
+    pulled = {m: v for m, v in report["flower_free_imports"].items() if v}
+    print("flwr/ray imported by the fedimb modules of the no-flwr path:", pulled or "none")
     if not flower:
         print("note: flwr/ray not importable: skipping the Flower settings (fedimb, flower);")
         print("      vmap is fedimb's fast path (train_clients), loop the stock baseline.")
-        report["flower_free_imports"] = flower_free_imports()
-        print("      flwr/ray modules imported by fedimb modules:", report["flower_free_imports"])
     settings = [s for s in args.settings.split(",") if flower or s not in FLOWER_SETTINGS]
     if args.memory_1000:
         settings = ["memory"]

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedimb.data.augment import crop_flip
 from fedimb.losses import imbalance_loss_tensors, stack_params
 from fedimb.models import is_vectorisable
-from fedimb.train import ClientJob, ToFloat, TrainResult, TrainSettings, autocast, crop_flip
+from fedimb.train import ClientJob, ToFloat, TrainResult, TrainSettings, autocast
 
 LOSS_FIELDS = ("weight", "offset", "scale", "margin", "mask")
 

@@ -227,6 +227,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fedimb.sim import quiet_flower
+
+    quiet_flower(verbose=getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RegistryError) as exc:

@@ -111,13 +111,24 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
         )
     else:
         keep = np.arange(len(labels))
-    local_parts = split_clients(
-        config.partition.name,
-        labels[keep],
-        config["num-clients"],
-        seeded_rng(seed, 2),
-        **config.partition.kwargs(),
-    )
+    kwargs = config.partition.kwargs()
+    try:
+        local_parts = split_clients(
+            config.partition.name,
+            labels[keep],
+            config["num-clients"],
+            seeded_rng(seed, 2),
+            **kwargs,
+        )
+    except ValueError as exc:
+        # Name the config keys (kebab-case), the split and the data it was asked of.
+        text = str(exc)
+        for key in [*kwargs, "num_clients"]:
+            text = text.replace(key, key.replace("_", "-"))
+        raise ValueError(
+            f"[partition] {config.partition.name} of {config['dataset']} ({len(keep)} samples, "
+            f"{data.num_classes} classes) among {config['num-clients']} clients: {text}"
+        ) from exc
     parts = [keep[p] for p in local_parts]
     counts = class_counts(labels, parts, data.num_classes)
     return Federation(data, keep, parts, counts, device or resolve_device(config["device"]))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedimb.data.augment import crop_flip
 from fedimb.sampling import epoch_indices
 
 ToFloat = Callable[[torch.Tensor], torch.Tensor]
@@ -120,22 +121,6 @@ def make_plan(
     return ClientPlan(batches, shift, flip)
 
 
-def crop_flip(
-    x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, padding: int
-) -> torch.Tensor:
-    """Crop each image of ``x`` [N, C, H, W] from its zero-padded copy at ``shift`` [N, 2]
-    (dy, dx) and mirror those with ``flip`` [N]: the standard CIFAR augmentation, as one
-    gather on the tensor's device."""
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
-    rows = shift[:, 0:1] + torch.arange(h, device=x.device)  # [N, H]
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + shift[:, 1:2]  # [N, W]
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
-    return out.permute(0, 3, 1, 2)
-
-
 def batch_inputs(
     job: ClientJob, step: int, to_float: ToFloat, settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +132,8 @@ def batch_inputs(
         shift = torch.as_tensor(job.plan.shift[step], device=device)
         flip = torch.as_tensor(job.plan.flip[step], device=device)
         x = crop_flip(x, shift, flip, settings.padding)
+    if settings.channels_last and device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     return x, job.y[idx]
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from fedimb.batched import can_batch, train_clients
+from fedimb.data.augment import crop_flip
 from fedimb.losses import make_loss
 from fedimb.models import build_model
-from fedimb.train import ClientJob, TrainSettings, client_rng, crop_flip, make_plan, train_client
+from fedimb.train import ClientJob, TrainSettings, client_rng, make_plan, train_client
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUGMENTED_DATASETS", "default_augment", "random_crop_flip"]
+__all__ = ["AUGMENTED_DATASETS", "crop_flip", "default_augment", "random_crop_flip"]
 
 # Datasets where crop + horizontal flip is the standard recipe. Not every 32x32 set:
 # flipping digits (e.g. SVHN) changes what they show.
@@ -45,18 +45,42 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
         raise ValueError(f"x must be a batch [N, C, H, W], got shape {tuple(x.shape)}")
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
-    n, c, h, w = x.shape
+    n = x.shape[0]
     gdev = generator.device
     # Offsets are the crop corner in the padded image: 0..2*padding.
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev).to(x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev).to(x.device)
-    flip = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(x.device)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev)
+    flip = torch.rand(n, generator=generator, device=gdev) < 0.5
+    shift = torch.stack([dy, dx], dim=1).to(x.device)
+    return crop_flip(x, shift, flip.to(x.device), padding)
 
+
+def crop_flip(
+    x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """Crop each image of ``x`` from its zero-padded copy and mirror some, in one gather.
+
+    The local trainers draw ``shift`` and ``flip`` in advance (per client and round, see
+    :func:`fedimb.train.make_plan`) so that training one client alone or many at once
+    sees the same augmentation.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Batch ``[N, C, H, W]``.
+    shift : torch.Tensor
+        ``[N, 2]`` integer crop corners ``(dy, dx)`` in the padded image, in ``[0, 2*padding]``.
+    flip : torch.Tensor
+        ``[N]`` bool: mirror left-right after cropping.
+    padding : int
+        Zero padding on each side.
+    """
+    n, c, h, w = x.shape
     hp, wp = h + 2 * padding, w + 2 * padding
     padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # [N, H]
+    rows = shift[:, 0:1] + torch.arange(h, device=x.device)  # [N, H]
     cols = torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # [N, W]
+    cols = torch.where(flip[:, None], w - 1 - cols, cols) + shift[:, 1:2]  # [N, W]
     # Flat index into each padded image; one gather does crop and flip together.
     idx = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w)
     out = padded.reshape(n, c, hp * wp).gather(2, idx.expand(n, c, h * w))
