@@ -65,8 +65,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CIFAR_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg"
-FLOWER_SETTINGS = ("fedimb", "flower")
+FLOWER_SETTINGS = ("fedimb", "flower", "memory")
 ALL_SETTINGS = ("fedimb", "flower", "loop", "vmap", "bigbatch")
+MEMORY_SETTINGS = ("memory", "memory-hold", "memory-stream")
 MIB = 2**20
 
 
@@ -575,6 +576,20 @@ def run_loop(w: Workload) -> dict[str, Any]:
     }
 
 
+def stacked_to_float(to_float: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``to_float`` for the ``[G, B, ...]`` batches that ``train_clients`` normalises.
+
+    ``Dataset.to_float`` puts the per-channel constants on dim 1, which is B there, so
+    3-channel images fail (and 1-channel ones only work by broadcasting): normalise the
+    G*B samples as one batch instead.
+    """
+
+    def convert(x: Any) -> Any:
+        return to_float(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+    return convert
+
+
 def client_jobs(w: Workload, fed: Any, server_round: int, settings: Any) -> list[Any]:
     """Every client's job for one round, built as ``fedimb.client.build_job`` builds it
     for the workload (cross-entropy, instance sampling), without importing flwr."""
@@ -613,13 +628,14 @@ def run_vmap(w: Workload) -> dict[str, Any]:
     final = evaluate_model(model, fed, device)
     stamps = [stamp(device)]
     size = w.group_size or w.clients
+    to_float = stacked_to_float(fed.dataset.to_float)
     for server_round in range(1, w.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         jobs = client_jobs(w, fed, server_round, settings)
         results = []
         for start in range(0, len(jobs), size):
             results += train_clients(
-                model, global_state, jobs[start : start + size], fed.dataset.to_float, settings
+                model, global_state, jobs[start : start + size], to_float, settings
             )
         model.load_state_dict(fedavg([r.state for r in results], [r.num_examples for r in results]))
         if server_round == w.rounds:
@@ -671,22 +687,27 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
 
 
 def run_memory(w: Workload) -> dict[str, Any]:
-    """1,000 clients on CIFAR-10: data, partition, every client's tensors, one round.
+    """1,000 clients, fedimb as users run it: ``run_experiment`` on the in-process engine,
+    every client's tensors resident, one round batched in groups of ``group_size``."""
+    out = run_fedimb(w)
+    out["path"] = "fedimb run_experiment (in-process engine)"
+    return out
 
-    With flwr: a whole fedimb run (in-process engine, batched in groups of
-    ``group_size``). Without: ``train_clients`` group by group, FedAvg as a running sum.
+
+def _memory_core(w: Workload, hold: bool) -> dict[str, Any]:
+    """Data, partition, every client's tensors and one batched round, without Flower.
+
+    ``hold``: keep every client's trained weights (on the host) until all clients have
+    trained, as a round's replies are kept until the strategy aggregates them; else add
+    them to a running FedAvg sum (the least a round needs).
     """
     import torch
 
-    apply_threads(w)
-    device = torch.device(w.device)
-    if have_flower():
-        out = run_fedimb(w)
-        out["path"] = "fedimb run_experiment (in-process engine)"
-        return out
     from fedimb.batched import train_clients
     from fedimb.train import TrainSettings
 
+    apply_threads(w)
+    device = torch.device(w.device)
     fed = load_federation(w, w.device)
     model = make_model(w, fed).to(device)
     settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr)
@@ -695,21 +716,42 @@ def run_memory(w: Workload) -> dict[str, Any]:
     stamps = [stamp(device)]
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     jobs = client_jobs(w, fed, 1, settings)
+    to_float = stacked_to_float(fed.dataset.to_float)
+    held: list[dict[str, Any]] = []
+    weights: list[int] = []
     total: dict[str, Any] = {}
     size = w.group_size or w.clients
     for start in range(0, len(jobs), size):
-        for r in train_clients(
-            model, global_state, jobs[start : start + size], fed.dataset.to_float, settings
-        ):
-            for k, v in r.state.items():
-                total[k] = total.get(k, 0) + v.float() * r.num_examples
+        group = jobs[start : start + size]
+        for r in train_clients(model, global_state, group, to_float, settings):
+            weights.append(r.num_examples)
+            if hold:
+                held.append({k: v.cpu() for k, v in r.state.items()})
+            else:
+                for k, v in r.state.items():
+                    total[k] = total.get(k, 0) + v.float() * r.num_examples
+    if hold:
+        model.load_state_dict(fedavg(held, weights))
+    else:
+        model.load_state_dict({k: v / sum(weights) for k, v in total.items()})
     stamps.append(stamp(device))
     return {
         "round_end": stamps,
         "images_per_round": images_per_round(w, fed),
         "partition": partition_digest(fed.parts),
-        "path": "train_clients in groups (no flwr)",
+        "path": "train_clients in groups, no Flower, "
+        + ("all clients' weights held until FedAvg" if hold else "running FedAvg sum"),
     }
+
+
+def run_memory_hold(w: Workload) -> dict[str, Any]:
+    """:func:`_memory_core`, holding every client's weights until FedAvg."""
+    return _memory_core(w, hold=True)
+
+
+def run_memory_stream(w: Workload) -> dict[str, Any]:
+    """:func:`_memory_core`, with a running FedAvg sum."""
+    return _memory_core(w, hold=False)
 
 
 def run_prepare(w: Workload) -> dict[str, Any]:
@@ -729,6 +771,8 @@ WORKERS: dict[str, Callable[[Workload], dict[str, Any]]] = {
     "vmap": run_vmap,
     "bigbatch": run_bigbatch,
     "memory": run_memory,
+    "memory-hold": run_memory_hold,
+    "memory-stream": run_memory_stream,
     "prepare": run_prepare,
 }
 
@@ -922,9 +966,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.clients < 1:
         p.error(f"--clients {args.clients}: must be >= 1")
-    unknown = set(args.settings.split(",")) - set(ALL_SETTINGS)
+    valid = ALL_SETTINGS + MEMORY_SETTINGS
+    unknown = set(args.settings.split(",")) - set(valid)
     if unknown:
-        p.error(f"--settings: unknown {sorted(unknown)}; valid: {', '.join(ALL_SETTINGS)}")
+        p.error(f"--settings: unknown {sorted(unknown)}; valid: {', '.join(valid)}")
     return args
 
 
@@ -992,6 +1037,54 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def chosen_settings(args: argparse.Namespace, flower: bool) -> list[str]:
+    """The settings to run, in order, less those that need flwr when it is absent."""
+    if args.memory_1000:
+        names = list(MEMORY_SETTINGS)
+        if args.settings != ",".join(ALL_SETTINGS):
+            names = [s for s in args.settings.split(",") if s in MEMORY_SETTINGS]
+    else:
+        names = args.settings.split(",")
+    return [s for s in names if flower or s not in FLOWER_SETTINGS]
+
+
+def run_settings(settings: Sequence[str], runs: Sequence[Workload], timeout: float) -> list[dict]:
+    """Prepare the data once, then run every setting of every workload in its own process."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
+        log_dir = Path(tmp)
+        prep = run_worker("prepare", runs[0], log_dir, timeout)
+        if "error" in prep:
+            print(prep["log_tail"])
+            raise SystemExit(f"preparing the data failed: {prep['error']}")
+        print(f"workload: {dataclasses.asdict(runs[0])} | images/round {prep['images_per_round']}")
+        for w in runs:
+            for setting in settings:
+                print(f"running {setting} (model {w.model}, threads {w.threads}) ...", flush=True)
+                row = run_worker(setting, w, log_dir, timeout)
+                if "error" in row:
+                    print(row["log_tail"][-1500:])
+                elif row.get("partition") != prep["partition"]:
+                    row["error"] = "partition differs from the reference partition"
+                rows.append(row)
+    return rows
+
+
+def print_memory(rows: Sequence[dict[str, Any]]) -> None:
+    """The memory check: peak host memory per variant against 8 GiB."""
+    for r in rows:
+        if "error" in r:
+            print(f"{r['setting']}: FAILED: {r['error']}")
+            continue
+        peak = max(r["peak_rss_mib"], r.get("peak_tree_pss_mib") or 0)
+        r["under_8_gib"] = peak < 8 * 1024
+        print(
+            f"{r['setting']} ({r['path']}): peak RSS {r['peak_rss_mib']:.0f} MiB, "
+            f"round {r.get('round_s_all')} s, process total {r['total_s']:.0f} s "
+            f"-> under 8 GiB: {r['under_8_gib']}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one setting of it)."""
     args = parse_args(argv)
@@ -1007,40 +1100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not flower:
         print("note: flwr/ray not importable: skipping the Flower settings (fedimb, flower);")
         print("      vmap is fedimb's fast path (train_clients), loop the stock baseline.")
-    settings = [s for s in args.settings.split(",") if flower or s not in FLOWER_SETTINGS]
-    if args.memory_1000:
-        settings = ["memory"]
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
-        log_dir = Path(tmp)
-        prep = run_worker("prepare", runs[0], log_dir, args.timeout)
-        if "error" in prep:
-            print(prep["log_tail"])
-            raise SystemExit(f"preparing the data failed: {prep['error']}")
-        print(f"workload: {dataclasses.asdict(runs[0])} | images/round {prep['images_per_round']}")
-        for w in runs:
-            for setting in settings:
-                print(f"running {setting} (model {w.model}, threads {w.threads}) ...", flush=True)
-                row = run_worker(setting, w, log_dir, args.timeout)
-                if "error" in row:
-                    print(row["log_tail"][-1500:])
-                elif row.get("partition") != prep["partition"]:
-                    row["error"] = "partition differs from the reference partition"
-                rows.append(row)
+    settings = chosen_settings(args, flower)
+    rows = run_settings(settings, runs, args.timeout)
     report["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     report["workloads"] = [dataclasses.asdict(w) for w in runs]
     report["results"] = rows
     print()
     if args.memory_1000:
-        r = rows[0]
-        if "error" not in r:
-            peak = max(r["peak_rss_mib"], r.get("peak_tree_pss_mib") or 0)
-            r["under_8_gib"] = peak < 8 * 1024
-            print(
-                f"1,000 clients ({r['path']}): peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                f"tree PSS {r.get('peak_tree_pss_mib')} MiB, round {r.get('round_s_all')} s, "
-                f"total {r['total_s']:.0f} s -> under 8 GiB: {r['under_8_gib']}"
-            )
+        print_memory(rows)
     else:
         print_table(rows)
         report["ratios"] = compare(rows, flower)

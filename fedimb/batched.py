@@ -58,6 +58,35 @@ def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class _StackedPlan:
+    """All clients' plans as padded arrays, moved to the device once per round.
+
+    ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step);
+    ``shift`` / ``flip`` hold its augmentation the same way (None without augmentation).
+    """
+
+    def __init__(self, jobs: Sequence[ClientJob], batch_size: int, device: torch.device) -> None:
+        k_all = len(jobs)
+        self.max_steps = max((job.plan.num_steps for job in jobs), default=0)
+        shape = (k_all, self.max_steps, batch_size)
+        index = np.zeros(shape, dtype=np.int64)
+        self.lengths = np.zeros(shape[:2], dtype=np.int64)
+        augment = jobs[0].plan.shift is not None
+        shift = np.zeros((*shape, 2), dtype=np.int64) if augment else None
+        flip = np.zeros(shape, dtype=bool) if augment else None
+        for k, job in enumerate(jobs):
+            for t, batch in enumerate(job.plan.batches):
+                n = len(batch)
+                index[k, t, :n] = batch
+                self.lengths[k, t] = n
+                if augment:
+                    shift[k, t, :n] = job.plan.shift[t]
+                    flip[k, t, :n] = job.plan.flip[t]
+        self.index = torch.as_tensor(index, device=device)
+        self.shift = None if shift is None else torch.as_tensor(shift, device=device)
+        self.flip = None if flip is None else torch.as_tensor(flip, device=device)
+
+
 def train_clients(
     model: nn.Module,
     global_state: dict[str, torch.Tensor],
@@ -114,33 +143,29 @@ def train_clients(
     step_fn = vmap(grad_and_value(client_loss))
     data_x = _pad_stack([job.x for job in jobs])
     data_y = _pad_stack([job.y for job in jobs])
-    steps = np.array([job.plan.num_steps for job in jobs])
+    plan = _StackedPlan(jobs, settings.batch_size, device)
     loss_sum = torch.zeros(k_all, device=device)
+    everyone = torch.arange(k_all, device=device)
 
-    for t in range(int(steps.max(initial=0))):
+    for t in range(plan.max_steps):
         groups: dict[int, list[int]] = defaultdict(list)
-        for k in np.flatnonzero(steps > t):
-            groups[len(jobs[k].plan.batches[t])].append(int(k))
-        for members in groups.values():
+        for k in np.flatnonzero(plan.lengths[:, t]):
+            groups[int(plan.lengths[k, t])].append(int(k))
+        for size, members in groups.items():
             whole = len(members) == k_all
             sel = slice(None) if whole else torch.tensor(members, device=device)
-            idx = torch.as_tensor(
-                np.stack([jobs[k].plan.batches[t] for k in members]), device=device
-            )
-            rows = torch.as_tensor(members, device=device)[:, None]
-            x = to_float(data_x[rows, idx])  # [G, B, ...]
-            if settings.augment:
-                shift = torch.as_tensor(
-                    np.stack([jobs[k].plan.shift[t] for k in members]), device=device
-                )
-                flip = torch.as_tensor(
-                    np.stack([jobs[k].plan.flip[t] for k in members]), device=device
-                )
-                g, b = idx.shape
+            rows = everyone if whole else sel
+            idx = plan.index[rows, t, :size]  # [G, B]: already on the device
+            x = to_float(data_x[rows[:, None], idx])  # [G, B, ...]
+            if plan.shift is not None:
+                g = idx.shape[0]
                 x = crop_flip(
-                    x.flatten(0, 1), shift.flatten(0, 1), flip.flatten(0, 1), settings.padding
-                ).reshape(g, b, *x.shape[2:])
-            y = data_y[rows, idx]
+                    x.flatten(0, 1),
+                    plan.shift[rows, t, :size].flatten(0, 1),
+                    plan.flip[rows, t, :size].flatten(0, 1),
+                    settings.padding,
+                ).reshape(g, size, *x.shape[2:])
+            y = data_y[rows[:, None], idx]
             p = {n: v[sel] for n, v in params.items()}
             bufs = {n: v[sel] for n, v in buffers.items()}
             grads, loss = step_fn(p, bufs, x, y, *(v[sel] for v in loss_tensors.values()))
@@ -158,6 +183,7 @@ def train_clients(
                     first_step=t == 0,
                 )
 
+    losses = loss_sum.tolist()  # one device sync for all clients
     results = []
     for k, job in enumerate(jobs):
         state = {n: v.clone() for n, v in global_state.items()}
@@ -165,7 +191,7 @@ def train_clients(
         results.append(
             TrainResult(
                 state=state,
-                loss=float(loss_sum[k]) / max(int(steps[k]), 1),
+                loss=losses[k] / max(job.plan.num_steps, 1),
                 num_examples=job.plan.num_examples,
                 num_steps=job.plan.num_steps,
             )

@@ -107,7 +107,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedimb.results import CONFIG_FILE, new_run_dir
+    from fedimb.results import CONFIG_FILE, SUMMARY_FILE, new_run_dir
     from fedimb.sim import run_experiment
 
     extra: dict[str, Any] = {}
@@ -126,6 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = _load(args, extra)
         out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
+        if (out / SUMMARY_FILE).exists():
+            raise ConfigError(
+                f"{out} already holds a run: continue it with --resume {out}, "
+                "or choose another --out"
+            )
     summary = run_experiment(
         config, out, resume=args.resume is not None, progress=not args.quiet, verbose=args.verbose
     )

@@ -76,11 +76,37 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSON-lines file; a missing file reads as no rows."""
+    """Read a JSON-lines file; a missing file reads as no rows.
+
+    A last line cut short by a crash during an append (see :func:`append_jsonl`) is
+    ignored; a bad line anywhere else is an error.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            rows.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def append_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Append rows with one ``write`` to an ``O_APPEND`` file, then fsync.
+
+    For logs that grow every round (rewriting them would cost O(rounds^2)): a crash can
+    at worst cut the last line short, which :func:`read_jsonl` skips.
+    """
+    data = "".join(json.dumps(_json_safe(r)) + "\n" for r in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -122,19 +148,24 @@ class RunRecorder:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
-        self.clients: list[dict[str, Any]] = []
         self.seed, self.num_rounds = seed, num_rounds
         self.extra = dict(extra or {})
         self.previous_wall = 0.0
+
+    def start_fresh(self) -> None:
+        """Drop the logs of an earlier attempt in this folder (a fresh start, not a resume)."""
+        for name in (METRICS_FILE, CLIENTS_FILE, CHECKPOINT_FILE):
+            (self.out_dir / name).unlink(missing_ok=True)
 
     def resume_from(self, checkpoint_round: int) -> None:
         """Keep only what was recorded up to ``checkpoint_round``."""
         self.rounds = [
             r for r in read_jsonl(self.out_dir / METRICS_FILE) if r["round"] <= checkpoint_round
         ]
-        self.clients = [
-            r for r in read_jsonl(self.out_dir / CLIENTS_FILE) if r["round"] <= checkpoint_round
-        ]
+        clients = read_jsonl(self.out_dir / CLIENTS_FILE)
+        write_jsonl(
+            self.out_dir / CLIENTS_FILE, [r for r in clients if r["round"] <= checkpoint_round]
+        )
         old = read_json(self.out_dir / SUMMARY_FILE) or {}
         self.previous_wall = float(old.get("wall_time_s") or 0.0)
 
@@ -144,9 +175,8 @@ class RunRecorder:
         write_jsonl(self.out_dir / METRICS_FILE, self.rounds)
 
     def add_clients(self, rows: list[dict[str, Any]]) -> None:
-        """Record per-client training metrics of a round and rewrite clients.jsonl."""
-        self.clients.extend(rows)
-        write_jsonl(self.out_dir / CLIENTS_FILE, self.clients)
+        """Append a round's per-client training metrics to clients.jsonl."""
+        append_jsonl(self.out_dir / CLIENTS_FILE, rows)
 
     def summary(self, status: str, wall_time_s: float, error: str | None = None) -> dict[str, Any]:
         """Write summary.json from what has been recorded; return it."""

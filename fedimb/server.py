@@ -58,10 +58,15 @@ class TooManyFailures(RuntimeError):
 
 
 class ResumedStrategy(Strategy):
-    """Delegates to ``inner`` with round numbers shifted by ``offset`` (0 for a fresh run)."""
+    """Delegates to ``inner`` with round numbers shifted by ``offset`` (0 for a fresh run).
+
+    It also keeps what ``aggregate_evaluate`` returns (federated evaluation on clients,
+    when the strategy asks for it), by round, for ``metrics.jsonl``.
+    """
 
     def __init__(self, inner: Strategy, offset: int) -> None:
         self.inner, self.offset = inner, offset
+        self.federated: dict[int, MetricRecord] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
@@ -73,7 +78,10 @@ class ResumedStrategy(Strategy):
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):
-        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+        result = self.inner.aggregate_evaluate(server_round + self.offset, replies)
+        if result is not None:
+            self.federated[server_round + self.offset] = result
+        return result
 
     def summary(self) -> None:
         self.inner.summary()
@@ -284,6 +292,7 @@ def run_server(
     else:
         if resume:
             log.warning("no checkpoint in %s: starting from round 0", out_dir)
+        recorder.start_fresh()
         start_round, strategy = 0, build_strategy(config)
         arrays = ArrayRecord(model.state_dict())
         random.seed(config["seed"])  # Flower's client sampling uses the global `random`
@@ -304,6 +313,8 @@ def run_server(
         enabled=bool(progress),
         silent=progress is None,
     )
+
+    driver = ResumedStrategy(strategy, start_round)
 
     def evaluate(local_round: int, current: ArrayRecord) -> MetricRecord | None:
         server_round = local_round + start_round
@@ -326,6 +337,11 @@ def run_server(
             row["train_loss"] = guarded.train_loss.get(server_round)
             row["clients"] = guarded.aggregated.get(server_round, 0)
             row["failures"] = len(guarded.failures.get(server_round, []))
+            federated = driver.federated.get(server_round)
+            if federated is not None and "balanced-error" in federated:
+                # Summed per-class counts over the clients' own test shares.
+                row["federated_balanced_error"] = federated["balanced-error"]
+                row["federated_accuracy"] = federated.get("accuracy")
         row["elapsed_s"] = time.perf_counter() - t_start
         recorder.add_round(row)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
@@ -338,7 +354,7 @@ def run_server(
     status, error = "failed", None
     try:
         with bar:
-            ResumedStrategy(strategy, start_round).start(
+            driver.start(
                 grid=guarded,
                 initial_arrays=arrays,
                 num_rounds=num_rounds - start_round,
