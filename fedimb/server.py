@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -101,10 +101,26 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
         seconds = float(metrics["train-seconds"])
         return f"timed out: trained {seconds:.1f}s > client-timeout {client_timeout}s"
     for key, array in reply.content["arrays"].items():
-        values = array.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        values = _float_view(array)
+        if values is not None and not np.isfinite(values).all():
             return f"non-finite weights in {key!r}"
     return None
+
+
+def _float_view(array: Array) -> np.ndarray | None:
+    """The values of a float Array without deserialising it (None for other dtypes).
+
+    A numpy-serialised Array is an ``.npy`` file: a header, then the raw C-order data,
+    so the last ``size * itemsize`` bytes are the values; reading them in place is ~10x
+    cheaper than ``Array.numpy()`` for the small arrays of a simulated client.
+    """
+    dtype = np.dtype(array.dtype)
+    if dtype.kind != "f":
+        return None
+    if array.stype != "numpy.ndarray":
+        return array.numpy()
+    nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+    return np.frombuffer(memoryview(array.data)[len(array.data) - nbytes :], dtype=dtype)
 
 
 class GuardedGrid(Grid):
