@@ -986,7 +986,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {', '.join(ALL_SETTINGS)}",
     )
     p.add_argument("--group-size", type=int, default=0, help="clients per vectorised step")
-    p.add_argument("--quick", action="store_true", help="smoke test: digits, 10 clients, 3 rounds")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 10 clients, 3 rounds, digits (cifar10 without scikit-learn)",
+    )
     p.add_argument(
         "--memory-1000",
         action="store_true",

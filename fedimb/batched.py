@@ -156,7 +156,8 @@ def train_clients(
             sel = slice(None) if whole else torch.tensor(members, device=device)
             rows = everyone if whole else sel
             idx = plan.index[rows, t, :size]  # [G, B]: already on the device
-            x = to_float(data_x[rows[:, None], idx])  # [G, B, ...]
+            # to_float normalises per channel at dim 1: give it one [G*B, ...] batch.
+            x = to_float(data_x[rows[:, None], idx].flatten(0, 1)).unflatten(0, idx.shape)
             if plan.shift is not None:
                 g = idx.shape[0]
                 x = crop_flip(

@@ -15,6 +15,12 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+def per_channel(x: torch.Tensor) -> torch.Tensor:
+    """Like Dataset.to_float: normalise per channel, channels at dim 1 of a batch."""
+    mean = torch.tensor([0.1, -0.2, 0.3], device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
+    return (x.float() - mean) / 0.5
+
+
 def _jobs(
     model, settings, loss_name, shape, sizes, *, prox_mu=0.0, control=False, seed=0, **params
 ):
@@ -37,11 +43,11 @@ def _jobs(
     return jobs
 
 
-def _sequential(model, state, jobs, settings):
+def _sequential(model, state, jobs, settings, to_float=identity):
     out = []
     for job in jobs:
         model.load_state_dict(state)
-        out.append(train_client(model, job, identity, settings))
+        out.append(train_client(model, job, to_float, settings))
     return out
 
 
@@ -83,8 +89,8 @@ def test_vectorised_cnn_with_augmentation_equals_sequential():
     settings = TrainSettings(epochs=1, batch_size=5, lr=0.05, augment=True, padding=2)
     jobs = _jobs(model, settings, "ce", (3, 8, 8), [11, 9, 5])
     assert jobs[0].plan.shift is not None
-    seq = _sequential(model, state, jobs, settings)
-    vec = train_clients(model, state, jobs, identity, settings)
+    seq = _sequential(model, state, jobs, settings, per_channel)
+    vec = train_clients(model, state, jobs, per_channel, settings)
     for a, b in zip(seq, vec, strict=True):
         for key in a.state:
             torch.testing.assert_close(a.state[key], b.state[key], rtol=1e-4, atol=1e-5)

@@ -114,6 +114,34 @@ def test_resume_continues_exactly(tmp_path, strategy):
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"
 
 
+def test_rgb_imagefolder_with_cnn_and_augmentation_trains_batched(tmp_path, monkeypatch):
+    # 3-channel images exercise per-channel normalisation inside the vectorised trainer.
+    import torch
+    from torchvision.io import encode_jpeg
+
+    monkeypatch.setenv("FEDIMB_CACHE", str(tmp_path / "cache"))
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 24), ("test", 6)):
+        for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+            folder = tmp_path / "tree" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                img = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8).clone()
+                img = (img.int() + torch.randint(-20, 20, (3, 8, 8), generator=gen)).clamp(0, 255)
+                (folder / f"{i}.jpg").write_bytes(
+                    encode_jpeg(img.to(torch.uint8)).numpy().tobytes()
+                )
+    overrides = {
+        "dataset": "imagefolder", "data-root": str(tmp_path / "tree"), "num-clients": 6,
+        "model.name": "cnn", "augment": "on", "batched": "on", "num-rounds": 3,
+    }  # fmt: skip
+    run_experiment(small(**overrides), tmp_path / "run", progress=False)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(math.isfinite(r["balanced_error"]) for r in rows)
+    assert len(rows[-1]["per_class_error"]) == 3
+
+
 def test_federated_evaluation_sums_per_class_counts(tmp_path):
     run_experiment(small(**{"strategy.fraction-evaluate": 1.0}), tmp_path, progress=False)
     rows = check_results(tmp_path, 3)
