@@ -297,14 +297,14 @@ def run_server(
         arrays = ArrayRecord(state["state_dict"])
         random.setstate(state["random_state"])
         recorder.resume_from(start_round)
-        if state.get("client_state"):
-            if hasattr(grid, "import_client_state"):
-                grid.import_client_state(state["client_state"])
-            else:
-                log.warning(
-                    "this engine cannot restore client-side state (e.g. SCAFFOLD's c_i): "
-                    "those clients start again from zero"
-                )
+        if state.get("client_state") and hasattr(grid, "import_client_state"):
+            grid.import_client_state(state["client_state"])
+        elif config.strategy.name == "scaffold":  # the only client-side state fedimb keeps
+            log.warning(
+                "no client-side state in this checkpoint or engine %r: SCAFFOLD's client "
+                "control variates restart from zero (the in-process engine keeps them)",
+                config["engine"],
+            )
     else:
         if resume:
             log.warning("no checkpoint in %s: starting from round 0", out_dir)

@@ -99,7 +99,7 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
         del context  # the config comes from fedimb, not from a Flower project
         summary.update(run_server(grid, config, out_dir, **kwargs))
 
-    resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": config["ray.client-gpus"]}
+    resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": client_gpus(config)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
     if config["ray.address"]:
         init_args["address"] = config["ray.address"]
@@ -120,6 +120,18 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
             "the Flower simulation ended without running the server (see the log above)"
         )
     return summary
+
+
+def client_gpus(config: Config) -> float:
+    """GPUs per Ray actor: as configured, or, when 0 and a GPU is visible (and the device is
+    not forced to CPU), a share such that every actor the CPUs allow uses the GPU."""
+    gpus = config["ray.client-gpus"]
+    if gpus == 0 and config["device"] != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = min(1.0, config["ray.client-cpus"] / max(os.cpu_count() or 1, 1))
+    return gpus
 
 
 def _shutdown_ray() -> None:
