@@ -586,20 +586,6 @@ def run_loop(w: Workload) -> dict[str, Any]:
     }
 
 
-def stacked_to_float(to_float: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``to_float`` for the ``[G, B, ...]`` batches that ``train_clients`` normalises.
-
-    ``Dataset.to_float`` puts the per-channel constants on dim 1, which is B there, so
-    3-channel images fail (and 1-channel ones only work by broadcasting): normalise the
-    G*B samples as one batch instead.
-    """
-
-    def convert(x: Any) -> Any:
-        return to_float(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-
-    return convert
-
-
 def client_jobs(w: Workload, fed: Any, server_round: int, settings: Any) -> list[Any]:
     """Every client's job for one round, built as ``fedimb.client.build_job`` builds it
     for the workload (cross-entropy, instance sampling), without importing flwr."""
@@ -638,7 +624,7 @@ def run_vmap(w: Workload) -> dict[str, Any]:
     final = evaluate_model(model, fed, device)
     stamps = [stamp(device)]
     size = w.group_size or w.clients
-    to_float = stacked_to_float(fed.dataset.to_float)
+    to_float = fed.dataset.to_float
     for server_round in range(1, w.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         jobs = client_jobs(w, fed, server_round, settings)
@@ -726,7 +712,7 @@ def _memory_core(w: Workload, hold: bool) -> dict[str, Any]:
     stamps = [stamp(device)]
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     jobs = client_jobs(w, fed, 1, settings)
-    to_float = stacked_to_float(fed.dataset.to_float)
+    to_float = fed.dataset.to_float
     held: list[dict[str, Any]] = []
     weights: list[int] = []
     total: dict[str, Any] = {}
