@@ -1,0 +1,92 @@
+"""The command line: sweeps end to end, partitions, listings, and advice on resource errors."""
+
+import errno
+
+import pytest
+import torch
+
+from fedimb import cli
+from fedimb.cli import main, resource_hint
+from fedimb.results import read_json
+
+
+@pytest.mark.slow
+def test_sweep_runs_cells_records_a_broken_one_and_resumes(tmp_path, capsys):
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(
+        f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n'
+        'name = "tiny"\n'
+        "[set]\n"
+        'engine = "inprocess"\n'
+        "num-rounds = 2\n"
+        "num-clients = 6\n"
+        "[grid]\n"
+        '"loss.name" = ["ce", "focal"]\n'
+        # every client of the second value fails: that cell must fail alone
+        '"faults.raise-clients" = ["", "0,1,2,3,4,5"]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 1  # one failed cell
+    printed = capsys.readouterr().out
+    assert "2 cells completed, 2 failed" in printed
+    cells = read_json(out / "sweep.json")["cells"]
+    status = {c["name"]: c["status"] for c in cells}
+    assert sorted(status.values()) == ["completed", "completed", "failed", "failed"]
+    failed = next(c for c in cells if c["status"] == "failed")
+    assert "TooManyFailures" in read_json(out / failed["name"] / "summary.json")["error"]
+    for name in ("report.md", "report.csv", "curves.png", "per_class.png"):
+        assert (out / name).stat().st_size > 0
+
+    # Re-running skips the completed cells and retries the failed ones only.
+    assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 1
+    assert "2 cells completed, 2 failed" in capsys.readouterr().out
+
+
+def test_bad_sweep_cell_fails_before_anything_runs(tmp_path, capsys):
+    sweep = tmp_path / "bad.toml"
+    sweep.write_text(
+        f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n'
+        "[grid]\n"
+        '"partition.classes-per-client" = [2, 11]\n'
+    )
+    assert main(["sweep", str(sweep), "--out", str(tmp_path / "out")]) == 2
+    assert "classes-per-client" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    assert main(["partitions", "--set", "partition.classes-per-client=1", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "classes per client: min 1" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_list_names_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("digits", "label-skew", "ldam-drw", "drs", "resnet32", "scaffold"):
+        assert word in out
+
+
+@pytest.mark.parametrize(
+    ("exc", "advice"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "group-size"),
+        (OSError(errno.ENOSPC, "No space left on device"), "free disk space"),
+        (RuntimeError("Failed to start Ray: raylet died"), "--engine inprocess"),
+    ],
+)
+def test_resource_errors_end_with_one_line_of_advice(monkeypatch, capsys, tmp_path, exc, advice):
+    assert advice in resource_hint(exc)
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr("fedimb.sim.run_experiment", fail)
+    assert main(["run", "--engine", "inprocess", "--out", str(tmp_path / "r")]) == 1
+    assert advice in capsys.readouterr().err
+
+
+def test_other_errors_are_not_disguised():
+    assert resource_hint(ValueError("a bug")) is None
