@@ -85,6 +85,7 @@ def train_settings(config: Config, fed: Federation) -> TrainSettings:
 
 
 _MODELS: dict[str, nn.Module] = {}
+_WARNED: set[str] = set()
 
 
 def model_for(config: Config, fed: Federation) -> nn.Module:
@@ -261,7 +262,8 @@ def train_replies(
     results: dict[int, tuple[TrainResult, float]] = {}
     reason = batched.can_batch(model, [jobs[i] for i in order]) if order else "no jobs"
     use_batch = batched_ok and config["batched"] != "off" and reason is None and len(order) > 1
-    if config["batched"] == "on" and reason is not None:
+    if config["batched"] == "on" and reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)  # once per process, not every round
         log.warning("batched = 'on' but clients train one at a time: %s", reason)
     if use_batch:
         size = config["group-size"] or len(order)
