@@ -127,6 +127,12 @@ def build_job(
     config: Config, fed: Federation, pid: int, msg: Message, context: Context
 ) -> ClientJob:
     """One client's job for this round: its data, its loss from its own counts, its plan."""
+    nodes = context.node_config.get("num-partitions", config["num-clients"])
+    if int(nodes) != config["num-clients"]:
+        raise ValueError(
+            f"the federation has {nodes} nodes but num-clients = {config['num-clients']}: "
+            f'under `flwr run`, pass --federation-config "num-supernodes={config["num-clients"]}"'
+        )
     server_round = int(msg.content["config"]["server-round"])
     settings = train_settings(config, fed)
     x, y = fed.client_tensors(pid)

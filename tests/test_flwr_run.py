@@ -32,7 +32,7 @@ def _superlinks() -> set[int]:
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to stop the SuperLink")
 def test_flwr_run_with_a_fedimb_config(tmp_path):
     config = read_toml(ROOT / "configs" / "quickstart.toml")
-    config.update({"num-rounds": 2, "out-dir": str(tmp_path / "run")})
+    config.update({"num-rounds": 2, "num-clients": 10, "out-dir": str(tmp_path / "run")})
     (tmp_path / "run.toml").write_text(dump_toml(config))
     flwr = Path(sys.executable).with_name("flwr")
     env = {

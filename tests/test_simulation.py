@@ -177,6 +177,16 @@ def test_faulty_clients_are_left_out_and_counted(tmp_path):
     assert read_json(tmp_path / "summary.json")["failures_total"] == 3
 
 
+def test_a_federation_of_the_wrong_size_is_a_clear_error(tmp_path):
+    from clients.app import app
+    from fedimb.engine import InProcessGrid, task_identity
+    from fedimb.server import run_server
+
+    grid = InProcessGrid(app, num_nodes=4)  # as `flwr run` with num-supernodes=4
+    with task_identity(grid.run.run_id), pytest.raises(TooManyFailures, match="num-supernodes=10"):
+        run_server(grid, small(), tmp_path, progress=None)
+
+
 def test_too_many_failures_stop_the_run_with_a_clear_error(tmp_path):
     cfg = small(**{"faults.raise-clients": "0,1,2,3,4,5", "max-failure-fraction": 0.5})
     with pytest.raises(TooManyFailures, match="6 of 10 clients failed"):
