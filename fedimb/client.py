@@ -124,7 +124,13 @@ def _scaffold_control(
 
 
 def build_job(
-    config: Config, fed: Federation, pid: int, msg: Message, context: Context
+    config: Config,
+    fed: Federation,
+    pid: int,
+    msg: Message,
+    context: Context,
+    settings: TrainSettings,
+    param_names: Sequence[str],
 ) -> ClientJob:
     """One client's job for this round: its data, its loss from its own counts, its plan."""
     nodes = context.node_config.get("num-partitions", config["num-clients"])
@@ -134,7 +140,6 @@ def build_job(
             f'under `flwr run`, pass --federation-config "num-supernodes={config["num-clients"]}"'
         )
     server_round = int(msg.content["config"]["server-round"])
-    settings = train_settings(config, fed)
     x, y = fed.client_tensors(pid)
     loss = make_loss(
         config.loss.name,
@@ -153,9 +158,8 @@ def build_job(
         **config.sampling.kwargs(),
     )
     prox_mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    params = [n for n, _ in model_for(config, fed).named_parameters()]
-    c, c_i = _scaffold_control(msg, context, params, fed.device)
-    control = None if c is None else {k: c[k] - c_i[k] for k in params}
+    c, c_i = _scaffold_control(msg, context, param_names, fed.device)
+    control = None if c is None else {k: c[k] - c_i[k] for k in param_names}
     return ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=control)
 
 
@@ -258,9 +262,10 @@ def train_replies(
     global_state = global_weights(first, model)
     settings = train_settings(config, fed)
     pids = [int(c.node_config["partition-id"]) for c in contexts]
+    param_names = [n for n, _ in model.named_parameters()]
     for i, (msg, ctx) in enumerate(zip(messages, contexts, strict=True)):
         try:
-            jobs[i] = build_job(config, fed, pids[i], msg, ctx)
+            jobs[i] = build_job(config, fed, pids[i], msg, ctx, settings, param_names)
         except Exception as exc:
             replies[i] = error_reply(msg, exc)
 

@@ -10,6 +10,7 @@ training device the first time the client trains.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,12 @@ class Federation:
         return self.counts.sum(axis=0)
 
     def client_labels(self, pid: int) -> np.ndarray:
-        return self.dataset.y_train[self.parts[pid]].numpy()
+        """Client ``pid``'s labels (a numpy view of the training labels)."""
+        return self._labels[self.parts[pid]]
+
+    @functools.cached_property
+    def _labels(self) -> np.ndarray:
+        return self.dataset.y_train.numpy()
 
     def client_tensors(self, pid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``pid``'s samples and labels, resident on the training device."""
