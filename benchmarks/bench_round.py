@@ -554,6 +554,16 @@ def run_flower(w: Workload) -> dict[str, Any]:
     return out
 
 
+def timed_result(w: Workload, fed: Any, stamps: list[Any], final: dict[str, Any]) -> dict[str, Any]:
+    """What every timed setting reports: round end stamps, work done, partition, accuracy."""
+    return {
+        "round_end": stamps,
+        "images_per_round": images_per_round(w, fed),
+        "partition": partition_digest(fed.parts),
+        **final,
+    }
+
+
 def run_loop(w: Workload) -> dict[str, Any]:
     """Stock training without Flower: one client at a time, DataLoader, then FedAvg."""
     import torch
@@ -578,12 +588,7 @@ def run_loop(w: Workload) -> dict[str, Any]:
         if server_round == w.rounds:
             final = evaluate_model(model, fed, device)
         stamps.append(stamp(device))
-    return {
-        "round_end": stamps,
-        "images_per_round": images_per_round(w, fed),
-        "partition": partition_digest(fed.parts),
-        **final,
-    }
+    return timed_result(w, fed, stamps, final)
 
 
 def client_jobs(w: Workload, fed: Any, server_round: int, settings: Any) -> list[Any]:
@@ -637,12 +642,7 @@ def run_vmap(w: Workload) -> dict[str, Any]:
         if server_round == w.rounds:
             final = evaluate_model(model, fed, device)
         stamps.append(stamp(device))
-    return {
-        "round_end": stamps,
-        "images_per_round": images_per_round(w, fed),
-        "partition": partition_digest(fed.parts),
-        **final,
-    }
+    return timed_result(w, fed, stamps, final)
 
 
 def run_bigbatch(w: Workload) -> dict[str, Any]:
@@ -674,12 +674,7 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
         if server_round == w.rounds:
             final = evaluate_model(model, fed, device)
         stamps.append(stamp(device))
-    return {
-        "round_end": stamps,
-        "images_per_round": images_per_round(w, fed),
-        "partition": partition_digest(fed.parts),
-        **final,
-    }
+    return timed_result(w, fed, stamps, final)
 
 
 def run_memory(w: Workload) -> dict[str, Any]:
