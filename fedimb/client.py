@@ -249,10 +249,30 @@ def train_replies(
 ) -> list[Message]:
     """Train every client of ``messages`` and return one reply each, in order.
 
-    Clients are trained together on the device when the config, model and losses
-    allow (``batched`` = auto/on), else one at a time. A client whose setup or training
-    raises gets an error reply; the others are unaffected.
+    Messages that carry the same global model and config (Flower's strategies send one
+    shared record to every sampled node) are trained together on the device when the
+    config, model and losses allow (``batched`` = auto/on), else one at a time. A strategy
+    that sends different models to different clients gets one group per model. A client
+    whose setup or training raises gets an error reply; the others are unaffected.
     """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, msg in enumerate(messages):
+        key = (id(msg.content["arrays"]), id(msg.content["config"]))
+        groups.setdefault(key, []).append(i)
+    replies: list[Message] = [None] * len(messages)  # type: ignore[list-item]
+    for members in groups.values():
+        group_replies = _train_group(
+            [messages[i] for i in members], [contexts[i] for i in members], batched_ok
+        )
+        for i, reply in zip(members, group_replies, strict=True):
+            replies[i] = reply
+    return replies
+
+
+def _train_group(
+    messages: Sequence[Message], contexts: Sequence[Context], batched_ok: bool
+) -> list[Message]:
+    """:func:`train_replies` for messages that share one global model and config."""
     replies: list[Message | None] = [None] * len(messages)
     jobs: dict[int, ClientJob] = {}
     first = messages[0]

@@ -78,3 +78,41 @@ def test_pull_returns_each_reply_once():
         ids = grid.push_messages([msg])
         assert len(grid.pull_messages(ids)) == 1
         assert grid.pull_messages(ids) == []
+
+
+def test_clients_sent_different_models_are_trained_from_their_own():
+    # A strategy may send different weights to different clients: each group of clients
+    # that received the same record trains from it, batched or not.
+    import torch
+    from flwr.app import Context
+
+    from fedimb.client import experiment_record, handle_train, train_replies
+    from fedimb.config import load_config
+    from fedimb.federation import get_federation, init_model
+
+    config = load_config(overrides={"num-clients": 4, "engine": "inprocess", "num-rounds": 2})
+    model = init_model(config, get_federation(config))
+    state_a = {k: v.clone() for k, v in model.state_dict().items()}
+    state_b = {k: v + 0.1 for k, v in state_a.items()}
+    record = experiment_record(config)
+    record["server-round"] = 1
+    contexts = [
+        Context(run_id=1, node_id=10 + i, node_config={"partition-id": i, "num-partitions": 4},
+                state=RecordDict(), run_config={})
+        for i in range(4)
+    ]  # fmt: skip
+    with task_identity(1):
+        content_a = RecordDict({"arrays": ArrayRecord(state_a), "config": record})
+        content_b = RecordDict({"arrays": ArrayRecord(state_b), "config": record})
+        msgs = [Message(c, 10 + i, "train") for i, c in
+                enumerate([content_a, content_b, content_a, content_b])]  # fmt: skip
+        together = train_replies(msgs, contexts)
+        alone = [handle_train(m, c) for m, c in zip(msgs, contexts, strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        wa = a.content["arrays"].to_torch_state_dict()
+        wb = b.content["arrays"].to_torch_state_dict()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    first = together[0].content["arrays"].to_torch_state_dict()
+    second = together[1].content["arrays"].to_torch_state_dict()
+    assert not torch.allclose(first["1.weight"], second["1.weight"])
