@@ -107,12 +107,15 @@ def model_for(config: Config, fed: Federation) -> nn.Module:
 # -------------------------------------------------------------------------- jobs
 
 
+Controls = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 def _scaffold_control(
     msg: Message, context: Context, params: Sequence[str], device: torch.device
-) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-    """SCAFFOLD: (c, c_i) when the server sent a control variate, else (None, None)."""
+) -> Controls | None:
+    """SCAFFOLD: (c, c_i) when the server sent a control variate, else None."""
     if SCAFFOLD_CONTROL not in msg.content.array_records:
-        return None, None
+        return None
     c = {k: v.to(device) for k, v in msg.content[SCAFFOLD_CONTROL].to_torch_state_dict().items()}
     if SCAFFOLD_STATE in context.state.array_records:
         c_i = {
@@ -131,8 +134,9 @@ def build_job(
     context: Context,
     settings: TrainSettings,
     param_names: Sequence[str],
-) -> ClientJob:
-    """One client's job for this round: its data, its loss from its own counts, its plan."""
+) -> tuple[ClientJob, Controls | None]:
+    """One client's job for this round (its data, its loss from its own counts, its plan),
+    and SCAFFOLD's (c, c_i) when the server uses it."""
     nodes = context.node_config.get("num-partitions", config["num-clients"])
     if int(nodes) != config["num-clients"]:
         raise ValueError(
@@ -158,9 +162,13 @@ def build_job(
         **config.sampling.kwargs(),
     )
     prox_mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    c, c_i = _scaffold_control(msg, context, param_names, fed.device)
-    control = None if c is None else {k: c[k] - c_i[k] for k in param_names}
-    return ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=control)
+    controls = _scaffold_control(msg, context, param_names, fed.device)
+    correction = None
+    if controls is not None:
+        c, c_i = controls
+        correction = {k: c[k] - c_i[k] for k in param_names}
+    job = ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=correction)
+    return job, controls
 
 
 def _inject_faults(config: Config, pid: int, server_round: int, result: TrainResult) -> float:
@@ -184,7 +192,7 @@ def _inject_faults(config: Config, pid: int, server_round: int, result: TrainRes
 def make_reply(
     msg: Message,
     context: Context,
-    job: ClientJob,
+    controls: Controls | None,
     result: TrainResult,
     pid: int,
     lr: float,
@@ -206,18 +214,16 @@ def make_reply(
             ),
         }
     )
-    if job.control is not None:
+    if controls is not None:
         # Option II of Karimireddy et al.: c_i+ = c_i - c + (x - y_i) / (K * lr).
-        c, c_i = _scaffold_control(
-            msg, context, list(job.control), result.state[next(iter(job.control))].device
-        )
+        c, c_i = controls
         steps = max(result.num_steps, 1)
         new_ci = {
             k: c_i[k] - c[k] + (global_state[k].to(c[k].device) - result.state[k]) / (steps * lr)
-            for k in job.control
+            for k in c_i  # the model's parameters
         }
         context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
-        content[SCAFFOLD_DELTA] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in job.control})
+        content[SCAFFOLD_DELTA] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
     return Message(content, reply_to=msg)
 
 
@@ -275,6 +281,7 @@ def _train_group(
     """:func:`train_replies` for messages that share one global model and config."""
     replies: list[Message | None] = [None] * len(messages)
     jobs: dict[int, ClientJob] = {}
+    controls: dict[int, Controls | None] = {}
     first = messages[0]
     config = config_from_message(first)
     fed = get_federation(config)
@@ -285,7 +292,7 @@ def _train_group(
     param_names = [n for n, _ in model.named_parameters()]
     for i, (msg, ctx) in enumerate(zip(messages, contexts, strict=True)):
         try:
-            jobs[i] = build_job(config, fed, pids[i], msg, ctx, settings, param_names)
+            jobs[i], controls[i] = build_job(config, fed, pids[i], msg, ctx, settings, param_names)
         except Exception as exc:
             replies[i] = error_reply(msg, exc)
 
@@ -317,7 +324,7 @@ def _train_group(
             result, seconds = results[i]
             seconds += _inject_faults(config, pids[i], server_round, result)
             replies[i] = make_reply(
-                msg, contexts[i], jobs[i], result, pids[i], settings.lr, global_state, seconds
+                msg, contexts[i], controls[i], result, pids[i], settings.lr, global_state, seconds
             )
         except Exception as exc:
             replies[i] = error_reply(msg, exc)

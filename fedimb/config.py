@@ -192,6 +192,18 @@ class Config:
     def model(self) -> Component:
         return self.components["model"]
 
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``strategies.make_strategy(self.strategy.name, ...)``:
+        client sampling from ``fraction-train`` / ``min-train-clients``, plus the
+        strategy's own parameters."""
+        opts = self.strategy_options
+        return {
+            "fraction_train": opts["fraction-train"],
+            "min_train_nodes": opts["min-train-clients"],
+            "min_available_nodes": opts["min-train-clients"],
+            **self.strategy.kwargs(),
+        }
+
     @property
     def sampling(self) -> Component:
         return self.components["sampling"]
@@ -504,7 +516,7 @@ def _check_component_params(config: Config) -> None:
     import strategies
     from fedimb import losses
 
-    loss, strategy, opts = config.loss, config.strategy, config.strategy_options
+    loss, strategy = config.loss, config.strategy
     try:
         losses.make_loss(
             loss.name, [10] * 3, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()
@@ -512,13 +524,7 @@ def _check_component_params(config: Config) -> None:
     except (ValueError, TypeError, RegistryError) as exc:
         raise ConfigError(f"[loss] {loss.name}: {exc}") from exc
     try:
-        strategies.make_strategy(
-            strategy.name,
-            fraction_train=opts["fraction-train"],
-            min_train_nodes=opts["min-train-clients"],
-            min_available_nodes=opts["min-train-clients"],
-            **strategy.kwargs(),
-        )
+        strategies.make_strategy(strategy.name, **config.strategy_kwargs())
     except (ValueError, TypeError, RegistryError) as exc:
         raise ConfigError(f"[strategy] {strategy.name}: {exc}") from exc
 

@@ -227,14 +227,7 @@ class GuardedGrid(Grid):
 
 def build_strategy(config: Config) -> Strategy:
     """The configured strategy, sampling ``fraction-train`` of the clients each round."""
-    opts = config.strategy_options
-    return strategies.make_strategy(
-        config.strategy.name,
-        fraction_train=opts["fraction-train"],
-        min_train_nodes=opts["min-train-clients"],
-        min_available_nodes=opts["min-train-clients"],
-        **config.strategy.kwargs(),
-    )
+    return strategies.make_strategy(config.strategy.name, **config.strategy_kwargs())
 
 
 def save_checkpoint(

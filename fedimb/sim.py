@@ -23,8 +23,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedimb.config import Config, ConfigError
 from fedimb.server import RoundHook, run_server
 
-log = logging.getLogger(__name__)
-
 
 def quiet_flower(verbose: bool = False) -> None:
     """Keep Flower's per-round INFO logs out of the user's terminal unless asked for."""

@@ -221,23 +221,17 @@ def test_each_loss_family_trains(tmp_path, loss):
     assert rows[-1]["balanced_error"] < 0.8
 
 
+def run_cli(out, *settings):
+    """``fedimb run`` on the in-process engine with ``--set`` for each setting, quietly."""
+    args = ["run", "--engine", "inprocess", "--out", str(out), "--quiet"]
+    for setting in settings:
+        args += ["--set", setting]
+    return main(args)
+
+
 def test_cli_run_writes_results_and_bad_input_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(
-        [
-            "run",
-            "--engine",
-            "inprocess",
-            "--set",
-            "num-rounds=2",
-            "--set",
-            "num-clients=6",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
-    assert code == 0
+    assert run_cli(out, "num-rounds=2", "num-clients=6") == 0
     assert "final balanced error" in capsys.readouterr().out
     check_results(out, 2)
 
@@ -246,39 +240,14 @@ def test_cli_run_writes_results_and_bad_input_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'num-rond'" in err and "did you mean 'num-rounds'" in err
     assert not bad.exists()
-    too_many = [
-        "run",
-        "--engine",
-        "inprocess",
-        "--set",
-        "partition.classes-per-client=11",
-        "--out",
-        str(bad),
-    ]
-    assert main(too_many) == 2
+    assert run_cli(bad, "partition.classes-per-client=11") == 2
     assert "classes" in capsys.readouterr().err
     assert not bad.exists()
 
 
 def test_cli_resume_of_a_finished_run_changes_nothing(tmp_path):
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "run",
-                "--engine",
-                "inprocess",
-                "--set",
-                "num-rounds=2",
-                "--set",
-                "num-clients=4",
-                "--out",
-                str(out),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert run_cli(out, "num-rounds=2", "num-clients=4") == 0
     before = (out / "metrics.jsonl").read_text()
     assert main(["run", "--resume", str(out), "-q"]) == 0
     assert (out / "metrics.jsonl").read_text() == before
