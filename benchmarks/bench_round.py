@@ -11,7 +11,7 @@ One command measures, on the same data partition, model and hyperparameters:
 ``loop``     stock training without Flower: one client at a time with a ``DataLoader`` in
              one process, then FedAvg. A lower bound on the stock Flower round.
 ``vmap``     the vectorised limit: ``fedimb.batched.train_clients`` on all clients' jobs,
-             no Flower. Without flwr installed this *is* fedimb's fast path.
+             no Flower. Without flwr installed it stands for fedimb's fast path.
 ``bigbatch`` the big-batch limit: one model, batch 512, data on the device, as many
              images per round as all clients together.
 
@@ -38,11 +38,13 @@ Host memory of 1,000 simulated clients on CIFAR-10 (one round, groups of 100)::
 
     python benchmarks/bench_round.py --memory-1000 --device cpu
 
-Without flwr/ray installed (only torch, torchvision, numpy), the Flower settings are
-skipped with a note; ``loop``, ``vmap`` and ``bigbatch`` still run. That path builds
-the partition with fedimb's data modules directly, not through ``fedimb.config``
-(validating a config imports ``strategies``, hence flwr), and reports which fedimb
-modules, if any, import flwr or ray.
+A setting whose libraries are missing is skipped with a note: ``flower`` needs flwr and
+Ray, ``fedimb`` flwr alone (its in-process engine never imports Ray), and ``loop``,
+``vmap`` and ``bigbatch`` only torch and numpy. Those three build the partition with
+fedimb's data modules directly, not through ``fedimb.config`` (validating a config
+imports ``strategies``, hence flwr); the script reports which fedimb modules, if any,
+import flwr or ray. Without Ray, ``loop`` stands for the stock baseline (a lower bound
+on stock Flower's round); without flwr, ``vmap`` stands for fedimb.
 
 Every setting evaluates the global model on the test split at round 0 and after the
 last round, inside the timed rounds, as fedimb's server does with ``eval-every = R``.
@@ -73,7 +75,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CIFAR_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg"
-FLOWER_SETTINGS = ("fedimb", "flower", "memory")
+NEEDS = {"fedimb": ("flwr",), "memory": ("flwr",), "flower": ("flwr", "ray")}
+"""The settings that need more than torch and numpy, and what they import."""
 ALL_SETTINGS = ("fedimb", "flower", "loop", "vmap", "bigbatch")
 MEMORY_SETTINGS = ("memory", "memory-hold", "memory-stream")
 MIB = 2**20
@@ -95,6 +98,9 @@ class Workload:
         ``"default"`` (torch's own choice) or ``"1"`` (``torch.set_num_threads(1)``).
     group_size : int
         Clients per vectorised step (0 = all clients of the round at once).
+    precision : str
+        ``"fp32"`` or ``"bf16"`` (autocast) for ``fedimb``, ``vmap`` and ``bigbatch``;
+        the stock settings (``flower``, ``loop``) train in fp32, as the quickstart does.
     """
 
     dataset: str = "digits"
@@ -111,6 +117,7 @@ class Workload:
     big_batch: int = 512
     threads: str = "default"
     group_size: int = 0
+    precision: str = "fp32"
 
     def source(self) -> tuple[str, str | None]:
         """fedimb's dataset name and root for this workload."""
@@ -214,10 +221,10 @@ class PeakMemory:
 
 
 def stamp(device: Any) -> float:
-    """Wall-clock time after the device's queued work has finished."""
+    """Wall-clock time after the device's queued work has finished (None: host only)."""
     import torch
 
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.time()
 
@@ -231,6 +238,14 @@ def partition_digest(parts: Sequence[Any]) -> str:
         arr = np.asarray(p, dtype=np.int64)
         h.update(np.int64(arr.size).tobytes() + arr.tobytes())
     return h.hexdigest()[:16]
+
+
+def tune_limit(device: Any) -> None:
+    """The limits get cuDNN autotuning, as fedimb does on CUDA (the stock loop does not)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def apply_threads(w: Workload) -> None:
@@ -365,7 +380,7 @@ def fedimb_overrides(w: Workload) -> dict[str, Any]:
         "batched": "on",
         "group-size": w.group_size,
         "augment": "off",  # the stock baseline does not augment either
-        "precision": "fp32",
+        "precision": w.precision,
         "eval-every": w.rounds,  # evaluate at round 0 and the last round, as the others do
         "checkpoint-every": 0,
         "partition.name": "label-skew",
@@ -621,9 +636,12 @@ def run_vmap(w: Workload) -> dict[str, Any]:
 
     apply_threads(w)
     device = torch.device(w.device)
+    tune_limit(device)
     fed = load_federation(w, w.device)
     model = make_model(w, fed).to(device)
-    settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr)
+    settings = TrainSettings(
+        epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, bf16=w.precision == "bf16"
+    )
     for pid in range(w.clients):
         fed.client_tensors(pid)  # data resident on the device before round 1, as in fedimb
     final = evaluate_model(model, fed, device)
@@ -651,8 +669,11 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    from fedimb.train import autocast
+
     apply_threads(w)
     device = torch.device(w.device)
+    tune_limit(device)
     fed = load_federation(w, w.device)
     model = make_model(w, fed).to(device)
     idx = torch.as_tensor(np.concatenate(fed.parts))
@@ -668,7 +689,9 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
             order = torch.randperm(len(y), generator=gen, device=device)
             for batch in order.split(w.big_batch):
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(fed.dataset.to_float(x[batch])), y[batch])
+                with autocast(device, w.precision == "bf16"):
+                    logits = model(fed.dataset.to_float(x[batch]))
+                loss = F.cross_entropy(logits.float(), y[batch])
                 loss.backward()
                 optimizer.step()
         if server_round == w.rounds:
@@ -749,9 +772,9 @@ def run_prepare(w: Workload) -> dict[str, Any]:
     """Load (and cache) the dataset and import the libraries once, untimed, so that no
     timed setting pays for decoding images or a cold disk cache."""
     fed = load_federation(w, "cpu")
-    if have_flower():
-        import flwr.serverapp  # noqa: F401
-        import ray  # noqa: F401
+    for module in ("flwr.serverapp", "ray"):
+        if importable(module.split(".")[0]):
+            importlib.import_module(module)
     return {"images_per_round": images_per_round(w, fed), "partition": partition_digest(fed.parts)}
 
 
@@ -788,12 +811,12 @@ def worker_main(setting: str, spec: str, result_path: str) -> int:
 # --------------------------------------------------------------------- orchestration
 
 
-def have_flower() -> bool:
-    """Whether flwr and ray can be imported (``BENCH_NO_FLOWER=1`` pretends not)."""
-    if os.environ.get("BENCH_NO_FLOWER") == "1":
+def importable(module: str) -> bool:
+    """Whether ``module`` can be imported (``BENCH_WITHOUT=flwr,ray`` pretends not)."""
+    if module in os.environ.get("BENCH_WITHOUT", "").split(","):
         return False
     try:
-        return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a broken or blocked install counts as absent
         return False
 
@@ -825,7 +848,7 @@ def flower_free_imports() -> dict[str, list[str]]:
 
 def run_worker(setting: str, w: Workload, log_dir: Path, timeout: float) -> dict[str, Any]:
     """Run one setting in a subprocess; add start-up and per-round times to its result."""
-    tag = f"{setting}-{w.model}-t{w.threads}"
+    tag = f"{setting}-{w.model}-t{w.threads}-{w.precision}"
     result_path, log_path = log_dir / f"{tag}.json", log_dir / f"{tag}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", setting]
     cmd += ["--spec", json.dumps(dataclasses.asdict(w)), "--result", str(result_path)]
@@ -870,12 +893,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
-def _ratios(by: dict[str, dict[str, Any]], flower: bool) -> dict[str, Any]:
-    """Speed ratios among one model's settings (``by``: setting -> result row)."""
-    fast, stock = ("fedimb", "flower") if flower else ("vmap", "loop")
+def _ratios(by: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Speed ratios among one model's settings (``by``: setting -> result row).
+
+    The fast path is ``fedimb`` (``vmap`` where flwr is missing); the stock baseline is
+    ``flower`` (``loop``, its lower bound, where Ray is missing).
+    """
+    fast = "fedimb" if "fedimb" in by else "vmap"
+    stock = "flower" if "flower" in by else "loop"
     f = by.get(fast, {})
     entry: dict[str, Any] = {"fast": fast, "stock": stock}
-    for name in (stock, "loop") if flower else (stock,):
+    for name in dict.fromkeys((stock, "loop")):
         s = by.get(name, {})
         entry[f"speedup_round_vs_{name}"] = ratio(s.get("round_s"), f.get("round_s"))
         entry[f"speedup_startup_vs_{name}"] = ratio(s.get("startup_s"), f.get("startup_s"))
@@ -887,7 +915,7 @@ def _ratios(by: dict[str, dict[str, Any]], flower: bool) -> dict[str, Any]:
     return entry
 
 
-def compare(rows: list[dict[str, Any]], flower: bool) -> list[dict[str, Any]]:
+def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Speed ratios per model and thread setting, and ("best") between each setting's
     fastest thread setting: fast vs stock (> 1: fast is faster) and fast vs the limits
     (> 1: fast is slower than the limit by that factor)."""
@@ -898,14 +926,14 @@ def compare(rows: list[dict[str, Any]], flower: bool) -> list[dict[str, Any]]:
         threads = sorted({r["threads"] for r in mine})
         for t in threads:
             by = {r["setting"]: r for r in mine if r["threads"] == t}
-            out.append({"model": model, "threads": t, **_ratios(by, flower)})
+            out.append({"model": model, "threads": t, **_ratios(by)})
         if len(threads) > 1:
             best: dict[str, dict[str, Any]] = {}
             for r in mine:
                 if r["setting"] not in best or r["round_s"] < best[r["setting"]]["round_s"]:
                     best[r["setting"]] = r
             choice = {k: v["threads"] for k, v in best.items()}
-            out.append({"model": model, "threads": "best", **_ratios(best, flower), **choice})
+            out.append({"model": model, "threads": "best", **_ratios(best), **choice})
     return out
 
 
@@ -967,6 +995,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {', '.join(ALL_SETTINGS)}",
     )
     p.add_argument("--group-size", type=int, default=0, help="clients per vectorised step")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16 autocast for fedimb, vmap and bigbatch (flower and loop stay fp32)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -1032,6 +1066,7 @@ def workloads(args: argparse.Namespace, device: str) -> list[Workload]:
             rounds=rounds,
             threads=t,
             group_size=group,
+            precision=args.precision,
         )
         for model in models.split(",")
         for t in threads
@@ -1059,19 +1094,32 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def chosen_settings(args: argparse.Namespace, flower: bool) -> list[str]:
-    """The settings to run, in order, less those that need flwr when it is absent."""
+def chosen_settings(args: argparse.Namespace) -> list[str]:
+    """The settings to run, in order, less those whose libraries are missing (said)."""
     if args.memory_1000:
         names = list(MEMORY_SETTINGS)
         if args.settings != ",".join(ALL_SETTINGS):
             names = [s for s in args.settings.split(",") if s in MEMORY_SETTINGS]
     else:
         names = args.settings.split(",")
-    return [s for s in names if flower or s not in FLOWER_SETTINGS]
+    missing = {s: [m for m in NEEDS.get(s, ()) if not importable(m)] for s in names}
+    for setting, modules in missing.items():
+        if modules:
+            print(f"note: skipping {setting}: {', '.join(modules)} cannot be imported")
+    return [s for s in names if not missing[s]]
 
 
-def run_settings(settings: Sequence[str], runs: Sequence[Workload], timeout: float) -> list[dict]:
-    """Prepare the data once, then run every setting of every workload in its own process."""
+def run_settings(
+    settings: Sequence[str],
+    runs: Sequence[Workload],
+    timeout: float,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+) -> list[dict]:
+    """Prepare the data once, then run every setting of every workload in its own process.
+
+    Each setting's result is printed as it ends and passed (with those before it) to
+    ``on_row``, so a run cut short still leaves what it measured.
+    """
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         log_dir = Path(tmp)
@@ -1093,7 +1141,14 @@ def run_settings(settings: Sequence[str], runs: Sequence[Workload], timeout: flo
                 print(row["log_tail"][-1500:])
             elif row.get("partition") != prep["partition"]:
                 row["error"] = "partition differs from the reference partition"
+            elif "round_s" in row:
+                print(
+                    f"  start-up {row['startup_s']:.2f} s, round {row['round_s']:.4f} s "
+                    f"({row['images_per_s']:.0f} img/s), GPU MiB {row.get('peak_gpu_mib', '-')}",
+                    flush=True,
+                )
             rows.append(row)
+            on_row(rows)
     return rows
 
 
@@ -1118,17 +1173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker, args.spec, args.result)
     device = resolve_device(args.device)
-    flower = have_flower()
     runs = workloads(args, device)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "machine": machine_info(device)}
     report["flower_free_imports"] = flower_free_imports()
     pulled = {m: v for m, v in report["flower_free_imports"].items() if v}
     print("flwr/ray imported by the fedimb modules of the no-flwr path:", pulled or "none")
-    if not flower:
-        print("note: flwr/ray not importable: skipping the Flower settings (fedimb, flower);")
-        print("      vmap is fedimb's fast path (train_clients), loop the stock baseline.")
-    settings = chosen_settings(args, flower)
-    rows = run_settings(settings, runs, args.timeout)
+    settings = chosen_settings(args)
+
+    def save(rows: list[dict[str, Any]], partial: bool = True) -> None:
+        if args.out:
+            report.update(results=rows, partial=partial)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            tmp.replace(args.out)
+
+    rows = run_settings(settings, runs, args.timeout, on_row=save)
     report["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     report["workloads"] = [dataclasses.asdict(w) for w in runs]
     report["results"] = rows
@@ -1137,13 +1197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_memory(rows)
     else:
         print_table(rows)
-        report["ratios"] = compare(rows, flower)
+        report["ratios"] = compare(rows)
         print()
         for entry in report["ratios"]:
             print(json.dumps(entry))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        save(rows, partial=False)
         print(f"\nwrote {args.out}")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -32,6 +32,7 @@ from fedimb.federation import (
     use_augmentation,
 )
 from fedimb.losses import make_loss
+from fedimb.records import state_record
 from fedimb.train import (
     ClientJob,
     TrainResult,
@@ -202,7 +203,7 @@ def make_reply(
     """The train reply: weights, metrics, and SCAFFOLD's control delta when used."""
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: v.cpu() for k, v in result.state.items()}),
+            "arrays": state_record(result.state),
             "metrics": MetricRecord(
                 {
                     "num-examples": result.num_examples,

@@ -39,6 +39,7 @@ from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
+from fedimb.records import TensorArray
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -117,6 +118,8 @@ def _float_view(array: Array) -> np.ndarray | None:
     dtype = np.dtype(array.dtype)
     if dtype.kind != "f":
         return None
+    if isinstance(array, TensorArray) and (values := array.values()) is not None:
+        return values  # an in-process reply: no bytes to read
     if array.stype != "numpy.ndarray":
         return array.numpy()
     nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize

@@ -1,0 +1,151 @@
+"""Where a fast-path round goes: the vectorised training step and the host-side work.
+
+For each model, on the bench's workload (same data, partition, clients and jobs):
+
+- ``train``: one round of ``fedimb.batched.train_clients`` over all clients, in four
+  variants: fp32 / bf16 autocast, each with cuDNN autotuning off and on (CUDA only;
+  one variant on CPU). Each variant is warmed up by one round, then timed over
+  ``--repeats`` rounds (median reported).
+- ``host``: what the in-process engine does with the trained states before the next
+  round, per stage: building the replies' ``ArrayRecord`` (fedimb's ``TensorArray``,
+  and Flower's own ``Array`` for comparison), the finiteness check of every reply, and
+  Flower's ``FedAvg`` aggregation (``aggregate_arrayrecords``). Needs flwr.
+
+Example::
+
+    python benchmarks/profile_round.py --device cuda --model cnn,resnet32 \\
+        --data-root ../shared/data/cifar10-jpeg --out benchmarks/results/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_round as bench
+
+
+def _timed(fn: Any, device: Any, repeats: int) -> tuple[float, Any]:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = bench.stamp(device)
+        out = fn()
+        times.append(bench.stamp(device) - t0)
+    return statistics.median(times), out
+
+
+def profile_training(w: bench.Workload, fed: Any, repeats: int) -> tuple[dict, list]:
+    """Median seconds of one round of ``train_clients`` per variant, and its results."""
+    import torch
+
+    from fedimb.batched import train_clients
+    from fedimb.train import TrainSettings
+
+    device = torch.device(w.device)
+    model = bench.make_model(w, fed).to(device)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cuda = device.type == "cuda"
+    out: dict[str, float] = {}
+    results: list = []
+    for bf16 in (False, True) if cuda else (False,):
+        settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, bf16=bf16)
+        jobs = bench.client_jobs(w, fed, 1, settings)
+        for tune in (False, True) if cuda else (False,):
+            torch.backends.cudnn.benchmark = tune
+            seconds, results = _timed(
+                lambda s=settings, j=jobs: train_clients(model, state, j, fed.dataset.to_float, s),
+                device,
+                repeats,
+            )
+            name = f"{'bf16' if bf16 else 'fp32'}{'+cudnn-benchmark' if tune else ''}"
+            out[name] = round(seconds, 4)
+            print(f"  train {name:22} {seconds:.4f} s/round", flush=True)
+    return out, results
+
+
+def profile_host(results: list, repeats: int) -> dict[str, float]:
+    """Median seconds per host-side stage of a round, for the given trained states."""
+    import numpy as np
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedimb.records import state_record
+    from fedimb.server import _float_view
+
+    def replies(make: Any) -> list[RecordDict]:
+        return [
+            RecordDict(
+                {"arrays": make(r.state), "metrics": MetricRecord({"num-examples": r.num_examples})}
+            )
+            for r in results
+        ]
+
+    def finite(records: list[RecordDict]) -> bool:
+        return all(
+            (v := _float_view(a)) is None or bool(np.isfinite(v).all())
+            for rec in records
+            for a in rec["arrays"].values()
+        )
+
+    out: dict[str, float] = {}
+    for label, make in (("tensorarray", state_record), ("flower-array", ArrayRecord)):
+        build, recs = _timed(lambda m=make: replies(m), None, repeats)
+        check, _ = _timed(lambda r=recs: finite(r), None, repeats)
+        agg, _ = _timed(lambda r=recs: aggregate_arrayrecords(r, "num-examples"), None, repeats)
+        out.update({f"{label}_build": build, f"{label}_finite": check, f"{label}_fedavg": agg})
+        print(
+            f"  host  {label:13} build {build:.4f} s, finite check {check:.4f} s, "
+            f"FedAvg {agg:.4f} s",
+            flush=True,
+        )
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile each model; print and optionally write the numbers as JSON."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="cnn,resnet32")
+    p.add_argument("--data-root", default=str(bench.DEFAULT_CIFAR_ROOT))
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    report: dict[str, Any] = {"machine": bench.machine_info(args.device), "models": {}}
+    flwr = importlib.util.find_spec("flwr") is not None
+    for model in args.model.split(","):
+        w = bench.Workload(
+            dataset="cifar10",
+            data_root=args.data_root,
+            model=model,
+            device=args.device,
+            clients=args.clients,
+        )
+        fed = bench.load_federation(w, w.device)
+        print(f"{model}: {bench.images_per_round(w, fed)} images per round", flush=True)
+        train, results = profile_training(w, fed, args.repeats)
+        entry: dict[str, Any] = {"train_s": train}
+        if flwr:
+            entry["host_s"] = profile_host(results, args.repeats)
+        if args.device == "cuda":
+            entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        report["models"][model] = entry
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

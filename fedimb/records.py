@@ -1,0 +1,101 @@
+"""Flower records of client weights that skip serialisation until something needs it.
+
+A Flower :class:`~flwr.app.Array` holds its values as ``.npy`` bytes. In the in-process
+engine nothing ever leaves the process, yet building each reply's bytes (``np.save``)
+and reading them back in the strategy (``np.load``) copies every client's weights
+several times per round, which costs more than training a small CNN on a GPU. A
+:class:`TensorArray` is an ``Array`` that keeps a host ndarray instead: ``numpy()``
+copies it once, and the ``.npy`` bytes are built only when ``data`` is first read (the
+Ray engine's transport, ``object_id``, equality, pickling), so every consumer still sees
+a standard ``Array``.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+_FIELDS = ("dtype", "shape", "stype", "data")
+_NUMPY = "numpy.ndarray"
+
+
+class TensorArray(Array):
+    """An ``Array`` whose ``.npy`` bytes are made from a host ndarray on first use.
+
+    Parameters
+    ----------
+    values : numpy.ndarray or torch.Tensor
+        The values; a CPU tensor is shared, not copied. They must not change afterwards.
+    """
+
+    def __init__(self, values: np.ndarray | torch.Tensor) -> None:
+        ndarray = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+        # Base fields written directly: Array.__setattr__ would mark the object dirty and
+        # its __init__ insists on bytes.
+        self.__dict__.update(
+            dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=_NUMPY, _values=ndarray
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not set yet: ``data`` until first read.
+        if name == "data":
+            buffer = BytesIO()
+            np.save(buffer, self.__dict__["_values"], allow_pickle=False)
+            self.__dict__["data"] = buffer.getvalue()
+            return self.__dict__["data"]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIELDS and "_values" in self.__dict__:
+            # New bytes or metadata from outside: the ndarray no longer describes them.
+            if name != "data":
+                self.__getattr__("data")  # keep the bytes the ndarray stood for
+            del self.__dict__["_values"]
+        super().__setattr__(name, value)
+
+    def values(self) -> np.ndarray | None:
+        """The backing ndarray, read-only (None once the bytes were replaced)."""
+        ndarray = self.__dict__.get("_values")
+        if ndarray is None:
+            return None
+        view = ndarray.view()
+        view.flags.writeable = False
+        return view
+
+    def numpy(self) -> np.ndarray:
+        """A fresh, writable copy of the values, as ``Array.numpy()`` returns."""
+        ndarray = self.__dict__.get("_values")
+        return super().numpy() if ndarray is None else ndarray.copy()
+
+    def __eq__(self, other: object) -> bool:
+        # The dataclass's own __eq__ only compares objects of the very same class.
+        if not isinstance(other, Array):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in _FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like Array
+
+    def deflate(self) -> bytes:
+        """Flower's wire form, byte for byte that of the equal plain ``Array``."""
+        return self.as_array().deflate()
+
+    def as_array(self) -> Array:
+        """This array as a plain Flower ``Array`` (builds the bytes)."""
+        return Array(self.dtype, self.shape, self.stype, self.data)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickle (Ray, checkpoints, deepcopy) as a plain Array: no fedimb class needed
+        # on the other side.
+        return self.as_array().__reduce__()
+
+
+def state_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``state`` (tensors, any device) backed by host memory."""
+    record = ArrayRecord()  # ArrayRecord(dict) would copy every Array into a plain one
+    for name, tensor in state.items():
+        record[name] = TensorArray(tensor)
+    return record
