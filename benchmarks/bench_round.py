@@ -240,14 +240,6 @@ def partition_digest(parts: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def tune_limit(device: Any) -> None:
-    """The limits get cuDNN autotuning, as fedimb does on CUDA (the stock loop does not)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def apply_threads(w: Workload) -> None:
     """Use one torch thread when asked (small models on a busy CPU are faster that way)."""
     import torch
@@ -636,7 +628,6 @@ def run_vmap(w: Workload) -> dict[str, Any]:
 
     apply_threads(w)
     device = torch.device(w.device)
-    tune_limit(device)
     fed = load_federation(w, w.device)
     model = make_model(w, fed).to(device)
     settings = TrainSettings(
@@ -673,7 +664,6 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
 
     apply_threads(w)
     device = torch.device(w.device)
-    tune_limit(device)
     fed = load_federation(w, w.device)
     model = make_model(w, fed).to(device)
     idx = torch.as_tensor(np.concatenate(fed.parts))

@@ -32,19 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_round as bench
 
 
-def _timed(fn: Any, device: Any, repeats: int) -> tuple[float, Any]:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+def _timed(fn: Any, device: Any, repeats: int) -> tuple[float, float, Any]:
+    """(Seconds of a first, warm-up call of ``fn()``, median seconds of ``repeats`` more
+    calls, the last result)."""
+    t0 = bench.stamp(device)
     out = fn()
+    first = bench.stamp(device) - t0
     times = []
     for _ in range(repeats):
         t0 = bench.stamp(device)
         out = fn()
         times.append(bench.stamp(device) - t0)
-    return statistics.median(times), out
+    return first, statistics.median(times), out
 
 
 def profile_training(w: bench.Workload, fed: Any, repeats: int) -> tuple[dict, list]:
-    """Median seconds of one round of ``train_clients`` per variant, and its results."""
+    """Median seconds of one round of ``train_clients`` per variant (and of its first,
+    warm-up round: cuDNN's autotuning happens there), and the results."""
     import torch
 
     from fedimb.batched import train_clients
@@ -61,14 +65,15 @@ def profile_training(w: bench.Workload, fed: Any, repeats: int) -> tuple[dict, l
         jobs = bench.client_jobs(w, fed, 1, settings)
         for tune in (False, True) if cuda else (False,):
             torch.backends.cudnn.benchmark = tune
-            seconds, results = _timed(
+            first, seconds, results = _timed(
                 lambda s=settings, j=jobs: train_clients(model, state, j, fed.dataset.to_float, s),
                 device,
                 repeats,
             )
             name = f"{'bf16' if bf16 else 'fp32'}{'+cudnn-benchmark' if tune else ''}"
             out[name] = round(seconds, 4)
-            print(f"  train {name:22} {seconds:.4f} s/round", flush=True)
+            out[f"{name} first"] = round(first, 4)
+            print(f"  train {name:22} {seconds:.4f} s/round (first {first:.2f} s)", flush=True)
     return out, results
 
 
@@ -84,23 +89,30 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
     def replies(make: Any) -> list[RecordDict]:
         return [
             RecordDict(
-                {"arrays": make(r.state), "metrics": MetricRecord({"num-examples": r.num_examples})}
+                {"arrays": make(r), "metrics": MetricRecord({"num-examples": r.num_examples})}
             )
             for r in results
         ]
 
     def finite(records: list[RecordDict]) -> bool:
+        # As fedimb.server's guard: arrays checked on the training device are skipped.
         return all(
-            (v := _float_view(a)) is None or bool(np.isfinite(v).all())
+            getattr(a, "known_finite", False)
+            or (v := _float_view(a)) is None
+            or bool(np.isfinite(v).all())
             for rec in records
             for a in rec["arrays"].values()
         )
 
     out: dict[str, float] = {}
-    for label, make in (("tensorarray", state_record), ("flower-array", ArrayRecord)):
-        build, recs = _timed(lambda m=make: replies(m), None, repeats)
-        check, _ = _timed(lambda r=recs: finite(r), None, repeats)
-        agg, _ = _timed(lambda r=recs: aggregate_arrayrecords(r, "num-examples"), None, repeats)
+    variants = (
+        ("tensorarray", lambda r: state_record(r.state, finite=r.finite)),
+        ("flower-array", lambda r: ArrayRecord(r.state)),
+    )
+    for label, make in variants:
+        _, build, recs = _timed(lambda m=make: replies(m), None, repeats)
+        _, check, _ = _timed(lambda r=recs: finite(r), None, repeats)
+        _, agg, _ = _timed(lambda r=recs: aggregate_arrayrecords(r, "num-examples"), None, repeats)
         out.update({f"{label}_build": build, f"{label}_finite": check, f"{label}_fedavg": agg})
         print(
             f"  host  {label:13} build {build:.4f} s, finite check {check:.4f} s, "

@@ -190,6 +190,7 @@ def train_clients(
                 )
 
     losses = loss_sum.tolist()  # one device sync for all clients
+    finite = _all_finite(params, {n: v for n, v in global_state.items() if n not in params})
     # One device-to-host copy per parameter stack, not one per client and tensor: each
     # client's state is a view of the host stacks (replies are built on the host anyway).
     host = _to_host({n: params[n].detach() for n in names})
@@ -203,9 +204,23 @@ def train_clients(
                 loss=losses[k] / max(job.plan.num_steps, 1),
                 num_examples=job.plan.num_examples,
                 num_steps=job.plan.num_steps,
+                finite=finite[k],
             )
         )
     return results
+
+
+def _all_finite(stacks: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> list[bool]:
+    """Per client: whether its weights (``stacks``, dim 0 = client) and the ``shared``
+    tensors are all finite. On the device, so the server need not scan the replies."""
+    first = next(iter(stacks.values()))
+    ok = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
+    for t in stacks.values():
+        ok &= torch.isfinite(t.detach()).flatten(1).all(1)
+    for t in shared.values():
+        if t.is_floating_point():
+            ok &= torch.isfinite(t).all().to(ok.device)
+    return ok.tolist()
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -187,6 +187,7 @@ def _inject_faults(config: Config, pid: int, server_round: int, result: TrainRes
         first = next(k for k, v in result.state.items() if v.is_floating_point())
         result.state[first] = torch.full_like(result.state[first], float("nan"))
         result.loss = float("nan")
+        result.finite = None
     return slept
 
 
@@ -203,7 +204,7 @@ def make_reply(
     """The train reply: weights, metrics, and SCAFFOLD's control delta when used."""
     content = RecordDict(
         {
-            "arrays": state_record(result.state),
+            "arrays": state_record(result.state, finite=result.finite),
             "metrics": MetricRecord(
                 {
                     "num-examples": result.num_examples,

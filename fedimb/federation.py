@@ -32,21 +32,17 @@ DATA_KEYS = ("dataset", "data-root", "num-clients", "seed", "long-tail.ratio", "
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when there is a GPU, else CPU; CUDA also turns on cuDNN autotuning.
+    """``auto`` -> CUDA when there is a GPU, else CPU.
 
-    A simulation runs the same few convolution shapes thousands of times (vectorised
-    clients make them grouped convolutions, where cuDNN's default choice is often slow),
-    so timing the candidate kernels once per shape pays for itself in the first round.
+    cuDNN autotuning (``torch.backends.cudnn.benchmark``) stays off: on an H200 it
+    changed a steady vectorised round by -9% (CNN) to +6..12% (ResNet-32), first rounds
+    with it were long, and it makes runs less reproducible (benchmarks/README.md).
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'"
-            )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
     return device
 
 

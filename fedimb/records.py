@@ -30,14 +30,21 @@ class TensorArray(Array):
     ----------
     values : numpy.ndarray or torch.Tensor
         The values; a CPU tensor is shared, not copied. They must not change afterwards.
+    finite : bool or None
+        Whether every value is finite, if the producer already knows (e.g. checked on
+        the GPU before the copy to the host); None: unknown.
     """
 
-    def __init__(self, values: np.ndarray | torch.Tensor) -> None:
+    def __init__(self, values: np.ndarray | torch.Tensor, finite: bool | None = None) -> None:
         ndarray = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
         # Base fields written directly: Array.__setattr__ would mark the object dirty and
         # its __init__ insists on bytes.
         self.__dict__.update(
-            dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=_NUMPY, _values=ndarray
+            dtype=str(ndarray.dtype),
+            shape=tuple(ndarray.shape),
+            stype=_NUMPY,
+            _values=ndarray,
+            _finite=finite,
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -56,6 +63,11 @@ class TensorArray(Array):
                 self.__getattr__("data")  # keep the bytes the ndarray stood for
             del self.__dict__["_values"]
         super().__setattr__(name, value)
+
+    @property
+    def known_finite(self) -> bool:
+        """True when the values are known to be finite (and were not replaced since)."""
+        return self.__dict__.get("_finite") is True and "_values" in self.__dict__
 
     def values(self) -> np.ndarray | None:
         """The backing ndarray, read-only (None once the bytes were replaced)."""
@@ -93,9 +105,12 @@ class TensorArray(Array):
         return self.as_array().__reduce__()
 
 
-def state_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``state`` (tensors, any device) backed by host memory."""
+def state_record(state: dict[str, torch.Tensor], finite: bool | None = None) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``state`` (tensors, any device) backed by host memory.
+
+    ``finite``: whether all of ``state`` is known to be finite (None: unknown).
+    """
     record = ArrayRecord()  # ArrayRecord(dict) would copy every Array into a plain one
     for name, tensor in state.items():
-        record[name] = TensorArray(tensor)
+        record[name] = TensorArray(tensor, finite=finite)
     return record

@@ -82,6 +82,9 @@ class TrainResult:
     loss: float
     num_examples: int
     num_steps: int
+    finite: bool | None = None
+    """Whether every value of ``state`` was finite, checked on the training device
+    (None: not checked). Whoever changes ``state`` afterwards must reset it."""
 
 
 def client_rng(seed: int, server_round: int, partition_id: int) -> np.random.Generator:

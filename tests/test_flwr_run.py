@@ -43,6 +43,9 @@ def test_flwr_run_with_a_fedimb_config(tmp_path):
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # `flwr run` starts `flower-superlink` by name: find it beside `flwr` even when
+        # the virtual environment is not activated.
+        "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     before = _superlinks()
     try:

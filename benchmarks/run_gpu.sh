@@ -1,0 +1,45 @@
+#!/bin/bash
+# The GPU checks of one short device session, in order of priority: the CUDA tests, the
+# round benchmark (fp32, every setting) per model, the profile, then bf16 for the fast
+# settings. Each step has its own time limit and writes its JSON as it goes, so a session
+# cut short keeps what it measured.
+#
+#   DATA=path/to/cifar10-jpeg OUT=results-dir bash benchmarks/run_gpu.sh
+#
+# DATA may instead be a .tgz of that tree (unpacked to /tmp). Where flwr is not installed
+# but wheels are in .whl/ (see ../.library/device/README.md), they are installed to
+# /tmp/site first. Env: DEVICE (cuda), ROUNDS (4), CLIENTS (100), MODELS ("cnn resnet32").
+set -u
+DEVICE=${DEVICE:-cuda}; ROUNDS=${ROUNDS:-4}; CLIENTS=${CLIENTS:-100}
+MODELS=${MODELS:-"cnn resnet32"}; OUT=${OUT:-/tmp/out}; DATA=${DATA:?set DATA}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ] && ! python3 -c "import flwr" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+if [ -f "$DATA" ]; then
+  mkdir -p /tmp/data && tar xzf "$DATA" -C /tmp/data || exit 4
+  DATA=/tmp/data/$(tar tzf "$DATA" | head -1 | cut -d/ -f1)
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
+B="python3 benchmarks/bench_round.py --device $DEVICE --dataset cifar10 --data-root $DATA"
+B="$B --rounds $ROUNDS --clients $CLIENTS"
+if [ "$DEVICE" = cuda ]; then
+  echo "== pytest -m gpu"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -8
+fi
+for m in $MODELS; do
+  echo "== bench $m fp32"
+  timeout 260 $B --model "$m" --timeout 200 --out "$OUT/gpu-$m-fp32.json" 2>&1 | grep -v "^running "
+done
+echo "== profile"
+timeout 150 python3 benchmarks/profile_round.py --device "$DEVICE" --model "${MODELS// /,}" \
+  --data-root "$DATA" --clients "$CLIENTS" --out "$OUT/profile.json" 2>&1
+for m in $MODELS; do
+  echo "== bench $m bf16"
+  timeout 120 $B --model "$m" --precision bf16 --settings fedimb,vmap,bigbatch --timeout 100 \
+    --out "$OUT/gpu-$m-bf16.json" 2>&1 | grep -v "^running "
+done
