@@ -227,11 +227,14 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of CUDA tensors in (pinned) host memory; CPU tensors are returned as they are."""
     out = {}
     for name, t in tensors.items():
-        if t.device.type == "cuda":
-            out[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            out[name].copy_(t, non_blocking=True)
-        else:
+        if t.device.type != "cuda":
             out[name] = t
+            continue
+        try:
+            out[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        except RuntimeError:  # page-locked memory is limited: fall back to pageable
+            out[name] = torch.empty(t.shape, dtype=t.dtype)
+        out[name].copy_(t, non_blocking=True)
     if any(t.device.type == "cuda" for t in tensors.values()):
         torch.cuda.synchronize()
     return out
