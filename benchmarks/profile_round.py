@@ -4,8 +4,12 @@ For each model, on the bench's workload (same data, partition, clients and jobs)
 
 - ``train``: one round of ``fedimb.batched.train_clients`` over all clients, in four
   variants: fp32 / bf16 autocast, each with cuDNN autotuning off and on (CUDA only;
-  one variant on CPU). Each variant is warmed up by one round, then timed over
-  ``--repeats`` rounds (median reported).
+  one variant on CPU), and in fp32 with the clients split into groups of each of
+  ``--group-sizes`` (as the ``group-size`` config key does). Each variant is warmed up
+  by one round (its time is reported too), then timed over ``--repeats`` rounds
+  (median reported).
+- ``--trace``: one more fp32 round under ``torch.profiler``; the operators that took the
+  most device (or, on CPU, host) time are printed and saved.
 - ``host``: what the in-process engine does with the trained states before the next
   round, per stage: building the replies' ``ArrayRecord`` (fedimb's ``TensorArray``,
   and Flower's own ``Array`` for comparison), the finiteness check of every reply, and
@@ -46,9 +50,21 @@ def _timed(fn: Any, device: Any, repeats: int) -> tuple[float, float, Any]:
     return first, statistics.median(times), out
 
 
-def profile_training(w: bench.Workload, fed: Any, repeats: int) -> tuple[dict, list]:
+def _variants(cuda: bool, group_sizes: list[int]) -> list[tuple[str, bool, bool, int]]:
+    """(name, bf16, cuDNN autotuning, clients per group; 0 = all) of each variant."""
+    pairs = [(False, False), (False, True), (True, False), (True, True)]
+    out = [
+        (f"{'bf16' if bf16 else 'fp32'}{'+cudnn-benchmark' if tune else ''}", bf16, tune, 0)
+        for bf16, tune in (pairs if cuda else pairs[:1])
+    ]
+    return out + [(f"fp32, groups of {g}", False, False, g) for g in group_sizes if g > 0]
+
+
+def profile_training(
+    w: bench.Workload, fed: Any, repeats: int, group_sizes: list[int], trace: bool
+) -> tuple[dict, list, str]:
     """Median seconds of one round of ``train_clients`` per variant (and of its first,
-    warm-up round: cuDNN's autotuning happens there), and the results."""
+    warm-up round: cuDNN's autotuning happens there), the results, and the trace table."""
     import torch
 
     from fedimb.batched import train_clients
@@ -57,24 +73,45 @@ def profile_training(w: bench.Workload, fed: Any, repeats: int) -> tuple[dict, l
     device = torch.device(w.device)
     model = bench.make_model(w, fed).to(device)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cuda = device.type == "cuda"
     out: dict[str, float] = {}
     results: list = []
-    for bf16 in (False, True) if cuda else (False,):
+
+    def one_round(jobs: list, settings: Any, group: int) -> list:
+        size = group or len(jobs)
+        return [
+            r
+            for start in range(0, len(jobs), size)
+            for r in train_clients(
+                model, state, jobs[start : start + size], fed.dataset.to_float, settings
+            )
+        ]
+
+    for name, bf16, tune, group in _variants(device.type == "cuda", group_sizes):
         settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, bf16=bf16)
         jobs = bench.client_jobs(w, fed, 1, settings)
-        for tune in (False, True) if cuda else (False,):
-            torch.backends.cudnn.benchmark = tune
-            first, seconds, results = _timed(
-                lambda s=settings, j=jobs: train_clients(model, state, j, fed.dataset.to_float, s),
-                device,
-                repeats,
-            )
-            name = f"{'bf16' if bf16 else 'fp32'}{'+cudnn-benchmark' if tune else ''}"
-            out[name] = round(seconds, 4)
-            out[f"{name} first"] = round(first, 4)
-            print(f"  train {name:22} {seconds:.4f} s/round (first {first:.2f} s)", flush=True)
-    return out, results
+        torch.backends.cudnn.benchmark = tune
+        first, seconds, res = _timed(
+            lambda j=jobs, s=settings, g=group: one_round(j, s, g), device, repeats
+        )
+        results = res if name == "fp32" else results
+        out[name] = round(seconds, 4)
+        out[f"{name} first"] = round(first, 4)
+        print(f"  train {name:22} {seconds:.4f} s/round (first {first:.2f} s)", flush=True)
+    torch.backends.cudnn.benchmark = False
+    table = ""
+    if trace:
+        settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr)
+        jobs = bench.client_jobs(w, fed, 1, settings)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            one_round(jobs, settings, 0)
+            bench.stamp(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=15)
+        print(table, flush=True)
+    return out, results, table
 
 
 def profile_host(results: list, repeats: int) -> dict[str, float]:
@@ -130,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(bench.DEFAULT_CIFAR_ROOT))
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--group-sizes", default="", help="comma-separated, e.g. 50,25")
+    p.add_argument("--trace", action="store_true", help="torch.profiler table of one round")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     import torch
@@ -146,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         fed = bench.load_federation(w, w.device)
         print(f"{model}: {bench.images_per_round(w, fed)} images per round", flush=True)
-        train, results = profile_training(w, fed, args.repeats)
+        groups = [int(g) for g in args.group_sizes.split(",") if g]
+        train, results, table = profile_training(w, fed, args.repeats, groups, args.trace)
         entry: dict[str, Any] = {"train_s": train}
+        if table:
+            entry["trace_table"] = table
         if flwr:
             entry["host_s"] = profile_host(results, args.repeats)
         if args.device == "cuda":

@@ -1,16 +1,20 @@
 #!/bin/bash
-# The GPU checks of one short device session, in order of priority: the CUDA tests, the
-# round benchmark (fp32, every setting) per model, the profile, then bf16 for the fast
-# settings. Each step has its own time limit and writes its JSON as it goes, so a session
-# cut short keeps what it measured.
+# The GPU checks of a short device session: the CUDA tests, the profile of a vectorised
+# round (with a torch.profiler table and group sizes 50 and 25), the round benchmark in
+# fp32 (every setting) per model, then bf16 for the fast settings. Each step has its own
+# time limit and writes its JSON as it goes, so a session cut short keeps what it
+# measured. All steps take about 15 minutes on an H200: pick some with STEPS, e.g.
+# STEPS="tests profile" then STEPS="bench bf16" in a second call.
 #
 #   DATA=path/to/cifar10-jpeg OUT=results-dir bash benchmarks/run_gpu.sh
 #
 # DATA may instead be a .tgz of that tree (unpacked to /tmp). Where flwr is not installed
 # but wheels are in .whl/ (see ../.library/device/README.md), they are installed to
-# /tmp/site first. Env: DEVICE (cuda), ROUNDS (4), CLIENTS (100), MODELS ("cnn resnet32").
+# /tmp/site first. Env: DEVICE (cuda), ROUNDS (4), CLIENTS (100), MODELS ("cnn resnet32"),
+# STEPS ("tests profile bench bf16").
 set -u
 DEVICE=${DEVICE:-cuda}; ROUNDS=${ROUNDS:-4}; CLIENTS=${CLIENTS:-100}
+STEPS=" ${STEPS:-tests profile bench bf16} "
 MODELS=${MODELS:-"cnn resnet32"}; OUT=${OUT:-/tmp/out}; DATA=${DATA:?set DATA}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -27,19 +31,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
 B="python3 benchmarks/bench_round.py --device $DEVICE --dataset cifar10 --data-root $DATA"
 B="$B --rounds $ROUNDS --clients $CLIENTS"
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [[ $STEPS == *" tests "* ]]; then
   echo "== pytest -m gpu"
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -8
 fi
-for m in $MODELS; do
-  echo "== bench $m fp32"
-  timeout 260 $B --model "$m" --timeout 200 --out "$OUT/gpu-$m-fp32.json" 2>&1 | grep -v "^running "
-done
-echo "== profile"
-timeout 150 python3 benchmarks/profile_round.py --device "$DEVICE" --model "${MODELS// /,}" \
-  --data-root "$DATA" --clients "$CLIENTS" --out "$OUT/profile.json" 2>&1
-for m in $MODELS; do
-  echo "== bench $m bf16"
-  timeout 120 $B --model "$m" --precision bf16 --settings fedimb,vmap,bigbatch --timeout 100 \
-    --out "$OUT/gpu-$m-bf16.json" 2>&1 | grep -v "^running "
-done
+if [[ $STEPS == *" profile "* ]]; then
+  echo "== profile"
+  timeout 240 python3 benchmarks/profile_round.py --device "$DEVICE" --model "${MODELS// /,}" \
+    --data-root "$DATA" --clients "$CLIENTS" --group-sizes 50,25 --trace \
+    --out "$OUT/profile.json" 2>&1
+fi
+if [[ $STEPS == *" bench "* ]]; then
+  for m in $MODELS; do
+    echo "== bench $m fp32"
+    timeout 320 $B --model "$m" --timeout 200 --out "$OUT/gpu-$m-fp32.json" 2>&1 | grep -v "^running "
+  done
+fi
+if [[ $STEPS == *" bf16 "* ]]; then
+  for m in $MODELS; do
+    echo "== bench $m bf16"
+    timeout 150 $B --model "$m" --precision bf16 --settings fedimb,vmap,bigbatch --timeout 100 \
+      --out "$OUT/gpu-$m-bf16.json" 2>&1 | grep -v "^running "
+  done
+fi
