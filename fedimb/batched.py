@@ -33,6 +33,19 @@ from fedimb.train import ClientJob, ToFloat, TrainResult, TrainSettings, autocas
 LOSS_FIELDS = ("weight", "offset", "scale", "margin", "mask")
 
 
+def pays_off(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``batched = "auto"`` should vectorise ``model``'s clients on ``device``.
+
+    Always on CUDA. On CPU only for models without convolutions: vmap turns a
+    convolution over stacked weights into a grouped convolution, which is slow on CPU.
+    Measured on 2 cores, one thread, per round: CNN 4.1 s vectorised vs 1.75 s one
+    client at a time, ResNet-32 8.2 s vs 7.0 s, but the digits MLP 0.075 s vs 0.24 s.
+    """
+    if device.type != "cpu":
+        return True
+    return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
 def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
     """None if these jobs can train together, else the reason they cannot."""
     if not is_vectorisable(model):

@@ -301,7 +301,14 @@ def _train_group(
     order = list(jobs)
     results: dict[int, tuple[TrainResult, float]] = {}
     reason = batched.can_batch(model, [jobs[i] for i in order]) if order else "no jobs"
-    use_batch = batched_ok and config["batched"] != "off" and reason is None and len(order) > 1
+    mode = config["batched"]
+    use_batch = (
+        batched_ok
+        and reason is None
+        and len(order) > 1
+        and mode != "off"
+        and (mode == "on" or batched.pays_off(model, jobs[order[0]].x.device))
+    )
     if config["batched"] == "on" and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round
         log.warning("batched = 'on' but clients train one at a time: %s", reason)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedimb.batched import can_batch, train_clients
+from fedimb.batched import can_batch, pays_off, train_clients
 from fedimb.data.augment import crop_flip
 from fedimb.losses import make_loss
 from fedimb.models import build_model
@@ -130,3 +130,11 @@ def test_plan_is_seeded_per_client_and_round():
     assert not all(np.array_equal(p, q) for p, q in zip(a.batches, c.batches, strict=True))
     assert a.num_examples == 36 and a.num_steps == 10  # 2 epochs x ceil(18 / 4)
     assert sorted(np.concatenate(a.batches[:5])) == list(range(18))  # an epoch covers every sample
+
+
+def test_auto_vectorises_convolutions_only_on_a_gpu():
+    cnn = build_model("cnn", (3, 8, 8), 4, width=4, hidden=16)
+    mlp = build_model("mlp", (12,), 4, hidden=16)
+    assert not pays_off(cnn, torch.device("cpu"))  # grouped convolutions: slow on CPU
+    assert pays_off(mlp, torch.device("cpu"))
+    assert pays_off(cnn, torch.device("cuda"))

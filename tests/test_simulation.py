@@ -252,3 +252,22 @@ def test_cli_resume_of_a_finished_run_changes_nothing(tmp_path):
     assert main(["run", "--resume", str(out), "-q"]) == 0
     assert (out / "metrics.jsonl").read_text() == before
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(("mode", "model", "vectorised"), [
+    ("auto", "cnn", False), ("on", "cnn", True), ("auto", "mlp", True), ("off", "mlp", False),
+])  # fmt: skip
+def test_batched_modes_choose_the_trainer(tmp_path, monkeypatch, mode, model, vectorised):
+    import fedimb.batched
+
+    calls = []
+    original = fedimb.batched.train_clients
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fedimb.batched, "train_clients", spy)
+    config = small(**{"batched": mode, "model.name": model, "num-rounds": 1})
+    run_experiment(config, tmp_path, progress=False)
+    assert bool(calls) == vectorised  # on CPU, auto trains convolution models one by one
