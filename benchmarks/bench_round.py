@@ -73,6 +73,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedimb.results import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CIFAR_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 NEEDS = {"fedimb": ("flwr",), "memory": ("flwr",), "flower": ("flwr", "ray")}
@@ -1173,10 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def save(rows: list[dict[str, Any]], partial: bool = True) -> None:
         if args.out:
             report.update(results=rows, partial=partial)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(report, indent=1) + "\n")
-            tmp.replace(args.out)
+            atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
 
     rows = run_settings(settings, runs, args.timeout, on_row=save)
     report["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]

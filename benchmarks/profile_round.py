@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_round as bench
 
+from fedimb.results import atomic_write_text
+
 
 def _timed(fn: Any, device: Any, repeats: int) -> tuple[float, float, Any]:
     """(Seconds of a first, warm-up call of ``fn()``, median seconds of ``repeats`` more
@@ -146,10 +148,21 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
         ("tensorarray", lambda r: state_record(r.state, finite=r.finite)),
         ("flower-array", lambda r: ArrayRecord(r.state)),
     )
+
+    def fedavg(make: Any) -> float:
+        # Fresh replies for every repeat, as every round has: nothing cached between them.
+        times = []
+        for _ in range(repeats + 1):
+            recs = replies(make)
+            t0 = bench.stamp(None)
+            aggregate_arrayrecords(recs, "num-examples")
+            times.append(bench.stamp(None) - t0)
+        return statistics.median(times[1:])
+
     for label, make in variants:
         _, build, recs = _timed(lambda m=make: replies(m), None, repeats)
         _, check, _ = _timed(lambda r=recs: finite(r), None, repeats)
-        _, agg, _ = _timed(lambda r=recs: aggregate_arrayrecords(r, "num-examples"), None, repeats)
+        agg = fedavg(make)
         out.update({f"{label}_build": build, f"{label}_finite": check, f"{label}_fedavg": agg})
         print(
             f"  host  {label:13} build {build:.4f} s, finite check {check:.4f} s, "
@@ -196,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         report["models"][model] = entry
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
     return 0
 
 

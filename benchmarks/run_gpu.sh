@@ -1,6 +1,6 @@
 #!/bin/bash
-# The GPU checks of a short device session: the CUDA tests, the profile of a vectorised
-# round (with a torch.profiler table and group sizes 50 and 25), the round benchmark in
+# The GPU checks of a short device session: the CUDA tests, a probe of the vectorised
+# convolution kernels (benchmarks/conv_kernels.py), the profile of a vectorised round (with a torch.profiler table and group sizes 50 and 25), the round benchmark in
 # fp32 (every setting) per model, then bf16 for the fast settings. Each step has its own
 # time limit and writes its JSON as it goes, so a session cut short keeps what it
 # measured. All steps take about 15 minutes on an H200: pick some with STEPS, e.g.
@@ -11,10 +11,11 @@
 # DATA may instead be a .tgz of that tree (unpacked to /tmp). Where flwr is not installed
 # but wheels are in .whl/ (see ../.library/device/README.md), they are installed to
 # /tmp/site first. Env: DEVICE (cuda), ROUNDS (4), CLIENTS (100), MODELS ("cnn resnet32"),
-# STEPS ("tests profile bench bf16").
+# STEPS ("tests kernels profile bench bf16"), SETTINGS (fp32 bench settings, default all).
 set -u
 DEVICE=${DEVICE:-cuda}; ROUNDS=${ROUNDS:-4}; CLIENTS=${CLIENTS:-100}
-STEPS=" ${STEPS:-tests profile bench bf16} "
+STEPS=" ${STEPS:-tests kernels profile bench bf16} "
+SETTINGS=${SETTINGS:-fedimb,flower,loop,vmap,bigbatch}
 MODELS=${MODELS:-"cnn resnet32"}; OUT=${OUT:-/tmp/out}; DATA=${DATA:?set DATA}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -35,6 +36,11 @@ if [ "$DEVICE" = cuda ] && [[ $STEPS == *" tests "* ]]; then
   echo "== pytest -m gpu"
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -8
 fi
+if [[ $STEPS == *" kernels "* ]]; then
+  echo "== conv kernels"
+  timeout 90 python3 benchmarks/conv_kernels.py --device "$DEVICE" --clients "$CLIENTS" \
+    --out "$OUT/conv-kernels.json" 2>&1
+fi
 if [[ $STEPS == *" profile "* ]]; then
   echo "== profile"
   timeout 240 python3 benchmarks/profile_round.py --device "$DEVICE" --model "${MODELS// /,}" \
@@ -44,7 +50,7 @@ fi
 if [[ $STEPS == *" bench "* ]]; then
   for m in $MODELS; do
     echo "== bench $m fp32"
-    timeout 320 $B --model "$m" --timeout 200 --out "$OUT/gpu-$m-fp32.json" 2>&1 | grep -v "^running "
+    timeout 320 $B --model "$m" --settings "$SETTINGS" --timeout 200 --out "$OUT/gpu-$m-fp32.json" 2>&1 | grep -v "^running "
   done
 fi
 if [[ $STEPS == *" bf16 "* ]]; then

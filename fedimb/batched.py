@@ -225,14 +225,23 @@ def train_clients(
 
 def _all_finite(stacks: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> list[bool]:
     """Per client: whether its weights (``stacks``, dim 0 = client) and the ``shared``
-    tensors are all finite. On the device, so the server need not scan the replies."""
+    tensors are all finite. On the device, so the server need not scan the replies.
+
+    A sum is finite only if every term is (NaN and inf propagate), so one read-only
+    reduction per tensor decides almost always; only when some sum is not finite
+    (non-finite values, or an overflow of the sum itself) is every element checked.
+    """
     first = next(iter(stacks.values()))
+    rows = [t.detach().flatten(1) for t in stacks.values() if t.is_floating_point()]
+    rows += [t.reshape(1, -1) for t in shared.values() if t.is_floating_point()]
     ok = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
-    for t in stacks.values():
-        ok &= torch.isfinite(t.detach()).flatten(1).all(1)
-    for t in shared.values():
-        if t.is_floating_point():
-            ok &= torch.isfinite(t).all().to(ok.device)
+    for r in rows:
+        ok &= torch.isfinite(r.sum(1)).to(ok.device)
+    if bool(ok.all()):  # one device sync in the common case
+        return ok.tolist()
+    ok.fill_(True)
+    for r in rows:
+        ok &= torch.isfinite(r).all(1).to(ok.device)
     return ok.tolist()
 
 

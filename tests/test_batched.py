@@ -138,3 +138,20 @@ def test_auto_vectorises_convolutions_only_on_a_gpu():
     assert not pays_off(cnn, torch.device("cpu"))  # grouped convolutions: slow on CPU
     assert pays_off(mlp, torch.device("cpu"))
     assert pays_off(cnn, torch.device("cuda"))
+
+
+def test_finiteness_check_flags_exactly_the_non_finite_clients():
+    """The fast path (a finite sum proves finite terms) must neither miss a NaN or inf
+    nor flag a finite client whose sum overflows."""
+    from fedimb.batched import _all_finite
+
+    stacks = {"w": torch.randn(5, 3, 4), "b": torch.randn(5, 4)}
+    shared = {"count": torch.zeros(2, dtype=torch.long)}
+    assert _all_finite(stacks, shared) == [True] * 5
+    stacks["w"][1, 2, 3] = float("nan")
+    stacks["b"][3, 0] = float("-inf")
+    stacks["b"][4, :2] = 3e38  # finite values whose float32 sum is inf
+    assert _all_finite(stacks, shared) == [True, False, True, False, True]
+    # A non-finite tensor shared by every client (e.g. a buffer) fails them all.
+    shared["scale"] = torch.tensor([1.0, float("inf")])
+    assert _all_finite(stacks, shared) == [False] * 5
