@@ -1,6 +1,7 @@
 """The in-process engine is a real Flower Grid: stock strategies run on it unchanged."""
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -116,3 +117,62 @@ def test_clients_sent_different_models_are_trained_from_their_own():
     first = together[0].content["arrays"].to_torch_state_dict()
     second = together[1].content["arrays"].to_torch_state_dict()
     assert not torch.allclose(first["1.weight"], second["1.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("collect_above", [0, None])
+def test_replies_are_freed_once_the_strategy_is_done(tmp_path, monkeypatch, collect_above):
+    """Flower's record views keep every reply in a reference cycle: without the engine's
+    collection before a train round, old replies (the clients' weights) stay alive
+    until Python's cyclic collector runs (disabled here to make that deterministic)."""
+    import gc
+    import weakref
+
+    import fedimb.engine
+    from fedimb.config import load_config
+    from fedimb.records import TensorArray
+    from fedimb.sim import run_experiment
+
+    limit = collect_above if collect_above is not None else float("inf")
+    monkeypatch.setattr(fedimb.engine, "COLLECT_ABOVE_BYTES", limit)
+    made: dict[int, list] = {}
+    current = [1]
+    init = TensorArray.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.setdefault(current[0], []).append(weakref.ref(self))
+
+    monkeypatch.setattr(TensorArray, "__init__", tracked)
+    alive_at_end = {}
+
+    def on_round(server_round, row):
+        current[0] = server_round + 1  # arrays made from now on belong to the next round
+        if server_round == 3:
+            alive_at_end.update({r: sum(w() is not None for w in refs) for r, refs in made.items()})
+
+    config = load_config(
+        None,
+        {
+            "dataset": "digits",
+            "num-clients": 6,
+            "num-rounds": 3,
+            "engine": "inprocess",
+            "device": "cpu",
+            "checkpoint-every": 0,
+            "strategy.min-train-clients": 6,
+        },
+    )
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        run_experiment(config, tmp_path, progress=False, on_round=on_round)
+    finally:
+        if enabled:
+            gc.enable()
+    assert set(alive_at_end) == {1, 2, 3} and alive_at_end[3] > 0  # round 3's are in use
+    if collect_above == 0:
+        assert alive_at_end[1] == 0  # freed before round 3 trained
+    else:
+        assert alive_at_end[1] > 0  # the cycle is real: only a collection frees them
