@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU checks of a short device session: the CUDA tests, a probe of the vectorised
-# convolution kernels (benchmarks/conv_kernels.py), the profile of a vectorised round (with a torch.profiler table and group sizes 50 and 25), the round benchmark in
-# fp32 (every setting) per model, then bf16 for the fast settings. Each step has its own
+# convolution kernels (benchmarks/conv_kernels.py), the profile of a vectorised round
+# (with a torch.profiler table and group sizes 50 and 25), the round benchmark in fp32
+# (every setting) per model, then bf16 for the fast settings. Each step has its own
 # time limit and writes its JSON as it goes, so a session cut short keeps what it
 # measured. All steps take about 15 minutes on an H200: pick some with STEPS, e.g.
 # STEPS="tests profile" then STEPS="bench bf16" in a second call.
@@ -10,10 +11,11 @@
 #
 # DATA may instead be a .tgz of that tree (unpacked to /tmp). Where flwr is not installed
 # but wheels are in .whl/ (see ../.library/device/README.md), they are installed to
-# /tmp/site first. Env: DEVICE (cuda), ROUNDS (4), CLIENTS (100), MODELS ("cnn resnet32"),
+# /tmp/site first. Env: DEVICE (cuda), ROUNDS (6: the mean of rounds 2-R dilutes one-off
+# costs such as round 2's new pinned buffers), CLIENTS (100), MODELS ("cnn resnet32"),
 # STEPS ("tests kernels profile bench bf16"), SETTINGS (fp32 bench settings, default all).
 set -u
-DEVICE=${DEVICE:-cuda}; ROUNDS=${ROUNDS:-4}; CLIENTS=${CLIENTS:-100}
+DEVICE=${DEVICE:-cuda}; ROUNDS=${ROUNDS:-6}; CLIENTS=${CLIENTS:-100}
 STEPS=" ${STEPS:-tests kernels profile bench bf16} "
 SETTINGS=${SETTINGS:-fedimb,flower,loop,vmap,bigbatch}
 MODELS=${MODELS:-"cnn resnet32"}; OUT=${OUT:-/tmp/out}; DATA=${DATA:?set DATA}
