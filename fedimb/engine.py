@@ -21,7 +21,6 @@ import random
 import uuid
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -29,6 +28,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedimb.client import error_reply, train_replies
+from fedimb.records import array_nbytes
 
 SERVER_NODE_ID = 1
 FIRST_CLIENT_NODE_ID = 1000
@@ -166,7 +166,7 @@ def _weight_bytes(reply: Message) -> int:
         return 0
     # The content's own items, not ``array_records``: that view would itself be cyclic.
     return sum(
-        int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+        array_nbytes(array)
         for record in reply.content.values()
         if isinstance(record, ArrayRecord)
         for array in record.values()

@@ -105,6 +105,11 @@ class TensorArray(Array):
         return self.as_array().__reduce__()
 
 
+def array_nbytes(array: Array) -> int:
+    """Bytes of an ``Array``'s values, from its dtype and shape (no bytes read)."""
+    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+
+
 def state_record(state: dict[str, torch.Tensor], finite: bool | None = None) -> ArrayRecord:
     """An ``ArrayRecord`` of ``state`` (tensors, any device) backed by host memory.
 

@@ -39,7 +39,7 @@ from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
-from fedimb.records import TensorArray
+from fedimb.records import TensorArray, array_nbytes
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -124,7 +124,7 @@ def _float_view(array: Array) -> np.ndarray | None:
         return values  # an in-process reply: no bytes to read
     if array.stype != "numpy.ndarray":
         return array.numpy()
-    nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = array_nbytes(array)
     return np.frombuffer(memoryview(array.data)[len(array.data) - nbytes :], dtype=dtype)
 
 
