@@ -103,6 +103,11 @@ class Workload:
     precision : str
         ``"fp32"`` or ``"bf16"`` (autocast) for ``fedimb``, ``vmap`` and ``bigbatch``;
         the stock settings (``flower``, ``loop``) train in fp32, as the quickstart does.
+    stock_data : str
+        How the stock settings feed their ``DataLoader``: ``"tensors"`` (each client's
+        samples normalised once, a lower bound) or ``"quickstart"`` (PIL images, each
+        turned into a tensor and normalised when loaded, as Flower's PyTorch quickstart
+        does per batch).
     """
 
     dataset: str = "digits"
@@ -120,6 +125,7 @@ class Workload:
     threads: str = "default"
     group_size: int = 0
     precision: str = "fp32"
+    stock_data: str = "tensors"
 
     def source(self) -> tuple[str, str | None]:
         """fedimb's dataset name and root for this workload."""
@@ -341,16 +347,53 @@ def stock_local_train(model: Any, loader: Any, epochs: int, lr: float, device: A
     return running / max(steps, 1)
 
 
-def stock_client_dataset(fed: Any, pid: int) -> Any:
-    """Client ``pid``'s samples as a CPU ``TensorDataset``, normalised once.
+def stock_client_dataset(fed: Any, pid: int, stock_data: str = "tensors") -> Any:
+    """Client ``pid``'s samples for a stock ``DataLoader``, on the CPU.
 
-    Kinder to the baseline than the quickstart, which transforms every batch again.
+    ``"tensors"``: a ``TensorDataset`` normalised once (kinder to the baseline than the
+    quickstart). ``"quickstart"``: :class:`QuickstartImages`.
     """
     import torch
 
     idx = torch.as_tensor(fed.parts[pid])
+    if stock_data == "quickstart":
+        return QuickstartImages(fed.dataset, idx)
     x = fed.dataset.to_float(fed.dataset.x_train[idx])
     return torch.utils.data.TensorDataset(x, fed.dataset.y_train[idx])
+
+
+class QuickstartImages:
+    """Samples as PIL images, each made a tensor and normalised when it is loaded.
+
+    What Flower's PyTorch quickstart does per batch (``Compose([ToTensor(),
+    Normalize(...)])`` in ``with_transform``), with the images decoded once (the
+    quickstart's Hugging Face dataset decodes them on every access). The ``Normalize``
+    constants are rescaled so that the tensors equal ``Dataset.to_float``'s for any
+    ``max_value`` (``ToTensor`` divides 8-bit images by 255).
+    """
+
+    def __init__(self, dataset: Any, idx: Any) -> None:
+        from PIL import Image
+        from torchvision.transforms import Compose, Normalize, ToTensor
+
+        channels_last = dataset.x_train[idx].permute(0, 2, 3, 1).numpy()
+        if channels_last.shape[-1] == 1:
+            channels_last = channels_last[..., 0]
+        self.images = [Image.fromarray(img) for img in channels_last]
+        self.labels = dataset.y_train[idx]
+        scale = dataset.max_value / 255
+        self.transform = Compose(
+            [
+                ToTensor(),
+                Normalize([m * scale for m in dataset.mean], [s * scale for s in dataset.std]),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        return self.transform(self.images[i]), self.labels[i]
 
 
 # ----------------------------------------------------------------------- the settings
@@ -440,7 +483,7 @@ def stock_train(msg: Any, context: Any) -> Any:
     fed = _STOCK_CACHE["fed"]
     pid = int(context.node_config["partition-id"])
     if pid not in _STOCK_CACHE:
-        _STOCK_CACHE[pid] = stock_client_dataset(fed, pid)
+        _STOCK_CACHE[pid] = stock_client_dataset(fed, pid, w.stock_data)
     dataset = _STOCK_CACHE[pid]
 
     device = torch.device(w.device)
@@ -581,7 +624,7 @@ def run_loop(w: Workload) -> dict[str, Any]:
     device = torch.device(w.device)
     fed = load_federation(w, "cpu")
     model = make_model(w, fed).to(device)
-    datasets = [stock_client_dataset(fed, pid) for pid in range(w.clients)]
+    datasets = [stock_client_dataset(fed, pid, w.stock_data) for pid in range(w.clients)]
     final = evaluate_model(model, fed, device)
     stamps = [stamp(device)]
     for server_round in range(1, w.rounds + 1):
@@ -994,6 +1037,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="bf16 autocast for fedimb, vmap and bigbatch (flower and loop stay fp32)",
     )
     p.add_argument(
+        "--stock-data",
+        choices=("tensors", "quickstart"),
+        default="tensors",
+        help="the stock settings' samples: normalised once (tensors, a lower bound) or "
+        "PIL images transformed when loaded, as Flower's PyTorch quickstart",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 10 clients, 3 rounds, digits (cifar10 without scikit-learn)",
@@ -1059,6 +1109,7 @@ def workloads(args: argparse.Namespace, device: str) -> list[Workload]:
             threads=t,
             group_size=group,
             precision=args.precision,
+            stock_data=args.stock_data,
         )
         for model in models.split(",")
         for t in threads

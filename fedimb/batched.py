@@ -8,8 +8,11 @@ update (momentum, weight decay, FedProx's proximal term, SCAFFOLD's correction) 
 applied to the stacks directly, matching ``torch.optim.SGD``.
 
 Clients may need different numbers of steps (uneven data) and their last batch may be
-short: at each step the active clients are grouped by batch length, and a group that is
-not the whole stack works on gathered slices of the stacks.
+short. A short batch is padded to the step's batch length with rows that the loss masks
+out (``valid``), so every step is one vectorised call over the clients still training;
+while some client has finished, that call works on gathered slices of the stacks.
+(Grouping clients by batch length instead cost a separate call per length: 57 calls for
+a CIFAR-10 round of 100 label-skewed clients that needs 21 steps.)
 
 Results equal :func:`fedimb.train.train_client` run client by client, up to float
 rounding (tests/test_batched.py), because both consume the same :class:`ClientPlan`.
@@ -17,7 +20,6 @@ rounding (tests/test_batched.py), because both consume the same :class:`ClientPl
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,6 +46,12 @@ def pays_off(model: nn.Module, device: torch.device) -> bool:
     if device.type != "cpu":
         return True
     return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def wanted(mode: str, model: nn.Module, device: torch.device) -> bool:
+    """Whether the ``batched`` setting ``mode`` (on / off / auto) vectorises ``model``'s
+    clients on ``device`` (if they :func:`can_batch`)."""
+    return mode == "on" or (mode == "auto" and pays_off(model, device))
 
 
 def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
@@ -74,8 +82,10 @@ def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 class _StackedPlan:
     """All clients' plans as padded arrays, moved to the device once per round.
 
-    ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step);
-    ``shift`` / ``flip`` hold its augmentation the same way (None without augmentation).
+    ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step),
+    ``valid[k, t, i]`` says whether position i is one of them (the rest is padding: index
+    0, a real sample that the loss ignores); ``shift`` / ``flip`` hold its augmentation
+    the same way (None without augmentation).
     """
 
     def __init__(self, jobs: Sequence[ClientJob], batch_size: int, device: torch.device) -> None:
@@ -96,6 +106,7 @@ class _StackedPlan:
                     shift[k, t, :n] = job.plan.shift[t]
                     flip[k, t, :n] = job.plan.flip[t]
         self.index = torch.as_tensor(index, device=device)
+        self.valid = torch.as_tensor(np.arange(batch_size) < self.lengths[..., None], device=device)
         self.shift = None if shift is None else torch.as_tensor(shift, device=device)
         self.flip = None if flip is None else torch.as_tensor(flip, device=device)
 
@@ -142,7 +153,7 @@ def train_clients(
     lp = stack_params([job.loss.params for job in jobs])
     loss_tensors = {f: getattr(lp, f).to(device) for f in LOSS_FIELDS}
 
-    def client_loss(p, b, x, y, weight, offset, scale, margin, mask):
+    def client_loss(p, b, x, y, valid, weight, offset, scale, margin, mask):
         with autocast(device, settings.bf16):
             logits = functional_call(model, (p, b), (x,))
         return imbalance_loss_tensors(
@@ -156,6 +167,7 @@ def train_clients(
             s=lp.s,
             gamma=lp.gamma,
             base=lp.base,
+            valid=valid,
         )
 
     step_fn = vmap(grad_and_value(client_loss))
@@ -166,48 +178,50 @@ def train_clients(
     everyone = torch.arange(k_all, device=device)
 
     for t in range(plan.max_steps):
-        groups: dict[int, list[int]] = defaultdict(list)
-        for k in np.flatnonzero(plan.lengths[:, t]):
-            groups[int(plan.lengths[k, t])].append(int(k))
-        for size, members in groups.items():
-            whole = len(members) == k_all
-            sel = slice(None) if whole else torch.tensor(members, device=device)
-            rows = everyone if whole else sel
-            idx = plan.index[rows, t, :size]  # [G, B]: already on the device
-            # to_float normalises per channel at dim 1: give it one [G*B, ...] batch.
-            x = to_float(data_x[rows[:, None], idx].flatten(0, 1)).unflatten(0, idx.shape)
-            if plan.shift is not None:
-                g = idx.shape[0]
-                x = crop_flip(
-                    x.flatten(0, 1),
-                    plan.shift[rows, t, :size].flatten(0, 1),
-                    plan.flip[rows, t, :size].flatten(0, 1),
-                    settings.padding,
-                ).reshape(g, size, *x.shape[2:])
-            y = data_y[rows[:, None], idx]
-            p = {n: v[sel] for n, v in params.items()}
-            bufs = {n: v[sel] for n, v in buffers.items()}
-            grads, loss = step_fn(p, bufs, x, y, *(v[sel] for v in loss_tensors.values()))
-            loss_sum[sel] += loss.detach().float()
-            with torch.no_grad():
-                _sgd_update(
-                    params,
-                    momentum,
-                    grads,
-                    sel,
-                    anchor,
-                    None if prox is None else prox[sel],
-                    None if control is None else {n: c[sel] for n, c in control.items()},
-                    settings,
-                    first_step=t == 0,
-                )
+        members = np.flatnonzero(plan.lengths[:, t])
+        size = int(plan.lengths[members, t].max())  # shorter batches are padded to it
+        whole = len(members) == k_all
+        sel = slice(None) if whole else torch.as_tensor(members, device=device)
+        rows = everyone if whole else sel
+        idx = plan.index[rows, t, :size]  # [G, B]: already on the device
+        # to_float normalises per channel at dim 1: give it one [G*B, ...] batch.
+        x = to_float(data_x[rows[:, None], idx].flatten(0, 1)).unflatten(0, idx.shape)
+        if plan.shift is not None:
+            x = crop_flip(
+                x.flatten(0, 1),
+                plan.shift[rows, t, :size].flatten(0, 1),
+                plan.flip[rows, t, :size].flatten(0, 1),
+                settings.padding,
+            ).reshape(x.shape)
+        y = data_y[rows[:, None], idx]
+        valid = plan.valid[rows, t, :size]
+        p = {n: v[sel] for n, v in params.items()}
+        bufs = {n: v[sel] for n, v in buffers.items()}
+        grads, loss = step_fn(p, bufs, x, y, valid, *(v[sel] for v in loss_tensors.values()))
+        loss_sum[sel] += loss.detach().float()
+        with torch.no_grad():
+            _sgd_update(
+                params,
+                momentum,
+                grads,
+                sel,
+                anchor,
+                None if prox is None else prox[sel],
+                None if control is None else {n: c[sel] for n, c in control.items()},
+                settings,
+                first_step=t == 0,
+            )
 
-    losses = loss_sum.tolist()  # one device sync for all clients
-    finite = _all_finite(params, {n: v for n, v in global_state.items() if n not in params})
     # One device-to-host copy per parameter stack, not one per client and tensor: each
     # client's state is a view of the host stacks (replies are built on the host anyway).
-    host = _to_host({n: params[n].detach() for n in names})
-    unchanged = _to_host({n: v for n, v in global_state.items() if n not in host})
+    # The copies are queued behind the training steps before anything waits for the
+    # device, so allocating their (pinned) host memory overlaps the device's work.
+    host = _copy_to_host({n: params[n].detach() for n in names})
+    unchanged = _copy_to_host({n: v for n, v in global_state.items() if n not in host})
+    finite = _all_finite(params, {n: v for n, v in global_state.items() if n not in params})
+    losses = loss_sum.tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the copies are complete: the host may read them
     results = []
     for k, job in enumerate(jobs):
         state = {n: unchanged[n] if n in unchanged else host[n][k] for n in global_state}
@@ -245,8 +259,10 @@ def _all_finite(stacks: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]
     return ok.tolist()
 
 
-def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies of CUDA tensors in (pinned) host memory; CPU tensors are returned as they are."""
+def _copy_to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies of CUDA tensors, in pinned memory, *queued* on the current stream:
+    read them only after synchronising the device. CPU tensors are returned as they are.
+    """
     out = {}
     for name, t in tensors.items():
         if t.device.type != "cuda":
@@ -257,8 +273,6 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         except RuntimeError:  # page-locked memory is limited: fall back to pageable
             out[name] = torch.empty(t.shape, dtype=t.dtype)
         out[name].copy_(t, non_blocking=True)
-    if any(t.device.type == "cuda" for t in tensors.values()):
-        torch.cuda.synchronize()
     return out
 
 

@@ -115,10 +115,12 @@ def _scaffold_control(
     msg: Message, context: Context, params: Sequence[str], device: torch.device
 ) -> Controls | None:
     """SCAFFOLD: (c, c_i) when the server sent a control variate, else None."""
-    if SCAFFOLD_CONTROL not in msg.content.array_records:
+    # ``content.get``, not ``content.array_records``: that view is built from every record
+    # and is in a reference cycle (only the cyclic collector frees it and the message).
+    if not isinstance(msg.content.get(SCAFFOLD_CONTROL), ArrayRecord):
         return None
     c = {k: v.to(device) for k, v in msg.content[SCAFFOLD_CONTROL].to_torch_state_dict().items()}
-    if SCAFFOLD_STATE in context.state.array_records:
+    if isinstance(context.state.get(SCAFFOLD_STATE), ArrayRecord):
         c_i = {
             k: v.to(device) for k, v in context.state[SCAFFOLD_STATE].to_torch_state_dict().items()
         }
@@ -301,13 +303,11 @@ def _train_group(
     order = list(jobs)
     results: dict[int, tuple[TrainResult, float]] = {}
     reason = batched.can_batch(model, [jobs[i] for i in order]) if order else "no jobs"
-    mode = config["batched"]
     use_batch = (
         batched_ok
         and reason is None
         and len(order) > 1
-        and mode != "off"
-        and (mode == "on" or batched.pays_off(model, jobs[order[0]].x.device))
+        and batched.wanted(config["batched"], model, jobs[order[0]].x.device)
     )
     if config["batched"] == "on" and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round

@@ -38,6 +38,34 @@ replies with a full garbage collection (see :meth:`InProcessGrid.push_messages`)
 
 
 @contextlib.contextmanager
+def frozen_start_up(*, vectorised: bool) -> Iterator[None]:
+    """Keep the objects alive at the start of a run out of garbage collections while it lasts.
+
+    A full collection visits every object Python tracks: about 345,000 once torch, Flower
+    and ``torch._dynamo`` are loaded, 0.2 s on a 2-core CPU, paid by the collection before
+    each train round with big replies (:meth:`InProcessGrid.push_messages`) and by
+    Python's own oldest-generation collections. Frozen (``gc.freeze``), they are skipped:
+    a collection visits only what the run made since. They are still freed by reference
+    counting; ``gc.unfreeze`` at the end returns them to the collector. If the process
+    already froze objects, its owner manages the collector: nothing is done.
+
+    ``vectorised``: import ``torch._dynamo`` first, as the first ``torch.func`` gradient
+    of a vectorised round would (1.7 s, 134,000 objects), so that it is frozen too.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    if vectorised:
+        import torch._dynamo  # noqa: F401
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
 def task_identity(run_id: int) -> Iterator[None]:
     """Set Flower's task identity (needed to build Messages) and restore it afterwards."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)

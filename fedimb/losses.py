@@ -195,6 +195,7 @@ def imbalance_loss_tensors(
     s: float = 1.0,
     gamma: float = 0.0,
     base: str = "softmax",
+    valid: Tensor | None = None,
 ) -> Tensor:
     """The loss family as a pure function of tensors (vmap-able over all tensor arguments).
 
@@ -210,13 +211,18 @@ def imbalance_loss_tensors(
         [C] bool, False removes a class from the softmax / sigmoid sum.
     s, gamma, base
         Scalars, see :class:`LossParams`. Under vmap they must be shared by all clients.
+    valid : Tensor, optional
+        [B] bool, False for padding rows: they add nothing to the loss or its gradient and
+        are not counted in its mean, so a short batch padded to B rows has the loss of
+        the short batch. None: every row counts.
 
     Returns
     -------
     Tensor
         Scalar loss. Reduction: softmax with ``gamma = 0`` is the weighted mean of
         ``F.cross_entropy(weight=)``; softmax with ``gamma > 0`` is the plain mean of the
-        focal terms (LDAM-DRW's focal loss); sigmoid sums over classes and divides by B.
+        focal terms (LDAM-DRW's focal loss); sigmoid sums over classes and divides by the
+        number of rows.
     """
     _check_scalars(s, gamma, base)
     work = torch.promote_types(logits.dtype, torch.float32)  # never reduce in bf16/fp16
@@ -230,20 +236,30 @@ def imbalance_loss_tensors(
     keep = mask.to(device=x.device, dtype=torch.bool) | onehot
     z = s * (scale * x - margin * hot) + offset
     w_y = (weight * hot).sum(-1)
+    rows: Tensor | int = x.shape[0]
+    if valid is not None:
+        # where, not a product with 0/1: the padding rows' values never enter the sums.
+        w_y = torch.where(valid, w_y, torch.zeros_like(w_y))
+        rows = valid.sum()
     if base == "softmax":
         ce = torch.logsumexp(torch.where(keep, z, float("-inf")), dim=-1) - (z * hot).sum(-1)
         per_sample = w_y * ce
+        if valid is not None:
+            per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
         if gamma == 0:
             return per_sample.sum() / w_y.sum()
         # clamp_min: (1-p)**gamma has an infinite slope at p = 1 for gamma < 1, which a
         # one-class masked row hits exactly; the clamp gives it a zero gradient instead.
         one_minus_p = torch.clamp_min(-torch.expm1(-per_sample), torch.finfo(work).tiny)
-        return (one_minus_p.pow(gamma) * per_sample).mean()
+        return (one_minus_p.pow(gamma) * per_sample).sum() / rows
     bce = F.softplus(z) - hot * z  # BCE-with-logits, stable for large |z|
     if gamma > 0:
         bce = torch.exp(-gamma * (hot * z + F.softplus(-z))) * bce
     bce = torch.where(keep, bce, torch.zeros_like(bce))
-    return (w_y * bce.sum(-1)).sum() / x.shape[0]
+    per_sample = w_y * bce.sum(-1)
+    if valid is not None:
+        per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
+    return per_sample.sum() / rows
 
 
 def imbalance_loss(logits: Tensor, targets: Tensor, p: LossParams) -> Tensor:

@@ -74,10 +74,15 @@ def run_experiment(
 
 def _run_inprocess(config: Config, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
     from clients.app import app as client_app
-    from fedimb.engine import InProcessGrid, task_identity
+    from fedimb import batched
+    from fedimb.client import model_for
+    from fedimb.engine import InProcessGrid, frozen_start_up, task_identity
+    from fedimb.federation import get_federation
 
+    fed = get_federation(config)
+    vectorised = batched.wanted(config["batched"], model_for(config, fed), fed.device)
     grid = InProcessGrid(client_app, config["num-clients"], batched=config["batched"] != "off")
-    with task_identity(grid.run.run_id):
+    with task_identity(grid.run.run_id), frozen_start_up(vectorised=vectorised):
         return run_server(grid, config, out_dir, **kwargs)
 
 

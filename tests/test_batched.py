@@ -82,6 +82,32 @@ def test_vectorised_training_equals_one_client_at_a_time(
     assert not torch.allclose(vec[0].state["1.weight"], state["1.weight"])
 
 
+def test_each_step_is_one_vectorised_call_despite_short_batches(monkeypatch):
+    """Short last batches of different lengths are padded, not trained in groups of
+    their own: one call per step, over the clients still training."""
+    import fedimb.batched
+
+    calls = []
+    real_vmap = fedimb.batched.vmap
+
+    def counting_vmap(fn):
+        step = real_vmap(fn)
+
+        def counted(*args):
+            calls.append(args[2].shape[:2])  # x: [clients, batch, ...]
+            return step(*args)
+
+        return counted
+
+    monkeypatch.setattr(fedimb.batched, "vmap", counting_vmap)
+    model = build_model("mlp", (12,), 4, hidden=16)
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.1)
+    # Batches per client: 19 -> 8, 8, 3; 24 -> 8, 8, 8; 7 -> 7; 16 -> 8, 8.
+    jobs = _jobs(model, settings, "ce", (12,), [19, 24, 7, 16])
+    train_clients(model, model.state_dict(), jobs, identity, settings)
+    assert calls == [(4, 8), (3, 8), (2, 8)]
+
+
 def test_vectorised_cnn_with_augmentation_equals_sequential():
     torch.manual_seed(1)
     model = build_model("cnn", (3, 8, 8), 4, width=4, hidden=16)

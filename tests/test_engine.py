@@ -176,3 +176,66 @@ def test_replies_are_freed_once_the_strategy_is_done(tmp_path, monkeypatch, coll
         assert alive_at_end[1] == 0  # freed before round 3 trained
     else:
         assert alive_at_end[1] > 0  # the cycle is real: only a collection frees them
+
+
+def test_start_up_objects_are_frozen_for_the_run_only():
+    """Collections during a run skip what was alive at its start; afterwards the
+    collector sees everything again, and a process that froze objects itself is left as is."""
+    import gc
+
+    from fedimb.engine import frozen_start_up
+
+    assert gc.get_freeze_count() == 0
+    start_up = [object()]  # noqa: F841  # alive at the start: frozen
+    with frozen_start_up(vectorised=False):
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        cycle = [None]
+        cycle[0] = cycle  # made during the run: still collectable
+        del cycle
+        assert gc.collect() >= 1
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        owned = gc.get_freeze_count()
+        with frozen_start_up(vectorised=True):
+            assert gc.get_freeze_count() == owned
+        assert gc.get_freeze_count() == owned
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.slow
+def test_a_vectorised_run_collects_only_what_it_made(tmp_path):
+    """In a fresh process (torch._dynamo not yet imported), the objects a collection
+    visits during a vectorised run are those the run made, not torch's and Flower's
+    (over 300,000 with torch._dynamo, which torch.func's first gradient imports)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import gc, json, sys
+        from fedimb.config import load_config
+        from fedimb.sim import run_experiment
+        assert "torch._dynamo" not in sys.modules
+        seen = []
+        config = load_config(None, {{
+            "dataset": "digits", "num-clients": 4, "num-rounds": 2, "engine": "inprocess",
+            "device": "cpu", "batched": "on", "checkpoint-every": 0,
+            "strategy.min-train-clients": 4,
+        }})
+        run_experiment(config, {str(tmp_path)!r}, progress=False,
+                       on_round=lambda r, row: seen.append(len(gc.get_objects())))
+        print(json.dumps({{"visited": seen, "tracked_after": len(gc.get_objects())}}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["visited"]) == 3  # rounds 0, 1, 2
+    assert max(result["visited"]) < 50_000
+    assert result["tracked_after"] > 300_000  # unfrozen again once the run is over

@@ -658,3 +658,30 @@ def test_loss_params_validation():
         LossParams(**ok, base="focal")
     with pytest.raises(ValueError, match="s must"):
         LossParams(**ok, s=0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [*VMAP_CASES, ("ce", {}), ("class-balanced", {"base": "sigmoid"})]
+)
+def test_padding_rows_change_neither_loss_nor_gradient(name, params):
+    """A short batch padded with rows marked invalid has the short batch's loss and
+    gradient, and the padding rows get no gradient (the vectorised trainer relies on it)."""
+    x, y, _ = random_problem(7)
+    short = 9
+    loss = make_loss(name, [40, 3, 0, 12, 5, 1, 0, 9, 2, 30], **params)
+    p = loss.params
+
+    def value(logits, targets, valid=None):
+        return imbalance_loss_tensors(
+            logits, targets, p.weight, p.offset, p.scale, p.margin, p.mask,
+            s=p.s, gamma=p.gamma, base=p.base, valid=valid,
+        )  # fmt: skip
+
+    want, want_grad = torch.func.grad_and_value(value)(x[:short], y[:short])[::-1]
+    valid = torch.arange(len(y)) < short
+    got, got_grad = torch.func.grad_and_value(value)(x, y, valid)[::-1]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad[:short], want_grad)
+    assert torch.count_nonzero(got_grad[short:]) == 0
+    # All rows valid is the same as no mask at all.
+    torch.testing.assert_close(value(x, y, torch.ones_like(valid)), value(x, y))

@@ -1,0 +1,36 @@
+"""The benchmark's stock baselines feed the same numbers whichever data path they use."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedimb.data.datasets import Dataset, load_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+bench_round = pytest.importorskip("bench_round")
+
+
+def _rgb_dataset() -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 3, 5, 4), generator=gen, dtype=torch.uint8)
+    y = torch.arange(12) % 3
+    return Dataset(
+        "rgb", x, y, x[:2], y[:2], ["a", "b", "c"], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), 255.0
+    )
+
+
+@pytest.mark.parametrize("make", [lambda: load_dataset("digits", None), _rgb_dataset])
+def test_quickstart_images_equal_the_normalised_tensors(make):
+    """Per-sample ToTensor + Normalize of PIL images (Flower's quickstart) gives the
+    tensors of ``Dataset.to_float`` (8-bit 0..16 digits and 0..255 RGB alike)."""
+    dataset = make()
+    idx = torch.tensor([0, 3, 5, 7])
+    images = bench_round.QuickstartImages(dataset, idx)
+    assert len(images) == 4
+    want = dataset.to_float(dataset.x_train[idx])
+    for i in range(4):
+        x, y = images[i]
+        torch.testing.assert_close(x, want[i], rtol=1e-5, atol=1e-5)
+        assert int(y) == int(dataset.y_train[idx[i]])
