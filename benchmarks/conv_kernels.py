@@ -6,7 +6,11 @@ the 2-conv CNN's two convolutions for K clients at batch B each, expressed as:
 
 - ``vmap``: ``vmap(grad(...))`` over stacked weights, as ``fedimb.batched`` does;
 - ``grouped``: the same grouped convolution called directly, NCHW and channels-last;
-- ``dense``: one model's convolution on the K*B images (same FLOPs, no groups): the limit.
+- ``dense``: one model's convolution on the K*B images (same FLOPs, no groups): the limit;
+- ``unfold``: each client's convolution as a matrix product over unfolded patches
+  (``F.unfold`` + ``matmul``, batched over clients by ``vmap``: no grouped convolution);
+- ``... weight grad``: ``vmap`` and ``unfold`` without the input's gradient, which the
+  trainer never needs for the first layer (its input is data).
 
 each in fp32 and bf16 autocast. Milliseconds per step, median of ``--repeats``.
 
@@ -31,6 +35,16 @@ from fedimb.results import atomic_write_text
 
 # (name, in channels, out channels, image side) of the CNN's convolutions (5x5, pad 2).
 LAYERS = (("conv1", 3, 32, 32), ("conv2", 32, 64, 16))
+
+
+def unfold_conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=padding)`` (stride 1, no bias) as a matrix product
+    over unfolded patches: [B, C_in, H, W] x [C_out, C_in, k, k] -> [B, C_out, H', W']."""
+    k = weight.shape[-1]
+    side_h = x.shape[-2] + 2 * padding - k + 1
+    side_w = x.shape[-1] + 2 * padding - k + 1
+    cols = F.unfold(x, kernel_size=k, padding=padding)  # [B, C_in * k * k, H' * W']
+    return (weight.flatten(1) @ cols).unflatten(-1, (side_h, side_w))
 
 
 def _time_ms(step: Any, device: torch.device, repeats: int) -> float:
@@ -63,7 +77,14 @@ def layer_steps(
         with autocast():
             return F.conv2d(xk, wk, padding=2).float().square().mean()
 
+    def one_client_unfold(wk: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return unfold_conv2d(xk, wk, padding=2).float().square().mean()
+
     per_client = vmap(grad(one_client, argnums=(0, 1)))  # both gradients, as the others
+    per_client_unfold = vmap(grad(one_client_unfold, argnums=(0, 1)))
+    weight_only = vmap(grad(one_client))
+    weight_only_unfold = vmap(grad(one_client_unfold))
 
     def grouped(layout: torch.memory_format) -> Any:
         xg = x.transpose(0, 1).reshape(b, k * c_in, side, side).contiguous(memory_format=layout)
@@ -90,6 +111,9 @@ def layer_steps(
         "grouped": grouped(torch.contiguous_format),
         "grouped channels-last": grouped(torch.channels_last),
         "dense": dense,
+        "unfold": lambda: per_client_unfold(w.detach(), x),
+        "vmap weight grad": lambda: weight_only(w.detach(), x),
+        "unfold weight grad": lambda: weight_only_unfold(w.detach(), x),
     }
 
 

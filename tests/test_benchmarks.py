@@ -34,3 +34,17 @@ def test_quickstart_images_equal_the_normalised_tensors(make):
         x, y = images[i]
         torch.testing.assert_close(x, want[i], rtol=1e-5, atol=1e-5)
         assert int(y) == int(dataset.y_train[idx[i]])
+
+
+def test_unfolded_convolution_equals_conv2d_also_under_vmap():
+    """The kernel probe's ``unfold`` expression computes the same convolution, per client."""
+    conv_kernels = pytest.importorskip("conv_kernels")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 2, 7, 6, generator=gen, dtype=torch.float64)  # clients, batch, C, H, W
+    w = torch.randn(3, 5, 2, 5, 5, generator=gen, dtype=torch.float64)
+    want = torch.stack([torch.nn.functional.conv2d(x[k], w[k], padding=2) for k in range(3)])
+    got = torch.func.vmap(lambda xk, wk: conv_kernels.unfold_conv2d(xk, wk, padding=2))(x, w)
+    assert got.shape == (3, 4, 5, 7, 6)
+    torch.testing.assert_close(got, want)
+    unpadded = conv_kernels.unfold_conv2d(x[0], w[0], padding=0)
+    torch.testing.assert_close(unpadded, torch.nn.functional.conv2d(x[0], w[0]))
