@@ -85,7 +85,9 @@ class _StackedPlan:
     ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step),
     ``valid[k, t, i]`` says whether position i is one of them (the rest is padding: index
     0, a real sample that the loss ignores); ``shift`` / ``flip`` hold its augmentation
-    the same way (None without augmentation).
+    the same way (None without augmentation). Step t trains the clients ``members[t]``
+    (None: all of them; else a device tensor of their positions) at batch length
+    ``sizes[t]``.
     """
 
     def __init__(self, jobs: Sequence[ClientJob], batch_size: int, device: torch.device) -> None:
@@ -109,6 +111,14 @@ class _StackedPlan:
         self.valid = torch.as_tensor(np.arange(batch_size) < self.lengths[..., None], device=device)
         self.shift = None if shift is None else torch.as_tensor(shift, device=device)
         self.flip = None if flip is None else torch.as_tensor(flip, device=device)
+        active = [np.flatnonzero(self.lengths[:, t]) for t in range(self.max_steps)]
+        self.sizes = [int(self.lengths[m, t].max()) for t, m in enumerate(active)]
+        # Every step's members in one copy: a copy from pageable host memory waits for the
+        # device, which would stall the host at each step where some client has finished.
+        partial = [m for m in active if len(m) < k_all]
+        flat = torch.as_tensor(np.concatenate(partial or [np.zeros(0, np.int64)]), device=device)
+        views = iter(flat.split([len(m) for m in partial]))
+        self.members = [None if len(m) == k_all else next(views) for m in active]
 
 
 def train_clients(
@@ -178,11 +188,10 @@ def train_clients(
     everyone = torch.arange(k_all, device=device)
 
     for t in range(plan.max_steps):
-        members = np.flatnonzero(plan.lengths[:, t])
-        size = int(plan.lengths[members, t].max())  # shorter batches are padded to it
-        whole = len(members) == k_all
-        sel = slice(None) if whole else torch.as_tensor(members, device=device)
-        rows = everyone if whole else sel
+        size = plan.sizes[t]  # shorter batches are padded to it
+        members = plan.members[t]
+        sel = slice(None) if members is None else members
+        rows = everyone if members is None else members
         idx = plan.index[rows, t, :size]  # [G, B]: already on the device
         # to_float normalises per channel at dim 1: give it one [G*B, ...] batch.
         x = to_float(data_x[rows[:, None], idx].flatten(0, 1)).unflatten(0, idx.shape)

@@ -32,7 +32,7 @@ from fedimb.federation import (
     use_augmentation,
 )
 from fedimb.losses import make_loss
-from fedimb.records import state_record
+from fedimb.records import record_of, state_record
 from fedimb.train import (
     ClientJob,
     TrainResult,
@@ -115,15 +115,13 @@ def _scaffold_control(
     msg: Message, context: Context, params: Sequence[str], device: torch.device
 ) -> Controls | None:
     """SCAFFOLD: (c, c_i) when the server sent a control variate, else None."""
-    # ``content.get``, not ``content.array_records``: that view is built from every record
-    # and is in a reference cycle (only the cyclic collector frees it and the message).
-    if not isinstance(msg.content.get(SCAFFOLD_CONTROL), ArrayRecord):
+    control = record_of(msg.content, SCAFFOLD_CONTROL, ArrayRecord)
+    if control is None:
         return None
-    c = {k: v.to(device) for k, v in msg.content[SCAFFOLD_CONTROL].to_torch_state_dict().items()}
-    if isinstance(context.state.get(SCAFFOLD_STATE), ArrayRecord):
-        c_i = {
-            k: v.to(device) for k, v in context.state[SCAFFOLD_STATE].to_torch_state_dict().items()
-        }
+    c = {k: v.to(device) for k, v in control.to_torch_state_dict().items()}
+    state = record_of(context.state, SCAFFOLD_STATE, ArrayRecord)
+    if state is not None:
+        c_i = {k: v.to(device) for k, v in state.to_torch_state_dict().items()}
     else:
         c_i = {k: torch.zeros_like(c[k]) for k in params}
     return c, c_i

@@ -12,12 +12,15 @@ a standard ``Array``.
 
 from __future__ import annotations
 
+import math
 from io import BytesIO
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
+
+R = TypeVar("R")
 
 _FIELDS = ("dtype", "shape", "stype", "data")
 _NUMPY = "numpy.ndarray"
@@ -107,7 +110,18 @@ class TensorArray(Array):
 
 def array_nbytes(array: Array) -> int:
     """Bytes of an ``Array``'s values, from its dtype and shape (no bytes read)."""
-    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    return math.prod(array.shape) * np.dtype(array.dtype).itemsize
+
+
+def record_of(content: RecordDict, key: str, kind: type[R]) -> R | None:
+    """``content[key]`` if it is a record of type ``kind``, else None.
+
+    What ``content.array_records.get(key)`` (or ``metric_records``) returns, without
+    the view: Flower rebuilds such a view from every record at each access, and it is in
+    a reference cycle, so it keeps the message alive until the cyclic collector runs.
+    """
+    value = content.get(key)
+    return value if isinstance(value, kind) else None
 
 
 def state_record(state: dict[str, torch.Tensor], finite: bool | None = None) -> ArrayRecord:

@@ -39,7 +39,7 @@ from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
-from fedimb.records import TensorArray, array_nbytes
+from fedimb.records import TensorArray, array_nbytes, record_of
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -92,8 +92,8 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
     """Why a train reply must not be aggregated, or None if it is sound."""
     if reply.has_error():
         return f"error: {reply.error.reason}"
-    metrics = reply.content.metric_records.get("metrics")
-    if metrics is None or "arrays" not in reply.content.array_records:
+    metrics = record_of(reply.content, "metrics", MetricRecord)
+    if metrics is None or record_of(reply.content, "arrays", ArrayRecord) is None:
         return "malformed reply: no 'arrays' or 'metrics' record"
     loss = metrics.get("train-loss")
     if loss is not None and not math.isfinite(float(loss)):
@@ -189,9 +189,9 @@ class GuardedGrid(Grid):
         for reply in replies:
             node = reply.metadata.src_node_id
             reason = _reply_fault(reply, self.client_timeout)
-            metrics = (
-                {} if reply.has_error() else dict(reply.content.metric_records.get("metrics", {}))
-            )
+            metrics: dict[str, Any] = {}
+            if not reply.has_error():
+                metrics = dict(record_of(reply.content, "metrics", MetricRecord) or {})
             if "partition-id" in metrics:
                 self.partition_of[node] = int(metrics["partition-id"])
             metrics.setdefault("partition-id", self.partition_of.get(node))

@@ -116,3 +116,30 @@ def test_an_inprocess_round_serialises_no_reply(tmp_path, monkeypatch):
     run_experiment(config, tmp_path, progress=False)
     assert built == []
     assert (tmp_path / "summary.json").exists()
+
+
+def test_record_of_finds_records_by_kind_without_cyclic_views():
+    import gc
+
+    from flwr.app import ConfigRecord
+
+    from fedimb.records import record_of
+
+    metrics = MetricRecord({"num-examples": 3})
+    content = RecordDict({"metrics": metrics, "config": ConfigRecord({"lr": 0.1})})
+    assert record_of(content, "metrics", MetricRecord) is metrics
+    assert record_of(content, "config", MetricRecord) is None  # another kind
+    assert record_of(content, "arrays", ArrayRecord) is None  # absent
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        for _ in range(5):
+            record_of(content, "metrics", MetricRecord)
+        assert gc.collect() == 0
+        for _ in range(5):
+            content.metric_records.get("metrics")  # Flower's view: cyclic garbage
+        assert gc.collect() > 0
+    finally:
+        if enabled:
+            gc.enable()
