@@ -83,9 +83,11 @@ class _StackedPlan:
     """All clients' plans as padded arrays, moved to the device once per round.
 
     ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step),
-    ``valid[k, t, i]`` says whether position i is one of them (the rest is padding: index
-    0, a real sample that the loss ignores); ``shift`` / ``flip`` hold its augmentation
-    the same way (None without augmentation). Step t trains the clients ``members[t]``
+    ``valid[k, t, i]`` says whether position i is one of them; the rest is padding that
+    the loss ignores, copies of the batch's first sample and its augmentation (a sample
+    outside the batch could overflow the forward pass where the batch itself does not,
+    and 0 x inf in the weight gradient is NaN); ``shift`` / ``flip`` hold the
+    augmentation the same way (None without augmentation). Step t trains the clients ``members[t]``
     (None: all of them; else a device tensor of their positions) at batch length
     ``sizes[t]``.
     """
@@ -102,11 +104,11 @@ class _StackedPlan:
         for k, job in enumerate(jobs):
             for t, batch in enumerate(job.plan.batches):
                 n = len(batch)
-                index[k, t, :n] = batch
+                index[k, t, :n], index[k, t, n:] = batch, batch[0]
                 self.lengths[k, t] = n
                 if augment:
-                    shift[k, t, :n] = job.plan.shift[t]
-                    flip[k, t, :n] = job.plan.flip[t]
+                    shift[k, t, :n], shift[k, t, n:] = job.plan.shift[t], job.plan.shift[t][0]
+                    flip[k, t, :n], flip[k, t, n:] = job.plan.flip[t], job.plan.flip[t][0]
         self.index = torch.as_tensor(index, device=device)
         self.valid = torch.as_tensor(np.arange(batch_size) < self.lengths[..., None], device=device)
         self.shift = None if shift is None else torch.as_tensor(shift, device=device)

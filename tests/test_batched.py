@@ -108,6 +108,33 @@ def test_each_step_is_one_vectorised_call_despite_short_batches(monkeypatch):
     assert calls == [(4, 8), (3, 8), (2, 8)]
 
 
+def test_padding_repeats_the_batch_so_an_unused_sample_cannot_spoil_it():
+    """A client's short batch is padded with copies of its own rows: a sample outside the
+    batch whose forward pass overflows (here sample 0, never trained on) must not turn
+    the update into NaN when training alone keeps it finite."""
+    from fedimb.train import ClientPlan
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (12,), 4, hidden=16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(batch_size=8, lr=0.1)
+
+    def job(n, batches):
+        x, y = torch.randn(n, 12), torch.arange(n) % 4
+        loss = make_loss("ce", np.bincount(y.numpy(), minlength=4))
+        return ClientJob(x=x, y=y, loss=loss, plan=ClientPlan([np.array(b) for b in batches]))
+
+    short = job(12, [list(range(1, 9)), [9, 10, 11]])
+    short.x[0] = float("inf")
+    jobs = [short, job(16, [list(range(8)), list(range(8, 16))])]
+    alone = _sequential(model, state, jobs, settings)
+    together = train_clients(model, state, jobs, identity, settings)
+    assert together[0].finite
+    for a, b in zip(alone, together, strict=True):
+        for key in a.state:
+            torch.testing.assert_close(a.state[key], b.state[key], rtol=1e-4, atol=1e-5)
+
+
 def test_vectorised_cnn_with_augmentation_equals_sequential():
     torch.manual_seed(1)
     model = build_model("cnn", (3, 8, 8), 4, width=4, hidden=16)
