@@ -42,7 +42,7 @@ if [ "$DEVICE" = cuda ] && [[ $STEPS == *" tests "* ]]; then
 fi
 if [[ $STEPS == *" kernels "* ]]; then
   echo "== conv kernels"
-  timeout 90 python3 benchmarks/conv_kernels.py --device "$DEVICE" --clients "$CLIENTS" \
+  timeout 150 python3 benchmarks/conv_kernels.py --device "$DEVICE" --clients "$CLIENTS" \
     --out "$OUT/conv-kernels.json" 2>&1
 fi
 if [[ $STEPS == *" profile "* ]]; then
