@@ -50,7 +50,10 @@ def pays_off(model: nn.Module, device: torch.device) -> bool:
 
 def wanted(mode: str, model: nn.Module, device: torch.device) -> bool:
     """Whether the ``batched`` setting ``mode`` (on / off / auto) vectorises ``model``'s
-    clients on ``device`` (if they :func:`can_batch`)."""
+    clients on ``device``: the model must be vectorisable; their jobs must also
+    :func:`can_batch`."""
+    if not is_vectorisable(model):
+        return False
     return mode == "on" or (mode == "auto" and pays_off(model, device))
 
 
@@ -82,14 +85,13 @@ def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 class _StackedPlan:
     """All clients' plans as padded arrays, moved to the device once per round.
 
-    ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step),
-    ``valid[k, t, i]`` says whether position i is one of them; the rest is padding that
-    the loss ignores, copies of the batch's first sample and its augmentation (a sample
-    outside the batch could overflow the forward pass where the batch itself does not,
-    and 0 x inf in the weight gradient is NaN); ``shift`` / ``flip`` hold the
-    augmentation the same way (None without augmentation). Step t trains the clients ``members[t]``
-    (None: all of them; else a device tensor of their positions) at batch length
-    ``sizes[t]``.
+    ``index[k, t, :lengths[k, t]]`` are client k's sample indices at step t (0 = no step);
+    ``shift`` / ``flip`` hold their augmentation the same way (None without augmentation).
+    Step t trains the clients ``members[t]`` (None: all; else a device tensor of their
+    positions) at batch length ``sizes[t]``; ``valid[k, t, i]`` is False for padding,
+    which the loss ignores. Padding repeats the batch's first sample and augmentation:
+    a sample outside the batch could overflow the forward pass where the batch does not,
+    and 0 x inf in the weight gradient is NaN.
     """
 
     def __init__(self, jobs: Sequence[ClientJob], batch_size: int, device: torch.device) -> None:

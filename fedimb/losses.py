@@ -236,16 +236,16 @@ def imbalance_loss_tensors(
     keep = mask.to(device=x.device, dtype=torch.bool) | onehot
     z = s * (scale * x - margin * hot) + offset
     w_y = (weight * hot).sum(-1)
-    rows: Tensor | int = x.shape[0]
-    if valid is not None:
+    rows: Tensor | int = x.shape[0] if valid is None else valid.sum()
+
+    def drop_padding(per_row: Tensor) -> Tensor:
         # where, not a product with 0/1: the padding rows' values never enter the sums.
-        w_y = torch.where(valid, w_y, torch.zeros_like(w_y))
-        rows = valid.sum()
+        return per_row if valid is None else torch.where(valid, per_row, 0.0)
+
+    w_y = drop_padding(w_y)
     if base == "softmax":
         ce = torch.logsumexp(torch.where(keep, z, float("-inf")), dim=-1) - (z * hot).sum(-1)
-        per_sample = w_y * ce
-        if valid is not None:
-            per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
+        per_sample = drop_padding(w_y * ce)
         if gamma == 0:
             return per_sample.sum() / w_y.sum()
         # clamp_min: (1-p)**gamma has an infinite slope at p = 1 for gamma < 1, which a
@@ -256,10 +256,7 @@ def imbalance_loss_tensors(
     if gamma > 0:
         bce = torch.exp(-gamma * (hot * z + F.softplus(-z))) * bce
     bce = torch.where(keep, bce, torch.zeros_like(bce))
-    per_sample = w_y * bce.sum(-1)
-    if valid is not None:
-        per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
-    return per_sample.sum() / rows
+    return drop_padding(w_y * bce.sum(-1)).sum() / rows
 
 
 def imbalance_loss(logits: Tensor, targets: Tensor, p: LossParams) -> Tensor:

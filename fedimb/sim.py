@@ -78,11 +78,9 @@ def _run_inprocess(config: Config, out_dir: Path, **kwargs: Any) -> dict[str, An
     from fedimb.client import model_for
     from fedimb.engine import InProcessGrid, frozen_start_up, task_identity
     from fedimb.federation import get_federation
-    from fedimb.models import is_vectorisable
 
     fed = get_federation(config)
-    model = model_for(config, fed)
-    vectorised = batched.wanted(config["batched"], model, fed.device) and is_vectorisable(model)
+    vectorised = batched.wanted(config["batched"], model_for(config, fed), fed.device)
     grid = InProcessGrid(client_app, config["num-clients"], batched=config["batched"] != "off")
     with task_identity(grid.run.run_id), frozen_start_up(vectorised=vectorised):
         return run_server(grid, config, out_dir, **kwargs)
