@@ -13,7 +13,9 @@ For each model, on the bench's workload (same data, partition, clients and jobs)
 - ``host``: what the in-process engine does with the trained states before the next
   round, per stage: building the replies' ``ArrayRecord`` (fedimb's ``TensorArray``,
   and Flower's own ``Array`` for comparison), the finiteness check of every reply, and
-  Flower's ``FedAvg`` aggregation (``aggregate_arrayrecords``). Needs flwr.
+  the ``FedAvg`` mean of the replies: Flower's (``aggregate_arrayrecords``) and the one
+  fedimb's registered FedAvg family uses (``strategies.stock.weighted_array_mean``).
+  Needs flwr.
 
 Example::
 
@@ -124,6 +126,7 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
 
     from fedimb.records import state_record
     from fedimb.server import _float_view
+    from strategies.stock import weighted_array_mean
 
     def replies(make: Any) -> list[RecordDict]:
         return [
@@ -149,24 +152,26 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
         ("flower-array", lambda r: ArrayRecord(r.state)),
     )
 
-    def fedavg(make: Any) -> float:
+    def mean_seconds(make: Any, aggregate: Any) -> float:
         # Fresh replies for every repeat, as every round has: nothing cached between them.
         times = []
         for _ in range(repeats + 1):
             recs = replies(make)
             t0 = bench.stamp(None)
-            aggregate_arrayrecords(recs, "num-examples")
+            aggregate(recs, "num-examples")
             times.append(bench.stamp(None) - t0)
         return statistics.median(times[1:])
 
     for label, make in variants:
         _, build, recs = _timed(lambda m=make: replies(m), None, repeats)
         _, check, _ = _timed(lambda r=recs: finite(r), None, repeats)
-        agg = fedavg(make)
+        agg = mean_seconds(make, aggregate_arrayrecords)
+        ours = mean_seconds(make, weighted_array_mean)
         out.update({f"{label}_build": build, f"{label}_finite": check, f"{label}_fedavg": agg})
+        out[f"{label}_torch_mean"] = ours
         print(
             f"  host  {label:13} build {build:.4f} s, finite check {check:.4f} s, "
-            f"FedAvg {agg:.4f} s",
+            f"FedAvg mean: Flower {agg:.4f} s, fedimb {ours:.4f} s",
             flush=True,
         )
     return {k: round(v, 4) for k, v in out.items()}

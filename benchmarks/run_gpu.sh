@@ -3,7 +3,8 @@
 # convolution kernels (benchmarks/conv_kernels.py), the profile of a vectorised round
 # (with a torch.profiler table and group sizes 50 and 25), the round benchmark in fp32
 # (every setting) per model, then bf16 for the fast settings, then the stock loop fed as
-# Flower's quickstart feeds it (PIL images, transformed per sample). Each step has its own
+# Flower's quickstart feeds it (PIL images, transformed per sample), and the server's
+# FedAvg mean on the host's cores (Flower's and fedimb's). Each step has its own
 # time limit and writes its JSON as it goes, so a session cut short keeps what it
 # measured. All steps take about 15 minutes on an H200: pick some with STEPS, e.g.
 # STEPS="tests profile" then STEPS="bench bf16" in a second call.
@@ -14,11 +15,11 @@
 # but wheels are in .whl/ (see ../.library/device/README.md), they are installed to
 # /tmp/site first. Env: DEVICE (cuda), ROUNDS (6: the mean of rounds 2-R dilutes one-off
 # costs such as round 2's new pinned buffers), CLIENTS (100), MODELS ("cnn resnet32"),
-# STEPS ("tests kernels profile bench bf16 quickstart"), SETTINGS (fp32 bench settings,
+# STEPS ("tests kernels profile bench bf16 quickstart aggregate"), SETTINGS (fp32 bench settings,
 # default all).
 set -u
 DEVICE=${DEVICE:-cuda}; ROUNDS=${ROUNDS:-6}; CLIENTS=${CLIENTS:-100}
-STEPS=" ${STEPS:-tests kernels profile bench bf16 quickstart} "
+STEPS=" ${STEPS:-tests kernels profile bench bf16 quickstart aggregate} "
 SETTINGS=${SETTINGS:-fedimb,flower,loop,vmap,bigbatch}
 MODELS=${MODELS:-"cnn resnet32"}; OUT=${OUT:-/tmp/out}; DATA=${DATA:?set DATA}
 mkdir -p "$OUT"
@@ -69,5 +70,12 @@ if [[ $STEPS == *" quickstart "* ]]; then
     echo "== bench $m loop, quickstart data"
     timeout 200 $B --model "$m" --stock-data quickstart --settings loop --timeout 180 \
       --out "$OUT/gpu-$m-loop-quickstart.json" 2>&1 | grep -v "^running "
+  done
+fi
+if [[ $STEPS == *" aggregate "* ]]; then
+  for m in $MODELS; do
+    echo "== FedAvg mean $m"
+    timeout 120 python3 benchmarks/bench_aggregate.py --model "$m" --clients "$CLIENTS" \
+      --threads "1,$(nproc)" --out "$OUT/aggregate-$m.json" 2>&1
   done
 fi

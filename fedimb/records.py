@@ -113,6 +113,34 @@ def array_nbytes(array: Array) -> int:
     return math.prod(array.shape) * np.dtype(array.dtype).itemsize
 
 
+def values_view(array: Array) -> np.ndarray:
+    """The values of ``array``, read-only, without copying them where possible.
+
+    A :class:`TensorArray`'s own host array; a numpy-serialised ``Array``'s values read
+    in place from its ``.npy`` bytes (``Array.numpy()`` parses the same header, then
+    copies); anything else through ``Array.numpy()``.
+    """
+    if isinstance(array, TensorArray) and (values := array.values()) is not None:
+        return values
+    if array.stype != _NUMPY:
+        return array.numpy()
+    data = array.data
+    stream = BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = _NPY_HEADER_READERS.get(version)
+    if read_header is None:  # a newer .npy version: let numpy read it
+        return array.numpy()
+    shape, fortran_order, dtype = read_header(stream)
+    values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return values.reshape(shape, order="F" if fortran_order else "C")
+
+
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
 def record_of(content: RecordDict, key: str, kind: type[R]) -> R | None:
     """``content[key]`` if it is a record of type ``kind``, else None.
 

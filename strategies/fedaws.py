@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.exception import AggregationError
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
+
+from strategies.stock import FedAvg
 
 
 def _pairwise_distances(weights: np.ndarray) -> np.ndarray:

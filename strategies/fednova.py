@@ -20,8 +20,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
+
+from strategies.stock import FedAvg
 
 NUM_STEPS_KEY = "num-steps"
 

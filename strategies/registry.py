@@ -5,6 +5,11 @@
 must subclass ``flwr.serverapp.strategy.Strategy``. Parameters are the class's own
 constructor keyword arguments; unknown ones are rejected with the accepted list.
 
+``fedavg``, ``fedprox``, ``fedavgm``, ``fedadagrad``, ``fedadam`` and ``fedyogi`` are
+Flower's classes with one step swapped in: the weighted mean of the replies' arrays, done
+by torch and equal to Flower's bit for bit (``strategies.stock``). Flower's originals
+are reachable by import path (``"flwr.serverapp.strategy:FedAvg"``).
+
 Defaults this tool applies on top of a class's own (only where the class accepts them):
 
 - ``fraction_evaluate=0.0``: the global model is evaluated on the server's balanced
@@ -19,25 +24,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from flwr.serverapp.strategy import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    QFedAvg,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, QFedAvg, Strategy
 
 from fedimb.registry import Registry, RegistryError
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.fedaws import FedAwS
 from strategies.fednova import FedNova
 from strategies.scaffold import Scaffold
+from strategies.stock import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 for _name, _cls in {

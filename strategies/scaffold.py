@@ -24,8 +24,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
+
+from strategies.stock import FedAvg
 
 CONTROL_KEY = "scaffold-control"
 DELTA_KEY = "scaffold-delta"

@@ -48,3 +48,15 @@ def test_unfolded_convolution_equals_conv2d_also_under_vmap():
     torch.testing.assert_close(got, want)
     unpadded = conv_kernels.unfold_conv2d(x[0], w[0], padding=0)
     torch.testing.assert_close(unpadded, torch.nn.functional.conv2d(x[0], w[0]))
+
+
+def test_aggregate_benchmark_reports_both_means_and_their_equality(tmp_path):
+    import json
+
+    bench_aggregate = pytest.importorskip("bench_aggregate")
+    out = tmp_path / "aggregate.json"
+    assert bench_aggregate.main(["--model", "mlp", "--clients", "3", "--repeats", "1",
+                                 "--threads", "1", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["replies"], r["threads"]) for r in rows] == [("in-process", 1), ("plain", 1)]
+    assert all(r["bit_equal"] and r["flower_s"] > 0 and r["torch_s"] > 0 for r in rows)

@@ -4,11 +4,12 @@ import json
 import math
 
 import pytest
+import torch
 
 from fedimb.cli import main
 from fedimb.config import load_config
 from fedimb.results import read_json, read_jsonl
-from fedimb.server import TooManyFailures
+from fedimb.server import TooManyFailures, load_checkpoint
 from fedimb.sim import run_experiment
 
 pytestmark = pytest.mark.slow
@@ -71,6 +72,22 @@ def test_batched_and_sequential_inprocess_runs_agree(tmp_path):
     a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
     assert [r for r, _ in a] == [r for r, _ in b]
     assert [e for _, e in a] == pytest.approx([e for _, e in b], abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_registered_fedavg_family_runs_exactly_as_flowers_own_class(tmp_path, name):
+    """The registered classes only average faster (strategies.stock): same run, same numbers."""
+    flower_path = {"fedavg": "FedAvg", "fedadam": "FedAdam"}[name]
+    for out, strategy in (("ours", name), ("flower", f"flwr.serverapp.strategy:{flower_path}")):
+        # hidden 512: a 512 x 64 layer, large enough for the mean's torch path
+        config = small(**{"strategy.name": strategy, "checkpoint-every": 3, "model.hidden": 512})
+        run_experiment(config, tmp_path / out, progress=False)
+    ours, flower = curve(tmp_path / "ours"), curve(tmp_path / "flower")
+    assert len(ours) == 4 and ours == flower  # exactly, not approximately
+    final = [load_checkpoint(tmp_path / out / "checkpoint.pt") for out in ("ours", "flower")]
+    assert type(final[0]["strategy"]).__module__ == "strategies.stock"
+    for key, weights in final[1]["state_dict"].items():
+        assert torch.equal(final[0]["state_dict"][key], weights)
 
 
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):

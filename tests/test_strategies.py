@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -23,16 +24,27 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.exception import AggregationError
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedimb.records import TensorArray, state_record
 from fedimb.registry import RegistryError
-from strategies import list_strategies, make_strategy, strategy_params
+from strategies import list_strategies, make_strategy, stock, strategy_params
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.example_custom import ServerLRFedAvg
 from strategies.fedaws import FedAwS, spreadout_grad, spreadout_loss
 from strategies.fednova import FedNova, effective_steps
 from strategies.scaffold import CONTROL_KEY, DELTA_KEY, Scaffold
+from strategies.stock import weighted_array_mean
 
 SHAPES = {"conv.weight": (3, 2), "bn.num_batches_tracked": (), "fc.weight": (4, 3), "fc.bias": (4,)}
 PARAM_KEYS = ["conv.weight", "fc.weight", "fc.bias"]
@@ -527,8 +539,117 @@ def test_pickled_fedadam_continues_identically() -> None:
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_fedavgm_is_registered_as_flower_class() -> None:
-    assert type(make_strategy("fedavgm")) is FedAvgM
+# ------------------------------------------- Flower's FedAvg family, torch's mean
+
+# Registered name -> Flower's class; ours must give its results bit for bit.
+FLOWER_FEDAVG_FAMILY = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadagrad": FedAdagrad,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+}
+
+
+def mixed_state(seed: int) -> dict[str, np.ndarray]:
+    """Small and large (torch-summed) float32 weights, small and large float64 buffers."""
+    rng = np.random.default_rng(seed)
+    state = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items() if k in PARAM_KEYS}
+    state["big.weight"] = rng.normal(size=(2 * stock._TORCH_MIN_SIZE, 2)).astype(np.float32)
+    state["bn.running_var"] = rng.random(4)  # float64
+    state["big.running_var"] = rng.random(stock._TORCH_MIN_SIZE)
+    return state
+
+
+def in_process_reply(arrays: dict[str, np.ndarray], n: int) -> Message:
+    """A reply as the in-process engine builds it: TensorArrays, no .npy bytes."""
+    instruction = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    record = state_record({k: torch.from_numpy(v) for k, v in arrays.items()})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord(train_metrics(n))})
+    return Message(content, reply_to=instruction)
+
+
+@pytest.mark.parametrize("name", sorted(FLOWER_FEDAVG_FAMILY))
+@pytest.mark.parametrize("make_reply", ["plain", "in-process"])
+def test_registered_fedavg_family_equals_flower_bit_for_bit(
+    name: str, make_reply: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flower_cls = FLOWER_FEDAVG_FAMILY[name]
+    calls = []
+    monkeypatch.setattr(
+        stock, "weighted_array_mean", lambda *a: calls.append(a) or weighted_array_mean(*a)
+    )
+    ours = make_strategy(name)
+    assert isinstance(ours, flower_cls) and type(ours).__name__ == flower_cls.__name__
+    flower = flower_cls(**{k: getattr(ours, k) for k in ("fraction_evaluate",)})
+    flower.train_metrics_aggr_fn = ours.train_metrics_aggr_fn
+    build = (lambda y, n: reply(y, train_metrics(n))) if make_reply == "plain" else in_process_reply
+    x = mixed_state(0)
+    for rnd in (1, 2):  # a second round exercises FedAvgM's and FedOpt's server state
+        results = []
+        for strategy in (ours, flower):
+            configure(strategy, x, rnd)
+            replies = [build(mixed_state(10 * rnd + i), n) for i, n in enumerate((37, 5, 101))]
+            arrays, metrics = strategy.aggregate_train(rnd, replies)
+            results.append((to_numpy(arrays), dict(metrics)))
+        (a, metrics_a), (b, metrics_b) = results
+        assert metrics_a == metrics_b
+        for key in x:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+        x = a
+    assert len(calls) == 2  # the mean above, not Flower's
+
+
+def test_weighted_array_mean_equals_flower_for_integer_buffers_and_odd_arrays() -> None:
+    """Dtypes torch would round or promote differently fall back to numpy's expression."""
+    states = [make_state(i) for i in (1, 2, 3)]  # with an int64 buffer: float64 mean
+    rng, big = np.random.default_rng(7), 2 * stock._TORCH_MIN_SIZE
+    for i, state in enumerate(states):
+        state["half"] = rng.normal(size=big).astype(np.float16)
+        state["counts"] = rng.integers(0, 1000, size=big)  # int64: numpy's mean is float64
+        # Large, so summed by torch until the float64 term; numpy adds that in float64.
+        state["mixed"] = rng.normal(size=big).astype(np.float64 if i else np.float32)
+    contents = [RecordDict({"a": to_record(s), "m": MetricRecord({"n": 3 + i})}) for i, s in
+                enumerate(states)]  # fmt: skip
+    ours = to_numpy(weighted_array_mean(contents, "n"))
+    flower = to_numpy(aggregate_arrayrecords(contents, "n"))
+    assert ours.keys() == flower.keys()
+    for key, want in flower.items():
+        assert ours[key].dtype == want.dtype
+        np.testing.assert_array_equal(ours[key], want)
+
+
+def test_weighted_array_mean_reads_large_arrays_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large arrays (a CNN's dense layer) are not copied: not from an in-process reply's
+    host array, nor from a plain Array's .npy bytes."""
+    large = [{k: v for k, v in mixed_state(i).items() if k.startswith("big")} for i in range(3)]
+    replies = [in_process_reply(state, 2 + i) for i, state in enumerate(large)]
+    want = to_numpy(aggregate_arrayrecords([r.content for r in replies], "num-examples"))
+
+    def no_copies(self: TensorArray) -> np.ndarray:
+        raise AssertionError("copied a reply's values")
+
+    plain_contents = [
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: a.as_array() for k, a in r.content["arrays"].items()}),
+                "metrics": r.content["metrics"],
+            }
+        )
+        for r in replies
+    ]
+    monkeypatch.setattr(TensorArray, "numpy", no_copies)
+    monkeypatch.setattr(Array, "numpy", no_copies)
+    mean = weighted_array_mean([r.content for r in replies], "num-examples")
+    plain = weighted_array_mean(plain_contents, "num-examples")
+    monkeypatch.undo()
+    for key, values in want.items():
+        np.testing.assert_array_equal(mean[key].numpy(), values)
+        np.testing.assert_array_equal(plain[key].numpy(), values)
 
 
 # ------------------------------------------------------------------ through start()
