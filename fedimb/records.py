@@ -113,6 +113,12 @@ def array_nbytes(array: Array) -> int:
     return math.prod(array.shape) * np.dtype(array.dtype).itemsize
 
 
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
 def values_view(array: Array) -> np.ndarray:
     """The values of ``array``, read-only, without copying them where possible.
 
@@ -133,12 +139,6 @@ def values_view(array: Array) -> np.ndarray:
     shape, fortran_order, dtype = read_header(stream)
     values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
     return values.reshape(shape, order="F" if fortran_order else "C")
-
-
-_NPY_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
 
 
 def record_of(content: RecordDict, key: str, kind: type[R]) -> R | None:

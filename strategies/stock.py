@@ -40,6 +40,18 @@ _TORCH_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _TORCH_MIN_SIZE = 1 << 18
 
 
+def _reversed(values: np.ndarray) -> bool:
+    """Whether some stride is negative (torch cannot view such an array)."""
+    return any(stride < 0 for stride in values.strides)
+
+
+def _torch_can_sum(values: np.ndarray) -> bool:
+    """Whether ``values`` are summed by torch: large, float32/float64, viewable."""
+    return (
+        values.dtype in _TORCH_DTYPES and values.size >= _TORCH_MIN_SIZE and not _reversed(values)
+    )
+
+
 class _WeightedSum:
     """``sum(values * weight)`` over the arrays added, in order, rounded as numpy rounds.
 
@@ -52,11 +64,16 @@ class _WeightedSum:
     def __init__(self, array: Array, weight: float) -> None:
         values = values_view(array)
         self.dtype = values.dtype
-        self.total: np.ndarray | torch.Tensor = values * weight
+        # A numpy scalar for a 0-d array, as in Flower (which makes it an array at the end).
+        self.total: np.ndarray | np.generic | torch.Tensor = values * weight
         self.scratch: torch.Tensor | None = None
-        if values.dtype in _TORCH_DTYPES and values.size >= _TORCH_MIN_SIZE:
+        if _torch_can_sum(values):
             self.total = torch.from_numpy(self.total)
             self.scratch = torch.empty_like(self.total)
+
+    def result(self) -> np.ndarray | torch.Tensor:
+        """The sum, as an array (or tensor)."""
+        return self.total if self.scratch is not None else np.asarray(self.total)
 
     def add(self, array: Array, weight: float) -> None:
         """Add the array's values times ``weight`` to the total."""
@@ -64,7 +81,7 @@ class _WeightedSum:
             self.total += array.numpy() * weight
             return
         values = values_view(array)
-        if values.dtype != self.dtype or values.shape != self.total.shape:
+        if values.dtype != self.dtype or values.shape != self.total.shape or _reversed(values):
             self.total, self.scratch = self.total.numpy(), None
             self.total += values * weight
             return
@@ -84,8 +101,9 @@ def weighted_array_mean(contents: list[RecordDict], weighting_key: str) -> Array
     Parameters
     ----------
     contents : list of RecordDict
-        Reply contents, already checked by the strategy (one ``MetricRecord`` holding
-        ``weighting_key`` each, the same array keys).
+        Reply contents, already checked by the strategy (the first ``MetricRecord`` of
+        each holds ``weighting_key``). As in Flower, every ``ArrayRecord`` of a reply is
+        averaged, and arrays under the same key are summed whichever record holds them.
     weighting_key : str
         The metric that weights each reply, e.g. ``"num-examples"``.
 
@@ -93,11 +111,13 @@ def weighted_array_mean(contents: list[RecordDict], weighting_key: str) -> Array
     -------
     ArrayRecord
         One array per key (host arrays, no ``.npy`` bytes until something reads them).
+        Values, dtypes and shapes are Flower's; the memory order of a Fortran-ordered
+        array may differ.
     """
     weights = []
     for content in contents:
         metrics = next(r for r in content.values() if isinstance(r, MetricRecord))
-        weights.append(float(metrics[weighting_key]))
+        weights.append(metrics[weighting_key])  # not float(): Flower sums ints exactly
     total_weight = sum(weights)
     sums: dict[str, _WeightedSum] = {}
     for content, weight in zip(contents, weights, strict=True):
@@ -112,7 +132,7 @@ def weighted_array_mean(contents: list[RecordDict], weighting_key: str) -> Array
                     sums[key] = _WeightedSum(array, factor)
     mean = ArrayRecord()  # ArrayRecord(dict) would turn each TensorArray into a plain Array
     for key, weighted_sum in sums.items():
-        mean[key] = TensorArray(weighted_sum.total)
+        mean[key] = TensorArray(weighted_sum.result())
     return mean
 
 

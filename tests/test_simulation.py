@@ -74,16 +74,24 @@ def test_batched_and_sequential_inprocess_runs_agree(tmp_path):
     assert [e for _, e in a] == pytest.approx([e for _, e in b], abs=0.01)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
-def test_registered_fedavg_family_runs_exactly_as_flowers_own_class(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [
+        # hidden 512: a 512 x 64 layer, large enough for the mean's torch path
+        ("fedavg", {"model.hidden": 512}),
+        ("fedadam", {"model.hidden": 512}),
+        # BatchNorm's 0-d integer buffers (num_batches_tracked)
+        ("fedavg", {"model.name": "resnet32", "model.norm": "batch", "num-rounds": 2}),
+    ],
+)
+def test_registered_fedavg_family_runs_exactly_as_flowers_own_class(tmp_path, name, model):
     """The registered classes only average faster (strategies.stock): same run, same numbers."""
     flower_path = {"fedavg": "FedAvg", "fedadam": "FedAdam"}[name]
     for out, strategy in (("ours", name), ("flower", f"flwr.serverapp.strategy:{flower_path}")):
-        # hidden 512: a 512 x 64 layer, large enough for the mean's torch path
-        config = small(**{"strategy.name": strategy, "checkpoint-every": 3, "model.hidden": 512})
+        config = small(**{"strategy.name": strategy, "checkpoint-every": 1, **model})
         run_experiment(config, tmp_path / out, progress=False)
     ours, flower = curve(tmp_path / "ours"), curve(tmp_path / "flower")
-    assert len(ours) == 4 and ours == flower  # exactly, not approximately
+    assert len(ours) == config["num-rounds"] + 1 and ours == flower  # exactly, not approximately
     final = [load_checkpoint(tmp_path / out / "checkpoint.pt") for out in ("ours", "flower")]
     assert type(final[0]["strategy"]).__module__ == "strategies.stock"
     for key, weights in final[1]["state_dict"].items():

@@ -559,6 +559,8 @@ def mixed_state(seed: int) -> dict[str, np.ndarray]:
     state["big.weight"] = rng.normal(size=(2 * stock._TORCH_MIN_SIZE, 2)).astype(np.float32)
     state["bn.running_var"] = rng.random(4)  # float64
     state["big.running_var"] = rng.random(stock._TORCH_MIN_SIZE)
+    state["bn.num_batches_tracked"] = np.array(seed, dtype=np.int64)  # 0-d: a float64 mean
+    state["scale"] = np.array(rng.normal(), dtype=np.float32)  # 0-d float32
     return state
 
 
@@ -592,10 +594,12 @@ def test_registered_fedavg_family_equals_flower_bit_for_bit(
             configure(strategy, x, rnd)
             replies = [build(mixed_state(10 * rnd + i), n) for i, n in enumerate((37, 5, 101))]
             arrays, metrics = strategy.aggregate_train(rnd, replies)
+            arrays.to_torch_state_dict()  # as the server reads the global model
             results.append((to_numpy(arrays), dict(metrics)))
         (a, metrics_a), (b, metrics_b) = results
         assert metrics_a == metrics_b
         for key in x:
+            assert isinstance(a[key], np.ndarray) and a[key].shape == b[key].shape
             assert a[key].dtype == b[key].dtype
             np.testing.assert_array_equal(a[key], b[key])
         x = a
@@ -619,6 +623,30 @@ def test_weighted_array_mean_equals_flower_for_integer_buffers_and_odd_arrays() 
     for key, want in flower.items():
         assert ours[key].dtype == want.dtype
         np.testing.assert_array_equal(ours[key], want)
+
+
+def test_weighted_array_mean_weights_huge_integer_counts_as_flower_does() -> None:
+    """Flower divides the integer counts by their integer sum; floats would round 2**53 + 2."""
+    states = [{"w": np.full(4, float(i + 1))} for i in range(3)]
+    contents = [RecordDict({"a": to_record(s), "m": MetricRecord({"n": n})})
+                for s, n in zip(states, [2**53, 1, 1], strict=True)]  # fmt: skip
+    ours = weighted_array_mean(contents, "n")["w"].numpy()
+    np.testing.assert_array_equal(ours, aggregate_arrayrecords(contents, "n")["w"].numpy())
+
+
+def test_weighted_array_mean_of_reversed_views_equals_flower() -> None:
+    """torch cannot view an array with a negative stride: such arrays take numpy's path."""
+    rng = np.random.default_rng(3)
+    big = 2 * stock._TORCH_MIN_SIZE
+    views = [rng.normal(size=big).astype(np.float32)[::-1] for _ in range(3)]
+    for order in (views, [np.ascontiguousarray(views[0]), *views[1:]]):
+        contents = []
+        for i, v in enumerate(order):
+            record = ArrayRecord()  # ArrayRecord({...}) would make plain Arrays of them
+            record["w"] = TensorArray(v)
+            contents.append(RecordDict({"a": record, "m": MetricRecord({"n": 2 + i})}))
+        want = aggregate_arrayrecords(contents, "n")["w"].numpy()
+        np.testing.assert_array_equal(weighted_array_mean(contents, "n")["w"].numpy(), want)
 
 
 def test_weighted_array_mean_reads_large_arrays_in_place(
