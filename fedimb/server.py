@@ -230,9 +230,17 @@ class GuardedGrid(Grid):
         return good
 
 
-def build_strategy(config: Config) -> Strategy:
-    """The configured strategy, sampling ``fraction-train`` of the clients each round."""
-    return strategies.make_strategy(config.strategy.name, **config.strategy_kwargs())
+def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
+    """The configured strategy, sampling ``fraction-train`` of the clients each round.
+
+    A strategy that takes ``param_keys`` (SCAFFOLD) and was not given them gets the
+    model's parameter names: our clients send a control delta for parameters only, not
+    for float buffers such as BatchNorm's running statistics.
+    """
+    kwargs = config.strategy_kwargs()
+    if "param_keys" in strategies.strategy_params(config.strategy.name):
+        kwargs.setdefault("param_keys", param_keys)
+    return strategies.make_strategy(config.strategy.name, **kwargs)
 
 
 def save_checkpoint(
@@ -307,7 +315,8 @@ def run_server(
         if resume:
             log.warning("no checkpoint in %s: starting from round 0", out_dir)
         recorder.start_fresh()
-        start_round, strategy = 0, build_strategy(config)
+        param_keys = [name for name, _ in model.named_parameters()]
+        start_round, strategy = 0, build_strategy(config, param_keys)
         arrays = ArrayRecord(model.state_dict())
         random.seed(config["seed"])  # Flower's client sampling uses the global `random`
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())

@@ -51,10 +51,10 @@ class Scaffold(FedAvg):
         Global step size ``eta_g``; 1.0 is the paper's default.
     param_keys : list[str], optional
         Keys of the trainable parameters (``[k for k, _ in model.named_parameters()]``)
-        that carry a control variate. If None, every floating-point array of the first
-        ArrayRecord seen is used; that includes float buffers such as BatchNorm running
-        statistics, which a client should simply ignore (they have no gradient).
-        Passing the keys is preferred.
+        that carry a control variate; fedimb's server passes the model's (its clients
+        send a delta for parameters only). If None, every floating-point array of the
+        first ArrayRecord seen is used, float buffers such as BatchNorm running
+        statistics included, and every reply must then hold a delta for each.
     **kwargs
         Forwarded to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, ...).
 

@@ -98,6 +98,13 @@ def test_registered_fedavg_family_runs_exactly_as_flowers_own_class(tmp_path, na
         assert torch.equal(final[0]["state_dict"][key], weights)
 
 
+def test_scaffold_trains_a_batchnorm_model(tmp_path):
+    """Control variates for the parameters only: clients send no delta for BN buffers."""
+    overrides = {"strategy.name": "scaffold", "model.name": "resnet32", "model.norm": "batch"}
+    run_experiment(small(**overrides, **{"num-rounds": 2}), tmp_path, progress=False)
+    check_results(tmp_path, 2)
+
+
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     cfg = small(**{"strategy.fraction-train": 0.5, "augment": "on"})
     run_experiment(cfg, tmp_path / "a", progress=False)
