@@ -39,7 +39,7 @@ from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
-from fedimb.records import TensorArray, array_nbytes, record_of
+from fedimb.records import TensorArray, array_nbytes, record_of, values_view
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -120,10 +120,8 @@ def _float_view(array: Array) -> np.ndarray | None:
     dtype = np.dtype(array.dtype)
     if dtype.kind != "f":
         return None
-    if isinstance(array, TensorArray) and (values := array.values()) is not None:
-        return values  # an in-process reply: no bytes to read
-    if array.stype != "numpy.ndarray":
-        return array.numpy()
+    if isinstance(array, TensorArray) or array.stype != "numpy.ndarray":
+        return values_view(array)  # an in-process reply's own values; other formats
     nbytes = array_nbytes(array)
     return np.frombuffer(memoryview(array.data)[len(array.data) - nbytes :], dtype=dtype)
 

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.supercore import log
 
+from fedimb.records import record_of
 from strategies.stock import FedAvg
 
 CONTROL_KEY = "scaffold-control"
@@ -126,7 +127,7 @@ class Scaffold(FedAvg):
         for msg in replies:
             if msg.has_error():
                 continue
-            if DELTA_KEY not in msg.content.array_records:
+            if record_of(msg.content, DELTA_KEY, ArrayRecord) is None:
                 raise AggregationError(
                     f"a train reply from node {msg.metadata.src_node_id} has no "
                     f"{DELTA_KEY!r} ArrayRecord; is the ClientApp running SCAFFOLD?"
