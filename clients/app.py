@@ -7,7 +7,7 @@ this the client of ``flwr run .``; ``fedimb run`` uses the same object.
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedimb.client import handle_evaluate, handle_train
+from fedimb.client import handle_evaluate, handle_query, handle_train
 
 app = ClientApp()
 
@@ -22,3 +22,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's share of the test set."""
     return handle_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which partition this node simulates (the server orders nodes by it)."""
+    return handle_query(msg, context)

@@ -382,6 +382,16 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def handle_query(msg: Message, context: Context) -> Message:
+    """The ClientApp's ``@app.query()``: the partition this node simulates.
+
+    Under Ray, Flower gives the nodes random ids; the server asks each node once and
+    lists them in partition order, so a seeded sample picks the same clients every run.
+    """
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
 def experiment_record(config: Config) -> ConfigRecord:
     """The train config the server sends: the whole flat experiment config."""
     return ConfigRecord(config.to_flat())

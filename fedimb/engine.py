@@ -141,6 +141,10 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
+    def node_partitions(self) -> dict[int, int]:
+        """Each node's partition id, known here without asking the clients."""
+        return {node: int(ctx.node_config["partition-id"]) for node, ctx in self.contexts.items()}
+
     def _call(self, msg: Message) -> Message:
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])

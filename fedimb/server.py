@@ -11,8 +11,9 @@ work for every strategy, stock or the user's own:
   test set, ``metrics.jsonl``, the progress bar and the checkpoint.
 
 A resumed run reloads the pickled strategy (momentum, server optimiser moments, SCAFFOLD
-control variates) and Python's ``random`` state (Flower samples clients with it), and
-:class:`ResumedStrategy` shifts Flower's round counter so rounds keep their numbers.
+control variates) and Python's ``random`` state, and :class:`RoundDriver` shifts Flower's
+round counter so rounds keep their numbers; each round's client sample depends on the
+seed and the round only, so it is the same as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -58,24 +67,38 @@ class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
 
 
-class ResumedStrategy(Strategy):
-    """Delegates to ``inner`` with round numbers shifted by ``offset`` (0 for a fresh run).
+class RoundDriver(Strategy):
+    """Delegates to ``inner``, round by round, and adds three things to each round.
 
-    It also keeps what ``aggregate_evaluate`` returns (federated evaluation on clients,
-    when the strategy asks for it), by round, for ``metrics.jsonl``.
+    - Round numbers shifted by ``offset`` (the checkpointed round; 0 for a fresh run), so
+      a resumed run's rounds keep their numbers.
+    - A seeded client sample: before ``configure_train`` / ``configure_evaluate`` it has
+      the grid seed Python's ``random`` from (``seed``, round, stage) just before the
+      strategy samples (see :meth:`GuardedGrid.seed_next_sample`).
+    - What ``aggregate_evaluate`` returns (federated evaluation on clients, when the
+      strategy asks for it), kept by round for ``metrics.jsonl``.
     """
 
-    def __init__(self, inner: Strategy, offset: int) -> None:
-        self.inner, self.offset = inner, offset
+    def __init__(self, inner: Strategy, offset: int, seed: int = 0) -> None:
+        self.inner, self.offset, self.seed = inner, offset, seed
         self.federated: dict[int, MetricRecord] = {}
 
+    def _seed_sample(self, grid: Grid, server_round: int, stage: str) -> None:
+        key = f"fedimb-sample:{self.seed}:{server_round}:{stage}"
+        if isinstance(grid, GuardedGrid):
+            grid.seed_next_sample(key)
+        else:
+            random.seed(key)
+
     def configure_train(self, server_round, arrays, config, grid):
+        self._seed_sample(grid, server_round + self.offset, "train")
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
         return self.inner.aggregate_train(server_round + self.offset, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
+        self._seed_sample(grid, server_round + self.offset, "evaluate")
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):
@@ -127,7 +150,13 @@ def _float_view(array: Array) -> np.ndarray | None:
 
 
 class GuardedGrid(Grid):
-    """A Grid that filters a round's train replies and records per-client metrics."""
+    """A Grid that filters a round's train replies and records per-client metrics.
+
+    It also makes a seeded client sample pick the same partitions in every run, under
+    either engine. Flower samples with ``random.sample(grid.get_node_ids(), k)``, so
+    :meth:`get_node_ids` lists the nodes in partition order (Ray's node ids are random)
+    and, when told to by :meth:`seed_next_sample`, seeds ``random`` just before returning.
+    """
 
     def __init__(
         self,
@@ -136,13 +165,20 @@ class GuardedGrid(Grid):
         *,
         max_failure_fraction: float,
         client_timeout: float,
+        query_timeout: float | None = None,
     ) -> None:
         self.inner, self.recorder = inner, recorder
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
+        self.query_timeout = query_timeout
         self.failures: dict[int, list[dict[str, Any]]] = {}
         self.train_loss: dict[int, float] = {}
         self.aggregated: dict[int, int] = {}
-        self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+        # node id -> partition id: from the engine if it knows, else asked once per node
+        self.partition_of: dict[int, int] = {}
+        if hasattr(inner, "node_partitions"):
+            self.partition_of.update(inner.node_partitions())
+        self._unanswered: set[int] = set()
+        self._sample_key: str | None = None
 
     # Everything but send_and_receive is the engine's own.
     def set_run(self, run):
@@ -155,8 +191,45 @@ class GuardedGrid(Grid):
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
-    def get_node_ids(self):
-        return self.inner.get_node_ids()
+    def seed_next_sample(self, key: str) -> None:
+        """Seed Python's ``random`` with ``key`` in the next :meth:`get_node_ids` call.
+
+        A seed set once at the start does not fix the samples: under Ray, the driver's
+        code in the ServerApp's process also draws from the global ``random``, a varying
+        number of times from run to run (measured). Seeding right before Flower's
+        ``random.sample``, with the round in ``key``, does (and a resumed run draws the
+        same samples without any saved state).
+        """
+        self._sample_key = key
+
+    def get_node_ids(self) -> list[int]:
+        """The engine's nodes in partition order (nodes that never said theirs last)."""
+        nodes = list(self.inner.get_node_ids())
+        unknown = [n for n in nodes if n not in self.partition_of and n not in self._unanswered]
+        if unknown:
+            self._ask_partitions(unknown)
+        ordered = sorted(nodes, key=lambda n: (self.partition_of.get(n, math.inf), n))
+        if self._sample_key is not None:
+            random.seed(self._sample_key)
+            self._sample_key = None
+        return ordered
+
+    def _ask_partitions(self, nodes: list[int]) -> None:
+        """One query message per node; its reply holds the node's partition id."""
+        content = RecordDict({"config": ConfigRecord({})})
+        messages = [Message(content, node, MessageType.QUERY) for node in nodes]
+        for reply in self.inner.send_and_receive(messages, timeout=self.query_timeout):
+            if reply.has_error():
+                continue
+            metrics = record_of(reply.content, "metrics", MetricRecord)
+            if metrics is not None and "partition-id" in metrics:
+                self.partition_of[reply.metadata.src_node_id] = int(metrics["partition-id"])
+        self._unanswered.update(n for n in nodes if n not in self.partition_of)
+        if self._unanswered:
+            log.warning(
+                "%d node(s) did not say their partition id; they are sampled after the others",
+                len(self._unanswered),
+            )
 
     def push_messages(self, messages):
         return self.inner.push_messages(messages)
@@ -244,8 +317,8 @@ def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
 def save_checkpoint(
     path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, grid: Grid
 ) -> None:
-    """Global model, strategy, sampling RNG and (where the engine exposes them) the clients'
-    persistent states after ``server_round``, atomically."""
+    """Global model, strategy, Python's ``random`` state and (where the engine exposes
+    them) the clients' persistent states after ``server_round``, atomically."""
     buffer = io.BytesIO()
     export = getattr(grid, "export_client_state", None)
     torch.save(
@@ -316,7 +389,7 @@ def run_server(
         param_keys = [name for name, _ in model.named_parameters()]
         start_round, strategy = 0, build_strategy(config, param_keys)
         arrays = ArrayRecord(model.state_dict())
-        random.seed(config["seed"])  # Flower's client sampling uses the global `random`
+        random.seed(config["seed"])  # for other draws; client samples: RoundDriver
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
     recorder.summary("running", 0.0)
 
@@ -325,6 +398,7 @@ def run_server(
         recorder,
         max_failure_fraction=config["max-failure-fraction"],
         client_timeout=config["client-timeout"],
+        query_timeout=config["round-timeout"],
     )
     x_test, y_test = fed.test_tensors()
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]
@@ -335,7 +409,7 @@ def run_server(
         silent=progress is None,
     )
 
-    driver = ResumedStrategy(strategy, start_round)
+    driver = RoundDriver(strategy, start_round, seed=config["seed"])
 
     def evaluate(local_round: int, current: ArrayRecord) -> MetricRecord | None:
         server_round = local_round + start_round

@@ -1,10 +1,16 @@
-"""Server-side reply checks: what is left out of aggregation, and why."""
+"""Server-side reply checks (what is left out of aggregation, and why) and node order."""
+
+import random
 
 import numpy as np
 import pytest
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.serverapp.strategy import FedAvg
 
-from fedimb.server import _float_view
+from clients.app import app
+from fedimb.engine import InProcessGrid, task_identity
+from fedimb.results import RunRecorder
+from fedimb.server import GuardedGrid, RoundDriver, _float_view
 
 
 @pytest.mark.parametrize(
@@ -26,3 +32,104 @@ def test_float_view_reads_the_serialised_values_in_place(array):
 
 def test_float_view_skips_integer_arrays():
     assert _float_view(Array(np.arange(4))) is None
+
+
+class RandomIdGrid:
+    """Flower's Ray engine in miniature: random node ids, listed in no particular order,
+    and a node's partition known only to the node (its ClientApp is fedimb's own)."""
+
+    def __init__(self, seed: int, num_nodes: int = 8) -> None:
+        self.engine, self.seed = InProcessGrid(app, num_nodes, batched=False), seed
+        rng = np.random.default_rng(seed)
+        ids = rng.choice(2**40, size=num_nodes, replace=False)
+        self.engine.contexts = dict(zip(map(int, ids), self.engine.contexts.values(), strict=True))
+        self.listing = [int(i) for i in rng.permutation(ids)]
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.listing)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent += messages
+        for _ in range(self.seed):
+            random.random()  # as Ray's driver threads draw from `random` meanwhile
+        return self.engine.send_and_receive(messages, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def as_server():
+    with task_identity(run_id=1):  # what Flower sets in a ServerApp: Messages need it
+        yield
+
+
+def guarded(inner, tmp_path):
+    recorder = RunRecorder(tmp_path, seed=0, num_rounds=1)
+    return GuardedGrid(inner, recorder, max_failure_fraction=0.5, client_timeout=0.0)
+
+
+def partitions(inner, nodes):
+    return [int(inner.engine.contexts[n].node_config["partition-id"]) for n in nodes]
+
+
+def test_nodes_are_listed_in_partition_order_after_one_query_each(tmp_path):
+    inner = RandomIdGrid(seed=1)
+    grid = guarded(inner, tmp_path)
+    nodes = grid.get_node_ids()
+    assert partitions(inner, nodes) == list(range(8))
+    assert sorted(nodes) == sorted(inner.listing)
+    assert [m.metadata.message_type for m in inner.sent] == [MessageType.QUERY] * 8
+    assert grid.get_node_ids() == nodes and len(inner.sent) == 8  # asked once per node
+
+
+def test_seeded_sampling_picks_the_same_partitions_whatever_the_node_ids(tmp_path):
+    picked = []
+    for seed in (1, 2):
+        inner = RandomIdGrid(seed)
+        random.seed(0)
+        picked.append(partitions(inner, random.sample(guarded(inner, tmp_path).get_node_ids(), 3)))
+    assert picked[0] == picked[1]
+
+
+def test_a_node_that_cannot_say_its_partition_is_listed_last_and_asked_once(tmp_path, caplog):
+    inner = RandomIdGrid(seed=3)
+    mute = inner.listing[0]
+    del inner.engine.contexts[mute].node_config["partition-id"]  # its query reply is an error
+    grid = guarded(inner, tmp_path)
+    nodes = grid.get_node_ids()
+    assert nodes[-1] == mute and len(nodes) == 8
+    assert "1 node(s) did not say their partition id" in caplog.text
+    grid.get_node_ids()
+    assert len(inner.sent) == 8
+
+
+def test_the_inprocess_engine_is_not_queried(tmp_path):
+    engine = InProcessGrid(app, 5, batched=False)
+    grid = guarded(engine, tmp_path)
+    engine.send_and_receive = None  # any query would fail here
+    assert grid.get_node_ids() == engine.get_node_ids()
+
+
+def sampled_partitions(driver, server_round, inner, tmp_path, grid=None):
+    grid = grid or guarded(inner, tmp_path)
+    messages = driver.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+    return partitions(inner, [m.metadata.dst_node_id for m in messages])
+
+
+def test_each_rounds_sample_depends_on_the_seed_and_round_only(tmp_path):
+    def driver(offset=0, seed=0):
+        return RoundDriver(FedAvg(fraction_train=0.5), offset, seed=seed)
+
+    # Other draws from `random` (here: during the grid's first query) change nothing.
+    first = sampled_partitions(driver(), 1, RandomIdGrid(seed=1), tmp_path)
+    assert sampled_partitions(driver(), 1, RandomIdGrid(seed=5), tmp_path) == first
+    assert len(first) == 4
+    # A resumed run (offset 1) samples its round 1 as an uninterrupted run's round 2.
+    inner = RandomIdGrid(seed=2)
+    second = sampled_partitions(driver(), 2, inner, tmp_path)
+    assert sampled_partitions(driver(offset=1), 1, inner, tmp_path) == second
+    rounds = [sampled_partitions(driver(), r, inner, tmp_path) for r in range(1, 6)]
+    assert len({tuple(p) for p in rounds}) > 1  # not the same clients every round
+    assert sampled_partitions(driver(seed=1), 1, inner, tmp_path) != first or (
+        sampled_partitions(driver(seed=2), 1, inner, tmp_path) != first
+    )

@@ -45,14 +45,27 @@ def check_results(out, rounds):
     return rows
 
 
-def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(tmp_path):
+def trained_partitions(out):
+    rows = read_jsonl(out / "clients.jsonl")
+    return [
+        (r["round"], r["partition-id"])
+        for r in sorted(rows, key=lambda r: (r["round"], r["partition-id"]))
+    ]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(tmp_path, fraction):
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
-    run_experiment(small(engine="ray"), ray_out, progress=False)
+    sampled = {"strategy.fraction-train": fraction}
+    run_experiment(small(engine="ray", **sampled), ray_out, progress=False)
     rows = check_results(ray_out, 3)
     assert rows[-1]["balanced_error"] < 0.75 < CHANCE
     assert (ray_out / "config.toml").exists() and (ray_out / "clients.jsonl").exists()
-    # Same ServerApp, strategy and client code: the engines agree on every round.
-    run_experiment(small(engine="inprocess", batched="off"), local_out, progress=False)
+    # Same ServerApp, strategy and client code: the engines agree on every round. Flower
+    # gives Ray's nodes random ids; listed in partition order, they sample the same clients.
+    run_experiment(small(engine="inprocess", batched="off", **sampled), local_out, progress=False)
+    assert trained_partitions(ray_out) == trained_partitions(local_out)
+    assert len(trained_partitions(ray_out)) == 3 * round(10 * fraction)
     local, remote = curve(local_out), curve(ray_out)
     assert [r for r, _ in local] == [r for r, _ in remote]
     assert [e for _, e in local] == pytest.approx([e for _, e in remote], abs=1e-9)
