@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 RoundHook = Callable[[int, dict[str, Any]], None]
 
+QUERY_TIMEOUT_FLOOR = 600.0  # seconds the nodes get to say their partition ids, at least
+
 
 class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
@@ -195,10 +197,13 @@ class GuardedGrid(Grid):
         """Seed Python's ``random`` with ``key`` in the next :meth:`get_node_ids` call.
 
         A seed set once at the start does not fix the samples: under Ray, the driver's
-        code in the ServerApp's process also draws from the global ``random``, a varying
-        number of times from run to run (measured). Seeding right before Flower's
-        ``random.sample``, with the round in ``key``, does (and a resumed run draws the
-        same samples without any saved state).
+        code in the ServerApp's process also draws from the global ``random`` as it
+        starts (56 draws in one run here), so the first sample differed from the
+        in-process engine's, and between two of our Ray runs. Seeding right before
+        Flower's ``random.sample``, with the round and stage in ``key``, does (and a
+        resumed run draws the same samples without any saved state). Nothing runs in the
+        server's thread between the two; only another thread drawing in that instant
+        could change a sample (not seen).
         """
         self._sample_key = key
 
@@ -227,7 +232,8 @@ class GuardedGrid(Grid):
         self._unanswered.update(n for n in nodes if n not in self.partition_of)
         if self._unanswered:
             log.warning(
-                "%d node(s) did not say their partition id; they are sampled after the others",
+                "%d node(s) did not say their partition id; they are listed after the others "
+                "until a train reply says it, so which clients are sampled is not reproducible",
                 len(self._unanswered),
             )
 
@@ -398,7 +404,8 @@ def run_server(
         recorder,
         max_failure_fraction=config["max-failure-fraction"],
         client_timeout=config["client-timeout"],
-        query_timeout=config["round-timeout"],
+        # The query pays Ray's cold start (actors, imports): a round's limit may be too short.
+        query_timeout=max(config["round-timeout"], QUERY_TIMEOUT_FLOOR),
     )
     x_test, y_test = fed.test_tensors()
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]

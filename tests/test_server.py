@@ -110,9 +110,9 @@ def test_the_inprocess_engine_is_not_queried(tmp_path):
     assert grid.get_node_ids() == engine.get_node_ids()
 
 
-def sampled_partitions(driver, server_round, inner, tmp_path, grid=None):
-    grid = grid or guarded(inner, tmp_path)
-    messages = driver.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+def sampled_partitions(driver, server_round, inner, tmp_path, stage="train"):
+    configure = getattr(driver, f"configure_{stage}")
+    messages = configure(server_round, ArrayRecord(), ConfigRecord(), guarded(inner, tmp_path))
     return partitions(inner, [m.metadata.dst_node_id for m in messages])
 
 
@@ -133,3 +133,12 @@ def test_each_rounds_sample_depends_on_the_seed_and_round_only(tmp_path):
     assert sampled_partitions(driver(seed=1), 1, inner, tmp_path) != first or (
         sampled_partitions(driver(seed=2), 1, inner, tmp_path) != first
     )
+
+
+def test_the_evaluation_sample_is_seeded_too_and_apart_from_the_train_sample(tmp_path):
+    driver = RoundDriver(FedAvg(fraction_train=0.5, fraction_evaluate=0.5), 0, seed=0)
+    evaluated = sampled_partitions(driver, 1, RandomIdGrid(seed=1), tmp_path, "evaluate")
+    assert len(evaluated) == 4
+    assert sampled_partitions(driver, 1, RandomIdGrid(seed=5), tmp_path, "evaluate") == evaluated
+    # Its own key: not the clients that trained in the same round.
+    assert sampled_partitions(driver, 1, RandomIdGrid(seed=1), tmp_path) != evaluated

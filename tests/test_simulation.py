@@ -53,10 +53,15 @@ def trained_partitions(out):
     ]
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(tmp_path, fraction):
+@pytest.mark.parametrize(("fraction", "fraction_evaluate"), [(1.0, 0.0), (0.5, 0.3)])
+def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(
+    tmp_path, fraction, fraction_evaluate
+):
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
-    sampled = {"strategy.fraction-train": fraction}
+    sampled = {
+        "strategy.fraction-train": fraction,
+        "strategy.fraction-evaluate": fraction_evaluate,
+    }
     run_experiment(small(engine="ray", **sampled), ray_out, progress=False)
     rows = check_results(ray_out, 3)
     assert rows[-1]["balanced_error"] < 0.75 < CHANCE
@@ -69,6 +74,12 @@ def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(tmp_path,
     local, remote = curve(local_out), curve(ray_out)
     assert [r for r, _ in local] == [r for r, _ in remote]
     assert [e for _, e in local] == pytest.approx([e for _, e in remote], abs=1e-9)
+    if fraction_evaluate:  # a sample of clients evaluates: the same sample in both
+        federated = [
+            [r["federated_balanced_error"] for r in read_jsonl(out / "metrics.jsonl")[1:]]
+            for out in (local_out, ray_out)
+        ]
+        assert federated[0] == pytest.approx(federated[1], abs=1e-9)
 
 
 def test_batched_and_sequential_inprocess_runs_agree(tmp_path):
