@@ -121,6 +121,7 @@ def profile_training(
 def profile_host(results: list, repeats: int) -> dict[str, float]:
     """Median seconds per host-side stage of a round, for the given trained states."""
     import numpy as np
+    from bench_aggregate import median_seconds
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -154,13 +155,7 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
 
     def mean_seconds(make: Any, aggregate: Any) -> float:
         # Fresh replies for every repeat, as every round has: nothing cached between them.
-        times = []
-        for _ in range(repeats + 1):
-            recs = replies(make)
-            t0 = bench.stamp(None)
-            aggregate(recs, "num-examples")
-            times.append(bench.stamp(None) - t0)
-        return statistics.median(times[1:])
+        return median_seconds(aggregate, lambda: replies(make), repeats)[1]
 
     for label, make in variants:
         _, build, recs = _timed(lambda m=make: replies(m), None, repeats)

@@ -81,16 +81,12 @@ class RoundDriver(Strategy):
       strategy asks for it), kept by round for ``metrics.jsonl``.
     """
 
-    def __init__(self, inner: Strategy, offset: int, seed: int = 0) -> None:
+    def __init__(self, inner: Strategy, offset: int, *, seed: int) -> None:
         self.inner, self.offset, self.seed = inner, offset, seed
         self.federated: dict[int, MetricRecord] = {}
 
-    def _seed_sample(self, grid: Grid, server_round: int, stage: str) -> None:
-        key = f"fedimb-sample:{self.seed}:{server_round}:{stage}"
-        if isinstance(grid, GuardedGrid):
-            grid.seed_next_sample(key)
-        else:
-            random.seed(key)
+    def _seed_sample(self, grid: GuardedGrid, server_round: int, stage: str) -> None:
+        grid.seed_next_sample(f"fedimb-sample:{self.seed}:{server_round}:{stage}")
 
     def configure_train(self, server_round, arrays, config, grid):
         self._seed_sample(grid, server_round + self.offset, "train")
@@ -176,6 +172,7 @@ class GuardedGrid(Grid):
         self.train_loss: dict[int, float] = {}
         self.aggregated: dict[int, int] = {}
         # node id -> partition id: from the engine if it knows, else asked once per node
+        # (train replies also carry it)
         self.partition_of: dict[int, int] = {}
         if hasattr(inner, "node_partitions"):
             self.partition_of.update(inner.node_partitions())
