@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 SCAFFOLD_CONTROL = "scaffold-control"
 SCAFFOLD_DELTA = "scaffold-delta"
 SCAFFOLD_STATE = "scaffold-ci"
+# A client's persistent ArrayRecords travel in messages under this prefix: with each
+# train reply (the server checkpoints them) and, after a resume, in a query back to it.
+STATE_PREFIX = "fedimb-state:"
 CLIENT_ERROR_CODE = 1
 
 
@@ -226,6 +229,11 @@ def make_reply(
         }
         context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
         content[SCAFFOLD_DELTA] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
+    # The server keeps the latest copy for its checkpoints: under Ray, the clients'
+    # contexts live in Flower's engine, out of the server's reach.
+    for name, record in context.state.items():  # not ``array_records``: a cyclic view
+        if isinstance(record, ArrayRecord):
+            content[STATE_PREFIX + name] = record
     return Message(content, reply_to=msg)
 
 
@@ -387,8 +395,13 @@ def handle_query(msg: Message, context: Context) -> Message:
 
     Under Ray, Flower gives the nodes random ids; the server asks each node once and
     lists them in partition order, so a seeded sample picks the same clients every run.
+    A resumed run's server also sends each client the persistent state (records under
+    ``STATE_PREFIX``) that its checkpoint saved; the client takes it as its own.
     """
     pid = int(context.node_config["partition-id"])
+    for key, record in msg.content.items():
+        if key.startswith(STATE_PREFIX) and isinstance(record, ArrayRecord):
+            context.state[key.removeprefix(STATE_PREFIX)] = record
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 

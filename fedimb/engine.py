@@ -112,22 +112,6 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._reply_bytes = 0  # of the weights in the last train round's replies
 
-    def export_client_state(self) -> dict[int, dict[str, dict]]:
-        """Every client's persistent ArrayRecords (e.g. SCAFFOLD's c_i), for checkpoints."""
-        return {
-            int(ctx.node_config["partition-id"]): {
-                name: record.to_torch_state_dict()
-                for name, record in ctx.state.array_records.items()
-            }
-            for ctx in self.contexts.values()
-        }
-
-    def import_client_state(self, states: dict[int, dict[str, dict]]) -> None:
-        """Restore what :meth:`export_client_state` returned."""
-        for ctx in self.contexts.values():
-            for name, state in states.get(int(ctx.node_config["partition-id"]), {}).items():
-                ctx.state[name] = ArrayRecord(state)
-
     def set_run(self, run: Run) -> None:
         self._run = run
 

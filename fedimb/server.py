@@ -11,7 +11,8 @@ work for every strategy, stock or the user's own:
   test set, ``metrics.jsonl``, the progress bar and the checkpoint.
 
 A resumed run reloads the pickled strategy (momentum, server optimiser moments, SCAFFOLD
-control variates) and Python's ``random`` state, and :class:`RoundDriver` shifts Flower's
+control variates), Python's ``random`` state and the clients' persistent states (which
+the :class:`GuardedGrid` hands back to them), and :class:`RoundDriver` shifts Flower's
 round counter so rounds keep their numbers; each round's client sample depends on the
 seed and the round only, so it is the same as in an uninterrupted run.
 """
@@ -43,7 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import strategies
-from fedimb.client import experiment_record
+from fedimb.client import STATE_PREFIX, experiment_record
 from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
@@ -131,6 +132,14 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
     return None
 
 
+def _stated_partition(reply: Message) -> int | None:
+    """The partition id a query reply states (None for an error reply)."""
+    if reply.has_error():
+        return None
+    metrics = record_of(reply.content, "metrics", MetricRecord)
+    return int(metrics["partition-id"]) if metrics and "partition-id" in metrics else None
+
+
 def _float_view(array: Array) -> np.ndarray | None:
     """The values of a float Array without deserialising it (None for other dtypes).
 
@@ -154,6 +163,12 @@ class GuardedGrid(Grid):
     either engine. Flower samples with ``random.sample(grid.get_node_ids(), k)``, so
     :meth:`get_node_ids` lists the nodes in partition order (Ray's node ids are random)
     and, when told to by :meth:`seed_next_sample`, seeds ``random`` just before returning.
+
+    And it keeps the clients' persistent state for checkpoints, under either engine:
+    each train reply carries its client's state (records under ``STATE_PREFIX``), which
+    is taken out before the strategy sees the reply (:meth:`client_state`); a resumed
+    run hands the saved states back to the clients before its first train round
+    (:meth:`restore_client_state`).
     """
 
     def __init__(
@@ -178,6 +193,8 @@ class GuardedGrid(Grid):
             self.partition_of.update(inner.node_partitions())
         self._unanswered: set[int] = set()
         self._sample_key: str | None = None
+        self._state: dict[int, dict[str, ArrayRecord]] = {}  # partition -> its records
+        self._to_restore: dict[int, dict[str, ArrayRecord]] = {}
 
     # Everything but send_and_receive is the engine's own.
     def set_run(self, run):
@@ -221,11 +238,9 @@ class GuardedGrid(Grid):
         content = RecordDict({"config": ConfigRecord({})})
         messages = [Message(content, node, MessageType.QUERY) for node in nodes]
         for reply in self.inner.send_and_receive(messages, timeout=self.query_timeout):
-            if reply.has_error():
-                continue
-            metrics = record_of(reply.content, "metrics", MetricRecord)
-            if metrics is not None and "partition-id" in metrics:
-                self.partition_of[reply.metadata.src_node_id] = int(metrics["partition-id"])
+            pid = _stated_partition(reply)
+            if pid is not None:
+                self.partition_of[reply.metadata.src_node_id] = pid
         self._unanswered.update(n for n in nodes if n not in self.partition_of)
         if self._unanswered:
             log.warning(
@@ -233,6 +248,59 @@ class GuardedGrid(Grid):
                 "until a train reply says it, so which clients are sampled is not reproducible",
                 len(self._unanswered),
             )
+
+    def client_state(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+        """The latest persistent state of every client that has one, by partition id."""
+        return {
+            pid: {name: record.to_torch_state_dict() for name, record in records.items()}
+            for pid, records in self._state.items()
+        }
+
+    def restore_client_state(self, states: dict[int, dict[str, dict[str, torch.Tensor]]]) -> None:
+        """Give the clients back what :meth:`client_state` returned, before the next
+        train round (one query message to each client that has a state)."""
+        self._state = {
+            int(pid): {name: ArrayRecord(tensors) for name, tensors in records.items()}
+            for pid, records in states.items()
+        }
+        self._to_restore = dict(self._state)
+
+    def _send_restored_state(self) -> None:
+        node_of = {pid: node for node, pid in self.partition_of.items()}
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        "config": ConfigRecord({}),
+                        **{STATE_PREFIX + name: rec for name, rec in records.items()},
+                    }
+                ),
+                node_of[pid],
+                MessageType.QUERY,
+            )
+            for pid, records in self._to_restore.items()
+            if pid in node_of
+        ]
+        replies = self.inner.send_and_receive(messages, timeout=self.query_timeout)
+        restored = {_stated_partition(reply) for reply in replies}
+        lost = sorted(set(self._to_restore) - restored)
+        self._to_restore = {}
+        if lost:
+            log.warning(
+                "the saved state of %d client(s) could not be handed back (partitions %s); "
+                "they restart without it (SCAFFOLD: c_i = 0)",
+                len(lost),
+                ", ".join(map(str, lost[:10])) + (" ..." if len(lost) > 10 else ""),
+            )
+
+    def _keep_state(self, reply: Message, pid: int | None) -> None:
+        """Take the client's state out of its reply (a strategy expects none there)."""
+        if reply.has_error():
+            return
+        keys = [k for k in reply.content if k.startswith(STATE_PREFIX)]
+        records = {k.removeprefix(STATE_PREFIX): reply.content.pop(k) for k in keys}
+        if records and pid is not None:
+            self._state[pid] = records
 
     def push_messages(self, messages):
         return self.inner.push_messages(messages)
@@ -245,8 +313,11 @@ class GuardedGrid(Grid):
     ) -> list[Message]:
         """Send a round's messages; return only the train replies fit to aggregate."""
         messages = list(messages)
+        is_train = bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
+        if is_train and self._to_restore:
+            self._send_restored_state()
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+        if not is_train:
             return replies
         server_round = int(messages[0].content["config"]["server-round"])
         answered = {r.metadata.src_node_id for r in replies}
@@ -269,6 +340,7 @@ class GuardedGrid(Grid):
             if "partition-id" in metrics:
                 self.partition_of[node] = int(metrics["partition-id"])
             metrics.setdefault("partition-id", self.partition_of.get(node))
+            self._keep_state(reply, metrics["partition-id"])
             row = {"round": server_round, "node": node, **metrics}
             if reason is None:
                 good.append(reply)
@@ -318,19 +390,18 @@ def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
 
 
 def save_checkpoint(
-    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, grid: Grid
+    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, grid: GuardedGrid
 ) -> None:
-    """Global model, strategy, Python's ``random`` state and (where the engine exposes
-    them) the clients' persistent states after ``server_round``, atomically."""
+    """Global model, strategy, Python's ``random`` state and the clients' persistent
+    states after ``server_round``, atomically."""
     buffer = io.BytesIO()
-    export = getattr(grid, "export_client_state", None)
     torch.save(
         {
             "round": server_round,
             "state_dict": arrays.to_torch_state_dict(),
             "strategy": pickle.dumps(strategy),
             "random_state": random.getstate(),
-            "client_state": export() if export else None,
+            "client_state": grid.client_state(),
         },
         buffer,
     )
@@ -377,13 +448,11 @@ def run_server(
         arrays = ArrayRecord(state["state_dict"])
         random.setstate(state["random_state"])
         recorder.resume_from(start_round)
-        if state.get("client_state") and hasattr(grid, "import_client_state"):
-            grid.import_client_state(state["client_state"])
-        elif config.strategy.name == "scaffold":  # the only client-side state fedimb keeps
-            log.warning(
-                "no client-side state in this checkpoint or engine %r: SCAFFOLD's client "
-                "control variates restart from zero (the in-process engine keeps them)",
-                config["engine"],
+        client_state = state.get("client_state")
+        if client_state is None and config.strategy.name == "scaffold":
+            log.warning(  # an older checkpoint, from a Ray run: it had none
+                "no client-side state in this checkpoint: SCAFFOLD's client control "
+                "variates restart from zero"
             )
     else:
         if resume:
@@ -393,6 +462,7 @@ def run_server(
         start_round, strategy = 0, build_strategy(config, param_keys)
         arrays = ArrayRecord(model.state_dict())
         random.seed(config["seed"])  # for other draws; client samples: RoundDriver
+        client_state = None
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
     recorder.summary("running", 0.0)
 
@@ -404,6 +474,8 @@ def run_server(
         # The query pays Ray's cold start (actors, imports): a round's limit may be too short.
         query_timeout=max(config["round-timeout"], QUERY_TIMEOUT_FLOOR),
     )
+    if client_state:
+        guarded.restore_client_state(client_state)
     x_test, y_test = fed.test_tensors()
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]
     bar = RunProgress(
@@ -444,7 +516,7 @@ def run_server(
         row["elapsed_s"] = time.perf_counter() - t_start
         recorder.add_round(row)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
-            save_checkpoint(checkpoint_path, server_round, current, strategy, grid)
+            save_checkpoint(checkpoint_path, server_round, current, strategy, guarded)
         bar.update(server_round, row.get("balanced_error"))
         if on_round is not None:
             on_round(server_round, row)

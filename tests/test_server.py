@@ -4,10 +4,20 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 
 from clients.app import app
+from fedimb.client import STATE_PREFIX
 from fedimb.engine import InProcessGrid, task_identity
 from fedimb.results import RunRecorder
 from fedimb.server import GuardedGrid, RoundDriver, _float_view
@@ -142,3 +152,79 @@ def test_the_evaluation_sample_is_seeded_too_and_apart_from_the_train_sample(tmp
     assert sampled_partitions(driver, 1, RandomIdGrid(seed=5), tmp_path, "evaluate") == evaluated
     # Its own key: not the clients that trained in the same round.
     assert sampled_partitions(driver, 1, RandomIdGrid(seed=1), tmp_path) != evaluated
+
+
+class CountingGrid(RandomIdGrid):
+    """Its clients answer train messages themselves: each counts its train rounds in its
+    persistent state and sends the count with its reply, as fedimb's clients do."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages[0].metadata.message_type != MessageType.TRAIN:
+            return super().send_and_receive(messages, timeout=timeout)
+        self.sent += messages
+        replies = []
+        for msg in messages:
+            ctx = self.engine.contexts[msg.metadata.dst_node_id]
+            seen = ctx.state.get("count", ArrayRecord({"n": torch.zeros(1)}))
+            ctx.state["count"] = ArrayRecord({"n": seen.to_torch_state_dict()["n"] + 1})
+            pid = int(ctx.node_config["partition-id"])
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": torch.ones(2)}),
+                    "metrics": MetricRecord({"partition-id": pid, "num-examples": 1}),
+                    STATE_PREFIX + "count": ctx.state["count"],
+                }
+            )
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def train_round(grid, server_round, pids):
+    node_of = {grid.partition_of[n]: n for n in grid.get_node_ids()}
+    content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+    return grid.send_and_receive([Message(content, node_of[p], MessageType.TRAIN) for p in pids])
+
+
+def counts(inner):
+    return {
+        int(ctx.node_config["partition-id"]): int(ctx.state["count"]["n"].numpy()[0])
+        for ctx in inner.engine.contexts.values()
+        if "count" in ctx.state
+    }
+
+
+def test_client_state_leaves_the_replies_and_goes_back_to_the_clients_on_resume(tmp_path, caplog):
+    grid = guarded(CountingGrid(seed=1), tmp_path)
+    train_round(grid, 1, [0, 1, 2])
+    replies = train_round(grid, 2, [1, 2, 3])
+    assert all(set(r.content) == {"arrays", "metrics"} for r in replies)  # as a strategy expects
+    saved = grid.client_state()
+    assert {p: int(s["count"]["n"][0]) for p, s in saved.items()} == {0: 1, 1: 2, 2: 2, 3: 1}
+
+    # Resumed: other node ids, fresh contexts; each client gets its state back once,
+    # before the first train round, whether or not that round samples it.
+    inner = CountingGrid(seed=2)
+    mute = next(n for n, c in inner.engine.contexts.items() if c.node_config["partition-id"] == 3)
+    grid = guarded(inner, tmp_path)
+    grid.get_node_ids()
+    inner.engine.contexts[mute].node_config["partition-id"] = "x"  # its restore query fails
+    grid.restore_client_state(saved)
+    assert counts(inner) == {}
+    inner.sent.clear()
+    train_round(grid, 3, [1, 5])
+    assert [m.metadata.message_type for m in inner.sent] == [MessageType.QUERY] * 4 + [
+        MessageType.TRAIN
+    ] * 2
+    assert counts(inner) == {0: 1, 1: 3, 2: 2, 5: 1}
+    assert "saved state of 1 client(s) could not be handed back (partitions 3)" in caplog.text
+    assert {p: int(s["count"]["n"][0]) for p, s in grid.client_state().items()} == {
+        0: 1,
+        1: 3,
+        2: 2,
+        3: 1,
+        5: 1,
+    }
+    inner.sent.clear()
+    train_round(grid, 4, [0])
+    assert [m.metadata.message_type for m in inner.sent] == [MessageType.TRAIN]

@@ -170,6 +170,31 @@ def test_resume_continues_exactly(tmp_path, strategy):
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"
 
 
+def test_ray_resume_hands_clients_their_saved_state(tmp_path):
+    # Under Ray the clients' contexts live in Flower's engine: SCAFFOLD's c_i reaches the
+    # checkpoint in the train replies and goes back to each client on resume.
+    sampled = {"num-rounds": 4, "strategy.name": "scaffold", "strategy.fraction-train": 0.5}
+    run_experiment(small(batched="off", **sampled), tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(server_round, row):
+        if server_round == 2:
+            raise Stop
+
+    cfg = small(engine="ray", **sampled)
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut", progress=False, on_round=interrupt)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["client_state"]
+    trained = {pid for r, pid in trained_partitions(tmp_path / "cut") if r <= 2}
+    assert set(saved) == trained and all(set(s) == {"scaffold-ci"} for s in saved.values())
+    run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert trained_partitions(tmp_path / "cut") == trained_partitions(tmp_path / "full")
+    resumed, full = curve(tmp_path / "cut"), curve(tmp_path / "full")
+    assert [e for _, e in resumed] == pytest.approx([e for _, e in full], abs=1e-9)
+
+
 def test_rgb_imagefolder_with_cnn_and_augmentation_trains_batched(tmp_path, monkeypatch):
     # 3-channel images exercise per-channel normalisation inside the vectorised trainer.
     import torch
