@@ -36,8 +36,9 @@ count of class ``j``; all equal their published formula when every ``n_j > 0``):
 Deferred re-weighting (DRW, Cao et al. 2019) is a schedule, not a loss: ``ce``, ``focal``
 and ``ldam`` take ``drw_start`` (``None`` = off). Before the switch round they use no
 class weights, from it on class-balanced weights with ``beta = drw_beta``. ``drw_start``
-is a round number (int >= 1) or a fraction of ``num_rounds`` (float in (0, 1]); a fraction
-switches at round ``ceil(drw_start * num_rounds)`` (see :func:`switch_round`).
+is a round number (int >= 1) or the fraction of ``num_rounds`` that runs unweighted
+(float in (0, 1)): 0.8 of 200 rounds re-weights rounds 161-200, the last 20%, as the
+reference code does (see :func:`switch_round`).
 
 Missing classes
 ---------------
@@ -64,8 +65,9 @@ present classes are the published ones for the data the client has). ``clamp`` f
 client pushing down classes it rarely sees, so ``present`` would erase their effect on the
 absent classes, and ``mask`` (the exact limit) silences one-class clients entirely;
 ``clamp`` keeps the formula's direction (absent classes get the most favourable offset) at
-a finite strength that ``min_count`` moves toward the ``mask`` limit. ``fedrs`` takes no
-``missing``: the loss *is* a rule for missing classes.
+a finite strength (mild for ``fedlc``) that ``min_count`` moves toward the ``mask`` limit.
+Public implementations of these losses are in effect ``mask`` (docs/losses.md compares).
+``fedrs`` takes no ``missing``: the loss *is* a rule for missing classes.
 
 A user loss is an import path ``"pkg.mod:factory"``, called as
 ``factory(class_counts, server_round=..., num_rounds=..., **params)``; it returns a
@@ -421,10 +423,10 @@ def switch_round(
     Parameters
     ----------
     start : int, float or None
-        An int >= 1 is the round itself; a float in (0, 1] is a fraction of
-        ``num_rounds`` and switches at round ``max(1, ceil(start * num_rounds))`` (0.8 of
-        200 rounds -> round 160, so 159 rounds run before it; LDAM-DRW's reference, which
-        counts epochs from 0, re-weights from its 161st epoch: pass 161 for that).
+        An int >= 1 is the round itself; a float in (0, 1) is the fraction of
+        ``num_rounds`` that runs before the switch: round ``floor(start * num_rounds) + 1``
+        (0.8 of 200 rounds -> round 161, as LDAM-DRW's reference code switches at its
+        epoch 160 of 0-199: the last 20% are deferred).
     num_rounds : int
         Total number of rounds.
     name : str
@@ -433,7 +435,7 @@ def switch_round(
     Raises
     ------
     ValueError
-        For a bool, a non-number, an int < 1, a float outside (0, 1], or a round after the
+        For a bool, a non-number, an int < 1, a float outside (0, 1), or a round after the
         last one.
     """
     if start is None:
@@ -441,19 +443,19 @@ def switch_round(
     if _is_int(start):
         if start < 1:
             raise ValueError(
-                f"{name} must be a round number >= 1 or a fraction in (0, 1], got {start!r}"
+                f"{name} must be a round number >= 1 or a fraction in (0, 1), got {start!r}"
             )
         first = int(start)
     elif _is_real(start):
-        if not (math.isfinite(start) and 0 < start <= 1):
+        if not (math.isfinite(start) and 0 < start < 1):
             raise ValueError(
-                f"{name} as a float is a fraction of num_rounds in (0, 1], got {start!r} "
-                f"(use an int for a round number)"
+                f"{name} as a float is the fraction of num_rounds before the switch, in "
+                f"(0, 1), got {start!r} (use an int for a round number)"
             )
-        first = max(1, math.ceil(float(start) * num_rounds - 1e-9))  # 1e-9: 0.7*10 -> 7
+        first = math.floor(float(start) * num_rounds + 1e-9) + 1  # 1e-9: 0.29*100 -> 29
     else:
         raise ValueError(
-            f"{name} must be None, an int round number >= 1 or a fraction in (0, 1], got {start!r}"
+            f"{name} must be None, an int round number >= 1 or a fraction in (0, 1), got {start!r}"
         )
     if first > num_rounds:
         raise ValueError(
@@ -493,7 +495,7 @@ def _schedule_start(name: str, value: Any) -> int | float | None:
     # Checked against num_rounds when the loss is built (switch_round).
     if value is None or _is_real(value):
         return value
-    raise ValueError(f"{name} must be None, an int round or a fraction in (0, 1], got {value!r}")
+    raise ValueError(f"{name} must be None, an int round or a fraction in (0, 1), got {value!r}")
 
 
 _INF = math.inf

@@ -18,7 +18,8 @@ client's labels). Counts ``n_j`` are those of the client; only present classes
 ``drs``
     Deferred re-sampling (Cao et al. 2019): ``instance`` before round ``drs_start``,
     ``class-balanced`` from it on. ``drs_start`` is an int round (>= 1) or a fraction of
-    ``num_rounds`` in (0, 1] (round ``ceil(drs_start * num_rounds)``), default 0.8; see
+    ``num_rounds`` before the switch, in (0, 1) (round ``floor(drs_start * num_rounds) + 1``),
+    default 0.8; see
     :func:`fedimb.losses.switch_round`.
 
 A user sampler is an import path ``"pkg.mod:fn"`` called as

@@ -390,7 +390,15 @@ def test_target_of_masked_class_stays_finite():
 @pytest.mark.parametrize("name", ["ce", "focal", "ldam"])
 @pytest.mark.parametrize(
     ("drw_start", "num_rounds", "first"),
-    [(3, 5, 3), (1, 4, 1), (0.5, 5, 3), (0.8, 200, 160), (1.0, 7, 7), (0.01, 10, 1), (0.7, 10, 7)],
+    [
+        (3, 5, 3),
+        (1, 4, 1),
+        (0.5, 5, 3),
+        (0.8, 200, 161),
+        (0.8, 20, 17),
+        (0.01, 10, 1),
+        (0.7, 10, 8),
+    ],
 )
 def test_drw_switch(name, drw_start, num_rounds, first):
     counts = [300, 40, 7, 1, 0, 90, 12, 5, 2, 60]
@@ -415,8 +423,9 @@ def test_ldam_drw_defaults_to_fraction():
     assert loss_defaults("ldam-drw")["drw_start"] == 0.8
     assert loss_defaults("ldam")["drw_start"] is None
     counts = [100, 10, 1]
-    before = make_loss("ldam-drw", counts, server_round=159, num_rounds=200).params
-    after = make_loss("ldam-drw", counts, server_round=160, num_rounds=200).params
+    # The reference's schedule: epochs 0-159 of 200 unweighted, the last 40 re-weighted.
+    before = make_loss("ldam-drw", counts, server_round=160, num_rounds=200).params
+    after = make_loss("ldam-drw", counts, server_round=161, num_rounds=200).params
     assert torch.all(before.weight == 1)
     torch.testing.assert_close(
         after.weight, torch.tensor(ref_cb_weights(counts, 0.9999), dtype=torch.float32)
@@ -425,7 +434,7 @@ def test_ldam_drw_defaults_to_fraction():
     assert torch.all(off.params.weight == 1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 6, 1.5, 0.0, True, "0.5", float("nan")])
+@pytest.mark.parametrize("bad", [0, -1, 6, 1.5, 1.0, 0.0, True, "0.5", float("nan")])
 def test_drw_start_errors(bad):
     with pytest.raises(ValueError, match="drw_start"):
         make_loss("ce", [3, 4], num_rounds=5, drw_start=bad)
@@ -434,8 +443,9 @@ def test_drw_start_errors(bad):
 def test_switch_round_rules():
     assert switch_round(None, 10) is None
     assert switch_round(4, 10) == 4
-    assert switch_round(0.25, 10) == 3  # ceil(2.5)
-    assert switch_round(0.3, 10) == 3  # not 4 from 0.30000000000000004 * 10
+    assert switch_round(0.25, 10) == 3  # 2 rounds (floor 2.5) before it
+    assert switch_round(0.3, 10) == 4  # 3 rounds before it, from 0.30000000000000004 * 10
+    assert switch_round(0.29, 100) == 30  # 29 before it, not 28 from 28.999999999999996
     with pytest.raises(ValueError, match="after the last round"):
         switch_round(11, 10)
 

@@ -108,7 +108,7 @@ def test_deterministic_for_a_given_rng(name):
 
 @pytest.mark.parametrize(
     ("drs_start", "num_rounds", "first"),
-    [(None, 10, 8), (0.5, 5, 3), (3, 4, 3), (1, 3, 1), (1.0, 6, 6)],
+    [(None, 10, 9), (0.5, 5, 3), (3, 4, 3), (1, 3, 1), (0.9, 6, 6)],
 )
 def test_drs_switches_from_instance_to_class_balanced(drs_start, num_rounds, first):
     labels = make_labels()
