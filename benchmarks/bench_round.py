@@ -401,6 +401,8 @@ class QuickstartImages:
 
 def fedimb_overrides(w: Workload) -> dict[str, Any]:
     """The fedimb config of the workload: in-process engine, batched, no augmentation."""
+    import torch
+
     name, root = w.source()
     return {
         "dataset": name,
@@ -418,6 +420,7 @@ def fedimb_overrides(w: Workload) -> dict[str, Any]:
         "group-size": w.group_size,
         "augment": "off",  # the stock baseline does not augment either
         "precision": w.precision,
+        "threads": torch.get_num_threads(),  # as apply_threads left it, like the others
         "eval-every": w.rounds,  # evaluate at round 0 and the last round, as the others do
         "checkpoint-every": 0,
         "partition.name": "label-skew",

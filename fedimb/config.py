@@ -88,6 +88,9 @@ TOP_LEVEL: dict[str, Field] = {
     "augment": Field(str, "auto", *_choice(*ON_OFF_AUTO)),
     "batched": Field(str, "auto", *_choice(*ON_OFF_AUTO)),
     "group-size": Field(int, 0, _non_negative, "an integer >= 0 (0 = a whole round at once)"),
+    "threads": Field(
+        int, 0, _non_negative, "an integer >= 0 (0 = auto: 1 on CPU without convolutions)"
+    ),
     "precision": Field(str, "fp32", *_choice(*PRECISIONS)),
     "channels-last": Field(bool, False),
     "eval-every": Field(int, 1, _positive, "an integer >= 1"),

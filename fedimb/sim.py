@@ -12,14 +12,19 @@ starts (:func:`prepare`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
+from fedimb import batched
 from fedimb.config import Config, ConfigError
 from fedimb.server import RoundHook, run_server
 
@@ -40,8 +45,13 @@ def prepare(config: Config) -> None:
         fed = get_federation(config)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
+    from fedimb.client import model_for
     from fedimb.losses import make_loss
 
+    try:  # a model that does not fit the data (a CNN on vectors)
+        model_for(config, fed)
+    except ValueError as exc:
+        raise ConfigError(f"[model] {config.model.name}: {exc}") from exc
     try:  # a user's loss, or a parameter that only fails on the real counts
         make_loss(
             config.loss.name,
@@ -67,14 +77,51 @@ def run_experiment(
     quiet_flower(verbose)
     prepare(config)
     kwargs = {"resume": resume, "progress": progress, "on_round": on_round}
-    if config["engine"] == "inprocess":
-        return _run_inprocess(config, Path(out_dir), **kwargs)
-    return _run_ray(config, Path(out_dir), verbose=verbose, **kwargs)
+    with torch_threads(config):
+        if config["engine"] == "inprocess":
+            return _run_inprocess(config, Path(out_dir), **kwargs)
+        return _run_ray(config, Path(out_dir), verbose=verbose, **kwargs)
+
+
+@contextlib.contextmanager
+def torch_threads(config: Config) -> Iterator[None]:
+    """Run with the ``threads`` setting's number of torch threads, then restore torch's.
+
+    This process trains the in-process engine's clients and evaluates the global model
+    (Ray's actors get ``ray.client-cpus`` threads from Ray). ``threads = 0`` (auto): one
+    thread on CPU for models without convolutions, else torch's default (one per core).
+    Small matrix products gain nothing from a second thread and lose much when another
+    process wants a core: every parallel operation then waits for a descheduled thread.
+    Measured on 2 cores, a 20-round quickstart run in-process (digits MLP): 0.5-0.6 s with
+    2 threads or 1 on an idle machine; beside one busy process 1.7-2.1 s with 2 threads,
+    0.5-0.6 s with 1. A CNN step (batch 32) gains from the second core when it is free:
+    28 vs 43 ms (79 vs 49 ms beside a busy process).
+    """
+    from fedimb.client import model_for
+    from fedimb.federation import get_federation
+
+    fed = get_federation(config)
+    count = thread_count(config["threads"], model_for(config, fed), fed.device)
+    if count == 0:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def thread_count(setting: int, model: nn.Module, device: torch.device) -> int:
+    """The torch thread count for ``threads = setting`` (0: leave torch's default)."""
+    if setting == 0 and device.type == "cpu" and not batched.has_convolutions(model):
+        return 1
+    return setting
 
 
 def _run_inprocess(config: Config, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
     from clients.app import app as client_app
-    from fedimb import batched
     from fedimb.client import model_for
     from fedimb.engine import InProcessGrid, frozen_start_up, task_identity
     from fedimb.federation import get_federation

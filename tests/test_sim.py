@@ -1,0 +1,34 @@
+"""Launch-time choices: bad model/data pairs fail early; torch's thread count."""
+
+import pytest
+import torch
+
+from fedimb.config import ConfigError, load_config
+from fedimb.models import build_model
+from fedimb.sim import prepare, thread_count, torch_threads
+
+
+def test_a_model_that_does_not_fit_the_data_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"\[model\] cnn: .*needs image input"):
+        prepare(load_config(overrides={"dataset": "synthetic", "model.name": "cnn"}))
+
+
+def test_auto_threads_are_one_on_cpu_for_models_without_convolutions():
+    mlp, cnn = build_model("mlp", (64,), 10), build_model("cnn", (3, 32, 32), 10)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert thread_count(0, mlp, cpu) == 1
+    assert thread_count(0, cnn, cpu) == 0  # torch's default: convolutions gain from cores
+    assert thread_count(0, mlp, gpu) == 0
+    assert thread_count(3, mlp, cpu) == thread_count(3, cnn, cpu) == 3
+
+
+@pytest.mark.parametrize(("threads", "inside"), [(0, 1), (3, 3)])
+def test_the_thread_count_holds_for_the_run_only(threads, inside):
+    config = load_config(overrides={"device": "cpu", "threads": threads})
+    before = torch.get_num_threads()
+    with torch_threads(config):
+        assert torch.get_num_threads() == inside
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(config):
+        raise RuntimeError
+    assert torch.get_num_threads() == before
