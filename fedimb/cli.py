@@ -7,12 +7,19 @@ overrides, paths): one clear line, nothing written.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config, parse_overrides
+from fedimb.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    config_changes,
+    load_config,
+    parse_overrides,
+)
 from fedimb.registry import RegistryError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -144,10 +151,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_partitions(args: argparse.Namespace) -> int:
     from fedimb.data.inspect import format_counts, plot_counts_heatmap
-    from fedimb.federation import build_federation
+    from fedimb.sim import load_federation
 
-    config = _load(args)
-    fed = build_federation(config)
+    fed = load_federation(_load(args))
     print(format_counts(fed.counts, fed.dataset.classes))
     path = plot_counts_heatmap(fed.counts, fed.dataset.classes, args.png)
     print(f"heatmap: {path}")
@@ -155,7 +161,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedimb.results import CHECKPOINT_FILE
+    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
     from fedimb.sim import prepare, run_experiment
     from fedimb.sweep import load_sweep, run_sweep
 
@@ -165,8 +171,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
     out = args.out or Path("results") / sweep.name
 
-    def validate_cell(overrides: dict[str, Any]) -> None:
-        prepare(load_config(sweep.base, overrides))  # data + partition too, before any cell runs
+    def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
+        config = load_config(sweep.base, overrides)
+        prepare(config)  # data + partition too, before any cell runs
+        if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
+            changed = config_changes(load_config(cell_dir / CONFIG_FILE), config)
+            if changed:
+                raise ConfigError(
+                    f"{cell_dir} holds a run of another config ({changed}); sweep into "
+                    "another --out, or delete that folder to run the cell again"
+                )
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
@@ -232,26 +246,40 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fedimb.server import TooManyFailures
     from fedimb.sim import quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))
+    # SIGTERM (`kill`, `timeout`) stops a run as Ctrl-C does: its summary says so.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RegistryError) as exc:
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(
-            "fedimb: interrupted; resume with `fedimb run --resume <results folder>`",
-            file=sys.stderr,
+        again = (
+            f"fedimb sweep {args.sweep_file}"
+            if args.command == "sweep"
+            else "fedimb run --resume <results folder>"
         )
+        print(f"fedimb: interrupted; continue with `{again}`", file=sys.stderr)
         return 130
+    except TooManyFailures as exc:  # the run's folder says so too (summary.json)
+        print(f"fedimb: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:
         hint = resource_hint(exc)
         if hint is None:
             raise
         print(f"fedimb: error: {type(exc).__name__}: {exc}\n  hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def resource_hint(exc: BaseException) -> str | None:

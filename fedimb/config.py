@@ -140,6 +140,33 @@ COMPONENT_OWN_KEYS: dict[str, dict[str, Field]] = {
 }
 
 
+# Ranges of component parameters that the components do not check themselves (Flower's
+# strategies take any number); (table, parameter) -> (rule, what is allowed).
+_UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+PARAM_RANGES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
+    ("model", "hidden"): (_positive, "an integer >= 1"),
+    ("model", "width"): (_positive, "an integer >= 1"),
+    ("strategy", "fraction-evaluate"): (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("strategy", "proximal-mu"): (_non_negative, "a number >= 0"),
+    ("strategy", "server-learning-rate"): (_positive, "a number > 0"),
+    ("strategy", "server-momentum"): _UNIT,
+    ("strategy", "momentum"): _UNIT,
+    ("strategy", "eta"): (_positive, "a number > 0"),
+    ("strategy", "eta-l"): (_positive, "a number > 0"),
+    ("strategy", "tau"): (_positive, "a number > 0"),
+    ("strategy", "beta-1"): _UNIT,
+    ("strategy", "beta-2"): _UNIT,
+    ("strategy", "beta"): (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    ("strategy", "q"): (_non_negative, "a number >= 0"),
+    ("strategy", "spreadout-lr"): (_positive, "a number > 0"),
+    ("strategy", "spreadout-steps"): (_non_negative, "an integer >= 0"),
+    ("strategy", "num-malicious-nodes"): (_non_negative, "an integer >= 0"),
+    ("strategy", "min-train-nodes"): (_positive, "an integer >= 1"),
+    ("strategy", "min-evaluate-nodes"): (_non_negative, "an integer >= 0"),
+    ("strategy", "min-available-nodes"): (_positive, "an integer >= 1"),
+}
+
+
 def kebab_to_snake(key: str) -> str:
     """``max-m`` -> ``max_m``."""
     return key.replace("-", "_")
@@ -461,7 +488,37 @@ def _build_component(table: str, body: Mapping[str, Any]) -> Component:
                 f"unknown config key '{table}.{key}'{_did_you_mean(key, anyone)}; "
                 f"{table} {name!r} accepts: {', '.join(sorted(own)) or '(no parameters)'}"
             )
-    return Component(name, MappingProxyType({k: v for k, v in body.items() if k in own}))
+    defaults = {snake_to_kebab(k): v for k, v in defaults_of(name).items()}
+    checked = {k: _check_param(table, k, v, defaults[k]) for k, v in body.items() if k in own}
+    return Component(name, MappingProxyType(checked))
+
+
+def _check_param(table: str, key: str, value: Any, default: Any) -> Any:
+    """A registered component's parameter, of its default's type and in its range.
+
+    The losses check their own parameters (``min-count`` is a float with default 1);
+    a parameter without a default, or with None, takes any value.
+    """
+    where = f"{table}.{key} = {value!r}"
+    if table == "loss" or default is None or default is inspect.Parameter.empty:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false (without quotes)")
+    elif isinstance(default, int | float):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number")
+        if isinstance(default, int):
+            if not whole:
+                raise ConfigError(f"{where}: expected an integer")
+            value = int(value)  # an int stays an int where a float is the default (drs-start)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string")
+    rule = PARAM_RANGES.get((table, key))
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{where}: must be {rule[1]}")
+    return value
 
 
 def from_nested(nested: Mapping[str, Any]) -> Config:
@@ -535,11 +592,17 @@ def _check_component_params(config: Config) -> None:
 def _check_cross_field(config: Config) -> None:
     """Constraints that involve several keys."""
     opts = config.strategy_options
-    if opts["min-train-clients"] > config["num-clients"]:
-        raise ConfigError(
-            f"strategy.min-train-clients = {opts['min-train-clients']}: must be <= "
-            f"num-clients ({config['num-clients']})"
-        )
+    minimums = {"min-train-clients": opts["min-train-clients"]}
+    minimums.update(
+        (k, v)
+        for k, v in config.strategy.params.items()
+        if k.startswith("min-") and k.endswith("-nodes")
+    )
+    for key, value in minimums.items():
+        if value > config["num-clients"]:  # Flower would wait for that many nodes forever
+            raise ConfigError(
+                f"strategy.{key} = {value}: must be <= num-clients ({config['num-clients']})"
+            )
     part = config.partition
     cpc = part.params.get("classes-per-client")
     if isinstance(cpc, int) and cpc < 1:
@@ -552,6 +615,15 @@ def _check_cross_field(config: Config) -> None:
             raise ConfigError(
                 f"faults.{key} = {text!r}: expected comma-separated integers, e.g. '0,3'"
             ) from None
+
+
+def config_changes(old: Config, new: Config, *, limit: int = 3) -> str:
+    """The keys whose values differ, as ``"num-rounds 3 -> 4, ..."`` ('' if none)."""
+    a, b = old.to_flat(), new.to_flat()
+    changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    shown = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit]]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(shown) + more
 
 
 def parse_id_list(text: str) -> frozenset[int]:

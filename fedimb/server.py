@@ -53,9 +53,11 @@ from fedimb.records import TensorArray, array_nbytes, record_of, values_view
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    SUMMARY_FILE,
     RunRecorder,
     atomic_write_bytes,
     atomic_write_text,
+    read_json,
 )
 from fedimb.train import evaluate_counts
 
@@ -456,6 +458,10 @@ def run_server(
             )
     else:
         if resume:
+            finished = read_json(out_dir / SUMMARY_FILE)
+            if finished and finished.get("status") == "completed":
+                log.warning("%s completed without a checkpoint: nothing to resume", out_dir)
+                return finished  # and nothing it wrote is touched
             log.warning("no checkpoint in %s: starting from round 0", out_dir)
         recorder.start_fresh()
         param_keys = [name for name, _ in model.named_parameters()]
@@ -535,6 +541,9 @@ def run_server(
                 evaluate_fn=evaluate,
             )
         status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"  # Ctrl-C or SIGTERM: resumable from the last checkpoint
+        raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise

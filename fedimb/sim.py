@@ -26,7 +26,10 @@ from torch import nn
 
 from fedimb import batched
 from fedimb.config import Config, ConfigError
+from fedimb.federation import Federation
 from fedimb.server import RoundHook, run_server
+
+log = logging.getLogger(__name__)
 
 
 def quiet_flower(verbose: bool = False) -> None:
@@ -37,16 +40,30 @@ def quiet_flower(verbose: bool = False) -> None:
     logging.getLogger("flwr").setLevel(level)
 
 
-def prepare(config: Config) -> None:
-    """Load the data and build the partition now, so bad input fails before Ray starts."""
+def load_federation(config: Config) -> Federation:
+    """The config's data and partition; what cannot be built is a :class:`ConfigError`."""
     from fedimb.federation import get_federation
 
     try:
-        fed = get_federation(config)
+        return get_federation(config)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def prepare(config: Config) -> None:
+    """Load the data and build the partition, the model, one client's loss and sampler
+    now, so bad input fails before Ray starts (and before a sweep runs any cell)."""
+    import numpy as np
+
     from fedimb.client import model_for
     from fedimb.losses import make_loss
+    from fedimb.sampling import epoch_indices
+
+    fed = load_federation(config)
+    unheld = np.flatnonzero(fed.counts.sum(axis=0) == 0)
+    if unheld.size:  # their test error stays 1: say so before the run, not after
+        names = ", ".join(str(fed.dataset.classes[c]) for c in unheld)
+        log.warning("no client holds class(es) %s: the global model never trains on them", names)
 
     try:  # a model that does not fit the data (a CNN on vectors)
         model_for(config, fed)
@@ -62,6 +79,17 @@ def prepare(config: Config) -> None:
         )
     except ValueError as exc:
         raise ConfigError(f"[loss] {config.loss.name}: {exc}") from exc
+    try:  # e.g. a drs-start after the last round
+        epoch_indices(
+            config.sampling.name,
+            np.repeat(np.arange(fed.num_classes), fed.counts[0]),
+            np.random.default_rng(0),
+            server_round=1,
+            num_rounds=config["num-rounds"],
+            **config.sampling.kwargs(),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[sampling] {config.sampling.name}: {exc}") from exc
 
 
 def run_experiment(

@@ -46,7 +46,7 @@ _MAX_CELL_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
 RunCell = Callable[[dict[str, Any], Path], Any]
-ValidateCell = Callable[[dict[str, Any]], Any]
+ValidateCell = Callable[[dict[str, Any], Path], Any]
 
 
 @dataclass(frozen=True)
@@ -294,12 +294,12 @@ def default_out_dir(sweep: Sweep, root: str | Path = DEFAULT_RESULTS_ROOT) -> Pa
     return Path(root) / sweep.name
 
 
-def _validate_all(cells: list[Cell], validate_cell: ValidateCell) -> None:
+def _validate_all(cells: list[Cell], validate_cell: ValidateCell, out_dir: Path) -> None:
     """Run ``validate_cell`` on every cell; raise one ValueError listing every bad cell."""
     problems = []
     for cell in cells:
         try:
-            validate_cell(dict(cell.overrides))
+            validate_cell(dict(cell.overrides), out_dir / cell.name)
         except Exception as exc:
             problems.append(f"  cell {cell.name!r}: {type(exc).__name__}: {exc}")
     if problems:
@@ -402,8 +402,10 @@ def run_sweep(
         An exception marks the cell failed (``summary.json`` + ``traceback.txt``) and the
         sweep goes on; KeyboardInterrupt stops it (resumable).
     validate_cell : callable, optional
-        ``validate_cell(overrides)`` raises on a bad config. Called for every cell before
-        anything runs or is written, so a typo fails in seconds, not hours in.
+        ``validate_cell(overrides, cell_dir)`` raises on a bad config, or on one that
+        differs from the config the cell's folder already holds (its results would mix
+        the two). Called for every cell before anything runs or is written, so a typo
+        fails in seconds, not hours in.
     progress : bool
         True: a progress bar over cells (on a terminal). False: one plain line per cell.
 
@@ -420,9 +422,9 @@ def run_sweep(
     from fedimb.report import build_report  # report imports matplotlib; load it only here
 
     cells = expand(sweep)
-    if validate_cell is not None:
-        _validate_all(cells, validate_cell)
     out_dir = default_out_dir(sweep) if out_dir is None else Path(out_dir)
+    if validate_cell is not None:
+        _validate_all(cells, validate_cell, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     status = {}

@@ -41,6 +41,14 @@ def test_sweep_runs_cells_records_a_broken_one_and_resumes(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 1
     assert "2 cells completed, 2 failed" in capsys.readouterr().out
 
+    # A changed sweep would mix old and new results in one report: refused, nothing lost.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    sweep.write_text(sweep.read_text().replace("num-rounds = 2", "num-rounds = 3"))
+    assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "4 of 4 sweep cell(s)" in err and "num-rounds 2 -> 3" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
 
 def test_bad_sweep_cell_fails_before_anything_runs(tmp_path, capsys):
     sweep = tmp_path / "bad.toml"
@@ -90,3 +98,18 @@ def test_resource_errors_end_with_one_line_of_advice(monkeypatch, capsys, tmp_pa
 
 def test_other_errors_are_not_disguised():
     assert resource_hint(ValueError("a bug")) is None
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
+    import os
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or `timeout` would
+
+    monkeypatch.setitem(cli.COMMANDS, "list", terminated)
+    assert main(["list"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is previous  # restored for the caller

@@ -102,6 +102,20 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
             "server_lr",
         ),
         ({"loss.name": "tests.nowhere:factory"}, "cannot import module 'tests.nowhere'"),
+        # Component parameters: the type of their default, and the range of the known ones.
+        ({"model.cosine-head": "False"}, "model.cosine-head = 'False': expected true or false"),
+        ({"model.hidden": "abc"}, "model.hidden = 'abc': expected a number"),
+        ({"model.hidden": 64.5}, "model.hidden = 64.5: expected an integer"),
+        ({"model.hidden": True}, "expected a number"),
+        ({"model.name": "cnn", "model.hidden": 0}, "model.hidden = 0: must be an integer >= 1"),
+        ({"partition.name": "dirichlet", "partition.alpha": "x"}, "expected a number"),
+        ({"strategy.fraction-evaluate": "abc"}, "strategy.fraction-evaluate = 'abc'"),
+        ({"strategy.name": "fedprox", "strategy.proximal-mu": -1}, "must be a number >= 0"),
+        ({"strategy.name": "fedavgm", "strategy.server-momentum": -3}, "in [0, 1)"),
+        ({"strategy.name": "fedadam", "strategy.eta": -1}, "strategy.eta = -1: must be"),
+        ({"strategy.weighted-by-key": 3}, "expected a string"),
+        ({"strategy.min-train-nodes": 50}, "strategy.min-train-nodes = 50: must be <= num-"),
+        ({"strategy.min-available-nodes": 21}, "must be <= num-clients (20)"),
     ],
 )
 def test_bad_values_get_one_clear_error(overrides, message):
@@ -149,3 +163,15 @@ def test_shipped_configs_are_valid_and_work_as_flower_run_configs():
         load_config(path)
         missing = set(flatten(nested)) - app_keys
         assert not missing, f"{path.name}: keys unknown to flwr run: {sorted(missing)}"
+
+
+def test_component_parameters_are_coerced_to_their_defaults_types():
+    config = load_config(
+        overrides={"model.hidden": 64.0, "strategy.name": "fedprox", "strategy.proximal-mu": 1}
+    )
+    assert config.model.params["hidden"] == 64 and isinstance(config.model.params["hidden"], int)
+    assert config.strategy.params["proximal-mu"] == 1
+    # An int where the default is a float stays an int: drs-start 5 is round 5, not 5.0.
+    drs = load_config(overrides={"sampling.name": "drs", "sampling.drs-start": 5})
+    assert isinstance(drs.sampling.params["drs-start"], int)
+    assert load_config(overrides={"model.cosine-head": True}).model.params["cosine-head"] is True

@@ -13,6 +13,14 @@ def test_a_model_that_does_not_fit_the_data_is_a_config_error():
         prepare(load_config(overrides={"dataset": "synthetic", "model.name": "cnn"}))
 
 
+def test_a_sampler_schedule_after_the_last_round_is_a_config_error():
+    config = load_config(
+        overrides={"num-rounds": 2, "sampling.name": "drs", "sampling.drs-start": 5}
+    )
+    with pytest.raises(ConfigError, match=r"\[sampling\] drs: drs_start=5 .*after the last"):
+        prepare(config)
+
+
 def test_auto_threads_are_one_on_cpu_for_models_without_convolutions():
     mlp, cnn = build_model("mlp", (64,), 10), build_model("cnn", (3, 32, 32), 10)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
@@ -32,3 +40,11 @@ def test_the_thread_count_holds_for_the_run_only(threads, inside):
     with pytest.raises(RuntimeError), torch_threads(config):
         raise RuntimeError
     assert torch.get_num_threads() == before
+
+
+def test_classes_that_no_client_holds_are_named_before_the_run(caplog):
+    prepare(load_config(overrides={"num-clients": 4, "partition.classes-per-client": 1}))
+    assert "no client holds class(es) 4, 5, 6, 7, 8, 9" in caplog.text
+    caplog.clear()
+    prepare(load_config(overrides={"num-clients": 10, "partition.classes-per-client": 1}))
+    assert "no client holds" not in caplog.text

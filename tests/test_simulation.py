@@ -326,13 +326,43 @@ def test_cli_run_writes_results_and_bad_input_writes_nothing(tmp_path, capsys):
     assert not bad.exists()
 
 
-def test_cli_resume_of_a_finished_run_changes_nothing(tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [1, 0])
+def test_cli_resume_of_a_finished_run_changes_nothing(tmp_path, checkpoint_every):
     out = tmp_path / "run"
-    assert run_cli(out, "num-rounds=2", "num-clients=4") == 0
-    before = (out / "metrics.jsonl").read_text()
+    settings = ("num-rounds=2", "num-clients=4", f"checkpoint-every={checkpoint_every}")
+    assert run_cli(out, *settings) == 0
+    assert (out / "checkpoint.pt").exists() == bool(checkpoint_every)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["run", "--resume", str(out), "-q"]) == 0
-    assert (out / "metrics.jsonl").read_text() == before
+    if checkpoint_every:  # resumed at its last round: the summary is rewritten
+        before.pop("summary.json")
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {k: after[k] for k in before} == before  # not run again from round 0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    # A run stopped by failing clients, and a partition that cannot be built.
+    assert run_cli(tmp_path / "f", "num-clients=6", 'faults.raise-clients="0,1,2,3"') == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("fedimb: error: round 1: 4 of 6 clients")
+    assert "Traceback" not in err
+    args = ["partitions", "--set", "partition.name=dirichlet", "--set", "partition.alpha=-1"]
+    assert main(args) == 2
+    assert "alpha must be > 0" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_so_and_resumes(tmp_path):
+    def interrupt(server_round, row):
+        if server_round == 2:
+            raise KeyboardInterrupt
+
+    cfg = small()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False, on_round=interrupt)
+    assert read_json(tmp_path / "cut" / "summary.json")["status"] == "interrupted"
+    run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"
 
 
 @pytest.mark.parametrize(("mode", "model", "vectorised"), [

@@ -330,7 +330,7 @@ def test_validation_failure_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     fake = FakeRun()
 
-    def validate(overrides: dict[str, Any]) -> None:
+    def validate(overrides: dict[str, Any], cell_dir: Path) -> None:
         if overrides["loss.name"] == "focal" and overrides["seed"] == 1:
             raise ValueError("loss.gamma must be > 0")
 
@@ -342,15 +342,15 @@ def test_validation_failure_writes_nothing(tmp_path: Path) -> None:
 
 def test_validate_cell_is_called_for_every_cell_before_running(tmp_path: Path) -> None:
     sweep = load_sweep(write_sweep(tmp_path, TINY))
-    seen: list[dict[str, Any]] = []
+    seen: list[tuple[dict[str, Any], Path]] = []
     fake = FakeRun()
 
-    def validate(overrides: dict[str, Any]) -> None:
+    def validate(overrides: dict[str, Any], cell_dir: Path) -> None:
         assert fake.calls == []  # nothing has run yet
-        seen.append(overrides)
+        seen.append((overrides, cell_dir))
 
     run_sweep(sweep, tmp_path / "out", fake, validate_cell=validate, progress=False)
-    assert seen == [c.overrides for c in expand(sweep)]
+    assert seen == [(c.overrides, tmp_path / "out" / c.name) for c in expand(sweep)]
 
 
 def test_quiet_mode_prints_one_line_per_cell(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

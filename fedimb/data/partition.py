@@ -104,8 +104,8 @@ def label_skew(
     Client ``i`` first gets class ``i mod K`` (``K`` = the classes present in
     ``labels``, in ascending order), then ``k - 1`` further distinct classes drawn at
     random. Each class's samples are shuffled and split as equally as possible among the
-    clients holding it. A class that no client drew (possible when
-    ``num_clients * k < K``) is left out of every partition.
+    clients holding it. A class that no client drew (possible when ``num_clients < K``)
+    is left out of every partition (``fedimb run`` warns).
 
     Parameters
     ----------
