@@ -245,7 +245,7 @@ def train_clients(
             TrainResult(
                 state=state,
                 loss=losses[k] / max(job.plan.num_steps, 1),
-                num_examples=job.plan.num_examples,
+                num_examples=len(job.y),
                 num_steps=job.plan.num_steps,
                 finite=finite[k],
             )

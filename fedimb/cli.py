@@ -138,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{out} already holds a run: continue it with --resume {out}, "
                 "or choose another --out"
             )
+    args.run_dir = out  # for the advice if the run is interrupted
     summary = run_experiment(
         config, out, resume=args.resume is not None, progress=not args.quiet, verbose=args.verbose
     )
@@ -261,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = (
             f"fedimb sweep {args.sweep_file}"
             if args.command == "sweep"
-            else "fedimb run --resume <results folder>"
+            else f"fedimb run --resume {getattr(args, 'run_dir', '<results folder>')}"
         )
         print(f"fedimb: interrupted; continue with `{again}`", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,25 @@ def quiet_flower(verbose: bool = False) -> None:
     logging.getLogger("flwr").setLevel(level)
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when ``ray.address`` names a host:port that nothing answers on.
+
+    Ray itself retries an unreachable cluster for minutes, logging as it goes. ``auto``
+    and addresses without a port are left to Ray.
+    """
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"ray.address = {address!r}: nothing answers at {host}:{port} ({exc}); start the "
+            "cluster there (`ray start --head`) or leave ray.address empty for a local one"
+        ) from exc
+
+
 def load_federation(config: Config) -> Federation:
     """The config's data and partition; what cannot be built is a :class:`ConfigError`."""
     from fedimb.federation import get_federation
@@ -59,6 +79,8 @@ def prepare(config: Config) -> None:
     from fedimb.losses import make_loss
     from fedimb.sampling import epoch_indices
 
+    if config["engine"] == "ray" and config["ray.address"]:
+        check_ray_address(config["ray.address"])
     fed = load_federation(config)
     unheld = np.flatnonzero(fed.counts.sum(axis=0) == 0)
     if unheld.size:  # their test error stays 1: say so before the run, not after

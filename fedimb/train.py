@@ -57,7 +57,8 @@ class ClientPlan:
         return len(self.batches)
 
     @property
-    def num_examples(self) -> int:
+    def num_drawn(self) -> int:
+        """Samples drawn over all steps (epochs times the sampler's epoch length)."""
         return int(sum(len(b) for b in self.batches))
 
 
@@ -81,6 +82,7 @@ class TrainResult:
     state: dict[str, torch.Tensor]
     loss: float
     num_examples: int
+    """The client's training samples: FedAvg's weight, whatever the epochs and sampler."""
     num_steps: int
     finite: bool | None = None
     """Whether every value of ``state`` was finite, checked on the training device
@@ -189,7 +191,7 @@ def train_client(
     return TrainResult(
         state={k: v.detach().clone() for k, v in model.state_dict().items()},
         loss=float(total) / steps,
-        num_examples=job.plan.num_examples,
+        num_examples=len(job.y),
         num_steps=job.plan.num_steps,
     )
 

@@ -181,7 +181,7 @@ def test_plan_is_seeded_per_client_and_round():
     c = make_plan(labels, settings, client_rng(0, 2, 5))
     assert all(np.array_equal(p, q) for p, q in zip(a.batches, b.batches, strict=True))
     assert not all(np.array_equal(p, q) for p, q in zip(a.batches, c.batches, strict=True))
-    assert a.num_examples == 36 and a.num_steps == 10  # 2 epochs x ceil(18 / 4)
+    assert a.num_drawn == 36 and a.num_steps == 10  # 2 epochs x ceil(18 / 4)
     assert sorted(np.concatenate(a.batches[:5])) == list(range(18))  # an epoch covers every sample
 
 

@@ -5,7 +5,7 @@ import torch
 
 from fedimb.config import ConfigError, load_config
 from fedimb.models import build_model
-from fedimb.sim import prepare, thread_count, torch_threads
+from fedimb.sim import check_ray_address, prepare, thread_count, torch_threads
 
 
 def test_a_model_that_does_not_fit_the_data_is_a_config_error():
@@ -48,3 +48,18 @@ def test_classes_that_no_client_holds_are_named_before_the_run(caplog):
     caplog.clear()
     prepare(load_config(overrides={"num-clients": 10, "partition.classes-per-client": 1}))
     assert "no client holds" not in caplog.text
+
+
+def test_an_unreachable_ray_address_fails_fast():
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"nothing answers at 127.0.0.1:{port}"):
+        check_ray_address(f"127.0.0.1:{port}", timeout=2)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_ray_address(f"ray://127.0.0.1:{server.getsockname()[1]}")  # answers: no error
+    check_ray_address("auto")  # left to Ray

@@ -352,6 +352,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "alpha must be > 0" in capsys.readouterr().err
 
 
+def test_clients_report_their_data_size_whatever_the_epochs_and_sampler(tmp_path):
+    # FedAvg weighs replies by num-examples: the local data, as in Flower's examples,
+    # not the samples an epoch draws (undersampling would shrink a client's weight).
+    from fedimb.federation import get_federation
+
+    cfg = small(**{"local-epochs": 2, "sampling.name": "undersample", "num-rounds": 1})
+    run_experiment(cfg, tmp_path, progress=False)
+    sizes = get_federation(cfg).counts.sum(axis=1)
+    rows = read_jsonl(tmp_path / "clients.jsonl")
+    assert len(rows) == 10
+    assert all(r["num-examples"] == sizes[r["partition-id"]] for r in rows)
+
+
 def test_an_interrupted_run_says_so_and_resumes(tmp_path):
     def interrupt(server_round, row):
         if server_round == 2:
