@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -252,18 +253,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_flower(verbose=getattr(args, "verbose", False))
     # SIGTERM (`kill`, `timeout`) stops a run as Ctrl-C does: its summary says so.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RegistryError) as exc:
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        again = (
-            f"fedimb sweep {args.sweep_file}"
-            if args.command == "sweep"
-            else f"fedimb run --resume {getattr(args, 'run_dir', '<results folder>')}"
-        )
+        if args.command == "sweep":
+            again = f"fedimb sweep {args.sweep_file}" + (f" --out {args.out}" if args.out else "")
+        else:
+            again = f"fedimb run --resume {getattr(args, 'run_dir', '<results folder>')}"
         print(f"fedimb: interrupted; continue with `{again}`", file=sys.stderr)
         return 130
     except TooManyFailures as exc:  # the run's folder says so too (summary.json)
@@ -276,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedimb: error: {type(exc).__name__}: {exc}\n  hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -512,7 +512,8 @@ def _check_param(table: str, key: str, value: Any, default: Any) -> Any:
         if isinstance(default, int):
             if not whole:
                 raise ConfigError(f"{where}: expected an integer")
-            value = int(value)  # an int stays an int where a float is the default (drs-start)
+            value = int(value)
+        # else an int stays an int where a float is the default (drs-start 5 is a round)
     elif isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string")
     rule = PARAM_RANGES.get((table, key))
@@ -584,25 +585,37 @@ def _check_component_params(config: Config) -> None:
     except (ValueError, TypeError, RegistryError) as exc:
         raise ConfigError(f"[loss] {loss.name}: {exc}") from exc
     try:
-        strategies.make_strategy(strategy.name, **config.strategy_kwargs())
+        built = strategies.make_strategy(strategy.name, **config.strategy_kwargs())
     except (ValueError, TypeError, RegistryError) as exc:
         raise ConfigError(f"[strategy] {strategy.name}: {exc}") from exc
+    _check_node_minimums(config, built)
+
+
+def _check_node_minimums(config: Config, strategy: Any) -> None:
+    """Flower waits forever for more nodes than the federation has: check the minimums
+    the strategy will use (defaults included; evaluation's only when it evaluates)."""
+    wanted = ["min_train_nodes", "min_available_nodes"]
+    if getattr(strategy, "fraction_evaluate", 0):
+        wanted.append("min_evaluate_nodes")
+    for attr in wanted:
+        value = getattr(strategy, attr, None)
+        if value is None:
+            continue
+        name = snake_to_kebab(attr)
+        given = name in config.strategy.params
+        if not given and attr != "min_evaluate_nodes":
+            name, given = "min-train-clients", True  # fedimb's own key sets both
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"strategy.{name} = {value!r}: expected an integer")
+        if value > config["num-clients"]:
+            raise ConfigError(
+                f"strategy.{name} = {value}: must be <= num-clients ({config['num-clients']})"
+                + ("" if given else " (the strategy's default)")
+            )
 
 
 def _check_cross_field(config: Config) -> None:
     """Constraints that involve several keys."""
-    opts = config.strategy_options
-    minimums = {"min-train-clients": opts["min-train-clients"]}
-    minimums.update(
-        (k, v)
-        for k, v in config.strategy.params.items()
-        if k.startswith("min-") and k.endswith("-nodes")
-    )
-    for key, value in minimums.items():
-        if value > config["num-clients"]:  # Flower would wait for that many nodes forever
-            raise ConfigError(
-                f"strategy.{key} = {value}: must be <= num-clients ({config['num-clients']})"
-            )
     part = config.partition
     cpc = part.params.get("classes-per-client")
     if isinstance(cpc, int) and cpc < 1:
@@ -617,10 +630,30 @@ def _check_cross_field(config: Config) -> None:
             ) from None
 
 
+# Keys that change how a run executes, not its results (the engines, batched or not,
+# and any thread count give the same metrics on CPU: tested).
+EXECUTION_KEYS = frozenset(
+    {
+        "engine",
+        "threads",
+        "batched",
+        "group-size",
+        "checkpoint-every",
+        "round-timeout",
+        "out-dir",
+        "ray.address",
+        "ray.client-cpus",
+        "ray.client-gpus",
+    }
+)
+
+
 def config_changes(old: Config, new: Config, *, limit: int = 3) -> str:
-    """The keys whose values differ, as ``"num-rounds 3 -> 4, ..."`` ('' if none)."""
+    """The keys whose values differ, as ``"num-rounds 3 -> 4, ..."`` ('' if none), leaving
+    out :data:`EXECUTION_KEYS`."""
     a, b = old.to_flat(), new.to_flat()
-    changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    keys = sorted((a.keys() | b.keys()) - EXECUTION_KEYS)
+    changed = [k for k in keys if a.get(k) != b.get(k)]
     shown = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit]]
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
     return ", ".join(shown) + more

@@ -51,6 +51,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
         return
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
@@ -99,7 +100,7 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **config.loss.kwargs(),
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a parameter a plug-in does not take
         raise ConfigError(f"[loss] {config.loss.name}: {exc}") from exc
     try:  # e.g. a drs-start after the last round
         epoch_indices(
@@ -110,7 +111,7 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **config.sampling.kwargs(),
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"[sampling] {config.sampling.name}: {exc}") from exc
 
 

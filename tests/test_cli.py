@@ -113,3 +113,13 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
     assert main(["list"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is previous  # restored for the caller
+
+
+def test_main_runs_outside_the_main_thread(capsys):
+    import threading
+
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(main(["list"])))
+    worker.start()
+    worker.join()
+    assert codes == [0] and "losses:" in capsys.readouterr().out

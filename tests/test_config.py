@@ -116,6 +116,14 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"strategy.weighted-by-key": 3}, "expected a string"),
         ({"strategy.min-train-nodes": 50}, "strategy.min-train-nodes = 50: must be <= num-"),
         ({"strategy.min-available-nodes": 21}, "must be <= num-clients (20)"),
+        (  # Flower's default min-evaluate-nodes (2) would wait forever for a second node
+            {"num-clients": 1, "strategy.min-train-clients": 1, "strategy.fraction-evaluate": 0.5},
+            "strategy.min-evaluate-nodes = 2: must be <= num-clients (1) (the strategy's default)",
+        ),
+        (
+            {"strategy.name": "flwr.serverapp.strategy:FedAvg", "strategy.min-train-nodes": "3"},
+            "strategy.min-train-nodes = '3': expected an integer",
+        ),
     ],
 )
 def test_bad_values_get_one_clear_error(overrides, message):
@@ -175,3 +183,14 @@ def test_component_parameters_are_coerced_to_their_defaults_types():
     drs = load_config(overrides={"sampling.name": "drs", "sampling.drs-start": 5})
     assert isinstance(drs.sampling.params["drs-start"], int)
     assert load_config(overrides={"model.cosine-head": True}).model.params["cosine-head"] is True
+
+
+def test_config_changes_name_what_changes_results_only():
+    from fedimb.config import config_changes
+
+    base = load_config()
+    assert config_changes(base, base.with_overrides({"engine": "inprocess", "threads": 1})) == ""
+    changed = config_changes(base, base.with_overrides({"num-rounds": 3, "engine": "inprocess"}))
+    assert changed == "num-rounds 20 -> 3"
+    # Evaluation off: its minimum does not matter.
+    load_config(overrides={"num-clients": 1, "strategy.min-train-clients": 1})

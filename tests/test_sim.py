@@ -63,3 +63,11 @@ def test_an_unreachable_ray_address_fails_fast():
         server.listen()
         check_ray_address(f"ray://127.0.0.1:{server.getsockname()[1]}")  # answers: no error
     check_ray_address("auto")  # left to Ray
+    try:
+        server6 = socket.socket(socket.AF_INET6)
+        server6.bind(("::1", 0))
+    except OSError:
+        return  # no IPv6 loopback on this machine: the IPv4 cases above still ran
+    with server6:
+        server6.listen()
+        check_ray_address(f"[::1]:{server6.getsockname()[1]}")
