@@ -134,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = _load(args, extra)
         out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: a file is there, not a folder")
         if (out / SUMMARY_FILE).exists():
             raise ConfigError(
                 f"{out} already holds a run: continue it with --resume {out}, "
@@ -214,7 +216,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not args.results_dir.is_dir():
         raise ConfigError(f"results folder not found: {args.results_dir}")
-    for name, path in build_report(args.results_dir, target_error=args.target_error).items():
+    try:
+        built = build_report(args.results_dir, target_error=args.target_error)
+    except ValueError as exc:  # e.g. a folder that holds no run
+        raise ConfigError(str(exc)) from exc
+    for name, path in built.items():
         print(f"{name}: {path}")
     return 0
 

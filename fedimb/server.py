@@ -444,6 +444,11 @@ def run_server(
         extra={"engine": config["engine"], "device": str(fed.device), **(extra_summary or {})},
     )
     checkpoint_path = out_dir / CHECKPOINT_FILE
+    finished = read_json(out_dir / SUMMARY_FILE) if resume else None
+    if finished and finished.get("status") == "completed":
+        if finished.get("rounds_completed") == num_rounds:
+            log.warning("%s completed all %d rounds: nothing to resume", out_dir, num_rounds)
+            return finished  # and nothing it wrote is touched
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         start_round, strategy = int(state["round"]), state["strategy"]
@@ -458,10 +463,6 @@ def run_server(
             )
     else:
         if resume:
-            finished = read_json(out_dir / SUMMARY_FILE)
-            if finished and finished.get("status") == "completed":
-                log.warning("%s completed without a checkpoint: nothing to resume", out_dir)
-                return finished  # and nothing it wrote is touched
             log.warning("no checkpoint in %s: starting from round 0", out_dir)
         recorder.start_fresh()
         param_keys = [name for name, _ in model.named_parameters()]

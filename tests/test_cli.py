@@ -123,3 +123,13 @@ def test_main_runs_outside_the_main_thread(capsys):
     worker.start()
     worker.join()
     assert codes == [0] and "losses:" in capsys.readouterr().out
+
+
+def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    assert main(["run", "--out", str(tmp_path / "afile"), "--set", "num-rounds=1"]) == 2
+    assert "a file is there" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
