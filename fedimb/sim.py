@@ -83,6 +83,8 @@ def prepare(config: Config) -> None:
     if config["engine"] == "ray" and config["ray.address"]:
         check_ray_address(config["ray.address"])
     fed = load_federation(config)
+    if config["precision"] != "fp32" and fed.device.type != "cuda":
+        log.warning("precision = %r applies on CUDA only: this run is fp32", config["precision"])
     unheld = np.flatnonzero(fed.counts.sum(axis=0) == 0)
     if unheld.size:  # their test error stays 1: say so before the run, not after
         names = ", ".join(str(fed.dataset.classes[c]) for c in unheld)

@@ -195,10 +195,10 @@ def make_strategy(
     kwargs.update(user)
     missing = [k for k, p in accepted.items() if p.default is REQUIRED and k not in kwargs]
     if missing:
-        raise ValueError(
-            f"strategy {name!r} requires parameter(s) {', '.join(missing)} (no default)"
-        )
+        keys = ", ".join(f"strategy.{k.replace('_', '-')}" for k in missing)
+        raise ValueError(f"strategy {name!r} requires {keys} (no default)")
     try:
         return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"cannot build strategy {name!r} from {sorted(kwargs)}: {exc}") from exc
+    except TypeError as exc:  # a plug-in that chokes on a value: name the user's keys only
+        given = ", ".join(f"strategy.{k.replace('_', '-')}" for k in sorted(user)) or "none"
+        raise ValueError(f"cannot build strategy {name!r} (keys given: {given}): {exc}") from exc

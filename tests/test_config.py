@@ -116,6 +116,7 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"strategy.weighted-by-key": 3}, "expected a string"),
         ({"strategy.min-train-nodes": 50}, "strategy.min-train-nodes = 50: must be <= num-"),
         ({"strategy.min-available-nodes": 21}, "must be <= num-clients (20)"),
+        ({"strategy.name": "qfedavg"}, "requires strategy.client-learning-rate (no default)"),
         (  # Flower's default min-evaluate-nodes (2) would wait forever for a second node
             {"num-clients": 1, "strategy.min-train-clients": 1, "strategy.fraction-evaluate": 0.5},
             "strategy.min-evaluate-nodes = 2: must be <= num-clients (1) (the strategy's default)",

@@ -71,3 +71,8 @@ def test_an_unreachable_ray_address_fails_fast():
     with server6:
         server6.listen()
         check_ray_address(f"[::1]:{server6.getsockname()[1]}")
+
+
+def test_bf16_off_cuda_is_named_as_fp32(caplog):
+    prepare(load_config(overrides={"device": "cpu", "precision": "bf16"}))
+    assert "applies on CUDA only: this run is fp32" in caplog.text
