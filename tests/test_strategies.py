@@ -453,7 +453,7 @@ def test_every_registered_strategy_builds(name: str) -> None:
 
 
 def test_qfedavg_needs_client_lr_and_reads_our_loss_key() -> None:
-    with pytest.raises(ValueError, match="requires strategy.client-learning-rate"):
+    with pytest.raises(ValueError, match=r"requires strategy\.client-learning-rate"):
         make_strategy("qfedavg")
     strategy = make_strategy("qfedavg", client_learning_rate=0.1)
     assert strategy.train_loss_key == "train-loss"
