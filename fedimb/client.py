@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,20 @@ SCAFFOLD_STATE = "scaffold-ci"
 # train reply (the server checkpoints them) and, after a resume, in a query back to it.
 STATE_PREFIX = "fedimb-state:"
 CLIENT_ERROR_CODE = 1
+
+
+def state_entries(records: Mapping[str, Any]) -> dict[str, ArrayRecord]:
+    """A client's persistent ArrayRecords (by name) as message content entries."""
+    return {STATE_PREFIX + k: r for k, r in records.items() if isinstance(r, ArrayRecord)}
+
+
+def carried_state(content: RecordDict) -> dict[str, ArrayRecord]:
+    """The persistent ArrayRecords a message carries, by their names in the state."""
+    return {
+        k.removeprefix(STATE_PREFIX): r
+        for k, r in content.items()
+        if k.startswith(STATE_PREFIX) and isinstance(r, ArrayRecord)
+    }
 
 
 class InjectedFault(RuntimeError):
@@ -231,9 +246,7 @@ def make_reply(
         content[SCAFFOLD_DELTA] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
     # The server keeps the latest copy for its checkpoints: under Ray, the clients'
     # contexts live in Flower's engine, out of the server's reach.
-    for name, record in context.state.items():  # not ``array_records``: a cyclic view
-        if isinstance(record, ArrayRecord):
-            content[STATE_PREFIX + name] = record
+    content.update(state_entries(context.state))  # not ``array_records``: a cyclic view
     return Message(content, reply_to=msg)
 
 
@@ -399,9 +412,8 @@ def handle_query(msg: Message, context: Context) -> Message:
     ``STATE_PREFIX``) that its checkpoint saved; the client takes it as its own.
     """
     pid = int(context.node_config["partition-id"])
-    for key, record in msg.content.items():
-        if key.startswith(STATE_PREFIX) and isinstance(record, ArrayRecord):
-            context.state[key.removeprefix(STATE_PREFIX)] = record
+    for name, record in carried_state(msg.content).items():
+        context.state[name] = record
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 

@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import strategies
-from fedimb.client import STATE_PREFIX, experiment_record
+from fedimb.client import carried_state, experiment_record, state_entries
 from fedimb.config import Config
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
@@ -235,11 +235,18 @@ class GuardedGrid(Grid):
             self._sample_key = None
         return ordered
 
+    def _query(self, extra: dict[int, dict[str, ArrayRecord]]) -> list[Message]:
+        """One query message to each node of ``extra``, carrying its records; the replies
+        (each states its node's partition id)."""
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({}), **records}), node, MessageType.QUERY)
+            for node, records in extra.items()
+        ]
+        return list(self.inner.send_and_receive(messages, timeout=self.query_timeout))
+
     def _ask_partitions(self, nodes: list[int]) -> None:
         """One query message per node; its reply holds the node's partition id."""
-        content = RecordDict({"config": ConfigRecord({})})
-        messages = [Message(content, node, MessageType.QUERY) for node in nodes]
-        for reply in self.inner.send_and_receive(messages, timeout=self.query_timeout):
+        for reply in self._query({node: {} for node in nodes}):
             pid = _stated_partition(reply)
             if pid is not None:
                 self.partition_of[reply.metadata.src_node_id] = pid
@@ -269,21 +276,13 @@ class GuardedGrid(Grid):
 
     def _send_restored_state(self) -> None:
         node_of = {pid: node for node, pid in self.partition_of.items()}
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        "config": ConfigRecord({}),
-                        **{STATE_PREFIX + name: rec for name, rec in records.items()},
-                    }
-                ),
-                node_of[pid],
-                MessageType.QUERY,
-            )
-            for pid, records in self._to_restore.items()
-            if pid in node_of
-        ]
-        replies = self.inner.send_and_receive(messages, timeout=self.query_timeout)
+        replies = self._query(
+            {
+                node_of[pid]: state_entries(records)
+                for pid, records in self._to_restore.items()
+                if pid in node_of
+            }
+        )
         restored = {_stated_partition(reply) for reply in replies}
         lost = sorted(set(self._to_restore) - restored)
         self._to_restore = {}
@@ -299,8 +298,9 @@ class GuardedGrid(Grid):
         """Take the client's state out of its reply (a strategy expects none there)."""
         if reply.has_error():
             return
-        keys = [k for k in reply.content if k.startswith(STATE_PREFIX)]
-        records = {k.removeprefix(STATE_PREFIX): reply.content.pop(k) for k in keys}
+        records = carried_state(reply.content)
+        for key in state_entries(records):
+            del reply.content[key]
         if records and pid is not None:
             self._state[pid] = records
 
