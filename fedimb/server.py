@@ -24,6 +24,7 @@ import logging
 import math
 import pickle
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 RoundHook = Callable[[int, dict[str, Any]], None]
 
 QUERY_TIMEOUT_FLOOR = 600.0  # seconds the nodes get to say their partition ids, at least
+# Seconds between polls for replies under Ray. Flower's grid polls every 0.1 s; 0.02 s
+# makes a quickstart round (20 digit clients) 0.193 s instead of 0.211 s (medians).
+PULL_INTERVAL = 0.02
 
 
 class TooManyFailures(RuntimeError):
@@ -171,6 +175,10 @@ class GuardedGrid(Grid):
     is taken out before the strategy sees the reply (:meth:`client_state`); a resumed
     run hands the saved states back to the clients before its first train round
     (:meth:`restore_client_state`).
+
+    With a ``stop`` event (Ray's engine, whose server runs in a thread of its own), it
+    waits for replies in short polls and raises KeyboardInterrupt in the server's thread
+    once ``stop`` is set, so that a Ctrl-C of the main thread ends the run cleanly.
     """
 
     def __init__(
@@ -181,8 +189,9 @@ class GuardedGrid(Grid):
         max_failure_fraction: float,
         client_timeout: float,
         query_timeout: float | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
-        self.inner, self.recorder = inner, recorder
+        self.inner, self.recorder, self.stop = inner, recorder, stop
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
         self.query_timeout = query_timeout
         self.failures: dict[int, list[dict[str, Any]]] = {}
@@ -242,7 +251,26 @@ class GuardedGrid(Grid):
             Message(RecordDict({"config": ConfigRecord({}), **records}), node, MessageType.QUERY)
             for node, records in extra.items()
         ]
-        return list(self.inner.send_and_receive(messages, timeout=self.query_timeout))
+        return self._exchange(messages, self.query_timeout)
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Push ``messages``; pull their replies until all came or ``timeout`` passed."""
+        if self.stop is None:
+            return list(self.inner.send_and_receive(messages, timeout=timeout))
+        pending = set(self.inner.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            if self.stop.is_set():
+                raise KeyboardInterrupt  # the main thread was interrupted
+            got = list(self.inner.pull_messages(pending))
+            replies.extend(got)
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if pending:
+                self.stop.wait(PULL_INTERVAL)
+        return replies
 
     def _ask_partitions(self, nodes: list[int]) -> None:
         """One query message per node; its reply holds the node's partition id."""
@@ -318,7 +346,7 @@ class GuardedGrid(Grid):
         is_train = bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
         if is_train and self._to_restore:
             self._send_restored_state()
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        replies = self._exchange(messages, timeout)
         if not is_train:
             return replies
         server_round = int(messages[0].content["config"]["server-round"])
@@ -426,11 +454,12 @@ def run_server(
     progress: bool | None = True,
     on_round: RoundHook | None = None,
     extra_summary: dict[str, Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run the configured federated training on ``grid``; write results; return the summary.
 
     ``progress``: True = a bar (plain lines when not on a terminal), False = plain lines,
-    None = nothing.
+    None = nothing. ``stop``: set by another thread to interrupt the run (see GuardedGrid).
     """
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
@@ -480,6 +509,7 @@ def run_server(
         client_timeout=config["client-timeout"],
         # The query pays Ray's cold start (actors, imports): a round's limit may be too short.
         query_timeout=max(config["round-timeout"], QUERY_TIMEOUT_FLOOR),
+        stop=stop,
     )
     if client_state:
         guarded.restore_client_state(client_state)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,9 @@ from fedimb import batched
 from fedimb.config import Config, ConfigError
 from fedimb.federation import Federation
 from fedimb.server import RoundHook, run_server
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SERVER_STOP_TIMEOUT = 60.0  # seconds an interrupted run's server gets to record it
 
 log = logging.getLogger(__name__)
 
@@ -196,33 +202,101 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     summary: dict[str, Any] = {}
     server_app = ServerApp()
+    # Flower runs the server in a thread of its own: an interrupted main thread stops it
+    # through `stop`, and waits for it to record the interruption.
+    stop = threading.Event()
+    servers: list[threading.Thread] = []
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         del context  # the config comes from fedimb, not from a Flower project
-        summary.update(run_server(grid, config, out_dir, **kwargs))
+        if stop.is_set():
+            return
+        servers.append(threading.current_thread())
+        try:
+            summary.update(run_server(grid, config, out_dir, stop=stop, **kwargs))
+        except KeyboardInterrupt:
+            pass  # raised on `stop`; the main thread raises its own
+
+    def stop_server() -> None:
+        stop.set()
+        for thread in servers:
+            thread.join(timeout=SERVER_STOP_TIMEOUT)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # Stop the server before Flower and Ray tear down: a SIGTERM sent to the whole
+        # process group (`timeout`, Slurm's scancel) also ends Ray's own processes, and
+        # Ray then aborts this one within seconds.
+        stop_server()
+        raise KeyboardInterrupt
 
     resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": client_gpus(config)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    if not verbose:
+        init_args["logging_level"] = "WARNING"  # as Flower sets it
     if config["ray.address"]:
         init_args["address"] = config["ray.address"]
-    try:
-        _run_simulation(
-            num_supernodes=config["num-clients"],
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_name="ray",
-            backend_config={"client_resources": resources, "init_args": init_args},
-            verbose_logging=verbose,
-        )
-    finally:
-        _shutdown_ray()
+    with interrupt_handlers_kept():
+        try:
+            init_ray(init_args)
+            handle_interrupts(interrupt)  # ray.init replaced the SIGTERM handler
+            _run_simulation(
+                num_supernodes=config["num-clients"],
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config={"client_resources": resources, "init_args": init_args},
+                verbose_logging=verbose,
+            )
+        except BaseException:
+            stop_server()  # when the main thread could not handle the signal itself
+            raise
+        finally:
+            _shutdown_ray()
     if not summary:
         raise RuntimeError(
             "the Flower simulation ended without running the server (see the log above)"
         )
     return summary
+
+
+def init_ray(init_args: dict[str, Any]) -> None:
+    """Start (or join) Ray as Flower's RayBackend would, which then leaves it as it is.
+
+    Done here so that fedimb can take SIGTERM back from ``ray.init``. As in Flower, the
+    actors get the driver's ``sys.path``: they import ``clients`` and ``strategies``.
+    """
+    import ray
+
+    paths = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    pythonpath = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+@contextlib.contextmanager
+def interrupt_handlers_kept() -> Iterator[None]:
+    """Restore the SIGINT and SIGTERM handlers on exit (``ray.init`` replaces SIGTERM's for
+    good, with one that exits the process). Only the main thread has handlers."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in INTERRUPT_SIGNALS} if main_thread else {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def handle_interrupts(handler: Callable[[int, Any], None]) -> None:
+    """Make ``handler`` handle SIGINT and SIGTERM (in the main thread; SIGINT stays ignored
+    where it is, as in a process started in the background)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
 
 
 def client_gpus(config: Config) -> float:

@@ -53,3 +53,39 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     b = [{k: v for k, v in r.items() if k not in strip} for r in read_jsonl(full / "metrics.jsonl")]
     assert a == b
     assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_a_ray_run_and_says_so(tmp_path, signum):
+    # Under Ray, Flower runs the server in a thread of its own, and ray.init installs a
+    # SIGTERM handler: the interrupted main thread must stop that thread, not hang on it.
+    def as_a_terminal_does():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # not ignored, even if it is here
+
+    out, err = tmp_path / "run", tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", "-m", "fedimb.cli", "run", "--out", str(out),
+             "-q", "--set", "num-rounds=500", "--set", "num-clients=4"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True, preexec_fn=as_a_terminal_does,
+        )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        if len(rows) >= 3:
+            break
+        assert proc.poll() is None, err.read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signum)  # Ctrl-C reaches the whole process group
+    try:
+        returncode = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints every thread's stack
+        proc.wait()
+        pytest.fail(f"still running 60 s after the signal:\n{err.read_text()[-6000:]}")
+    assert returncode == 130, err.read_text()[-3000:]
+    assert "interrupted; continue with `fedimb run --resume" in err.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert 2 <= summary["rounds_completed"] == len(read_jsonl(out / "metrics.jsonl")) - 1 < 500

@@ -1,6 +1,8 @@
 """Server-side reply checks (what is left out of aggregation, and why) and node order."""
 
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,3 +230,57 @@ def test_client_state_leaves_the_replies_and_goes_back_to_the_clients_on_resume(
     inner.sent.clear()
     train_round(grid, 4, [0])
     assert [m.metadata.message_type for m in inner.sent] == [MessageType.TRAIN]
+
+
+class PollingGrid(RandomIdGrid):
+    """Flower's Ray engine as the server sees it: replies are pulled, at most 4 per pull
+    here, and those of ``mute`` nodes never come."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.mute, self.ready, self.pulls = frozenset(), [], 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = self.engine.push_messages(
+            m for m in messages if m.metadata.dst_node_id not in self.mute
+        )
+        self.ready += self.engine.pull_messages(ids)
+        return ids + [f"lost-{i}" for i in range(len(messages) - len(ids))]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        pulled, self.ready = self.ready[:4], self.ready[4:]
+        return pulled
+
+
+def polling(inner, tmp_path, stop):
+    recorder = RunRecorder(tmp_path, seed=0, num_rounds=1)
+    return GuardedGrid(inner, recorder, max_failure_fraction=1.0, client_timeout=0.0, stop=stop)
+
+
+def test_with_a_stop_event_replies_are_polled_and_stop_interrupts_the_wait(tmp_path):
+    stop = threading.Event()
+    inner = PollingGrid(seed=1)
+    grid = polling(inner, tmp_path, stop)
+    nodes = grid.get_node_ids()  # 8 queries, answered over 2 pulls
+    assert partitions(inner, nodes) == list(range(8)) and inner.pulls == 2
+
+    def queries():
+        return [
+            Message(RecordDict({"config": ConfigRecord({})}), n, MessageType.QUERY) for n in nodes
+        ]
+
+    # A silent node: the wait ends at the timeout, with the others' replies...
+    inner.mute = frozenset(nodes[:1])
+    t0 = time.monotonic()
+    replies = grid.send_and_receive(queries(), timeout=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(nodes[1:])
+
+    # ...and setting the stop event ends it at once, in the waiting thread.
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        grid.send_and_receive(queries(), timeout=60)
+    assert time.monotonic() - t0 < 1

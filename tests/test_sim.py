@@ -1,11 +1,20 @@
-"""Launch-time choices: bad model/data pairs fail early; torch's thread count."""
+"""Launch-time choices: bad model/data pairs fail early; torch's thread count; signals."""
+
+import signal
 
 import pytest
 import torch
 
 from fedimb.config import ConfigError, load_config
 from fedimb.models import build_model
-from fedimb.sim import check_ray_address, prepare, thread_count, torch_threads
+from fedimb.sim import (
+    check_ray_address,
+    handle_interrupts,
+    interrupt_handlers_kept,
+    prepare,
+    thread_count,
+    torch_threads,
+)
 
 
 def test_a_model_that_does_not_fit_the_data_is_a_config_error():
@@ -76,3 +85,25 @@ def test_an_unreachable_ray_address_fails_fast():
 def test_bf16_off_cuda_is_named_as_fp32(caplog):
     prepare(load_config(overrides={"device": "cpu", "precision": "bf16"}))
     assert "applies on CUDA only: this run is fp32" in caplog.text
+
+
+def test_interrupt_handlers_are_fedimbs_during_a_ray_run_and_restored_after():
+    def mine(signum, frame):
+        pass
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with interrupt_handlers_kept():
+        signal.signal(signal.SIGTERM, lambda *_: None)  # as ray.init does
+        handle_interrupts(mine)
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+    # A process started in the background ignores Ctrl-C: so does its run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt_handlers_kept():
+            handle_interrupts(mine)
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGINT, before[signal.SIGINT])
