@@ -20,7 +20,7 @@ from torch import nn
 from fedimb.config import Config
 from fedimb.data import datasets
 from fedimb.data.augment import default_augment
-from fedimb.data.partition import class_counts, long_tail
+from fedimb.data.partition import class_counts, long_tail, partition_params
 from fedimb.data.partition import partition as split_clients
 from fedimb.models import build_model
 
@@ -134,7 +134,7 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
     except ValueError as exc:
         # Name the config keys (kebab-case), the split and the data it was asked of.
         text = str(exc)
-        for key in [*kwargs, "num_clients"]:
+        for key in [*partition_params(config.partition.name), "num_clients"]:
             text = text.replace(key, key.replace("_", "-"))
         raise ValueError(
             f"[partition] {config.partition.name} of {config['dataset']} ({len(keep)} samples, "

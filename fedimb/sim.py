@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -30,6 +31,7 @@ from torch import nn
 
 from fedimb import batched
 from fedimb.config import Config, ConfigError
+from fedimb.data.partition import partition_params
 from fedimb.federation import Federation
 from fedimb.server import RoundHook, run_server
 
@@ -72,16 +74,38 @@ def load_federation(config: Config) -> Federation:
     from fedimb.federation import get_federation
 
     try:
-        return get_federation(config)
+        fed = get_federation(config)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from exc
+    warn_about_partition(config, fed)
+    return fed
+
+
+def warn_about_partition(config: Config, fed: Federation) -> None:
+    """Say before a run, not after, when the split is not what its config suggests."""
+    unheld = np.flatnonzero(fed.counts.sum(axis=0) == 0)
+    if unheld.size:  # their test error stays 1
+        names = ", ".join(str(fed.dataset.classes[c]) for c in unheld)
+        log.warning("no client holds class(es) %s: the global model never trains on them", names)
+    if config.partition.name == "label-skew":
+        # A class with fewer samples than the clients drawn to share it (a long tail's
+        # rare classes) leaves some of them without it.
+        wanted = {**partition_params("label-skew"), **config.partition.kwargs()}
+        short = np.flatnonzero((fed.counts > 0).sum(axis=1) < wanted["classes_per_client"])
+        if short.size:
+            shown = ", ".join(map(str, short[:10])) + (", ..." if short.size > 10 else "")
+            log.warning(
+                "%d client(s) hold fewer than %d classes (%s): a rare class has fewer samples "
+                "than the clients drawn to share it",
+                short.size,
+                wanted["classes_per_client"],
+                shown,
+            )
 
 
 def prepare(config: Config) -> None:
     """Load the data and build the partition, the model, one client's loss and sampler
     now, so bad input fails before Ray starts (and before a sweep runs any cell)."""
-    import numpy as np
-
     from fedimb.client import model_for
     from fedimb.losses import make_loss
     from fedimb.sampling import epoch_indices
@@ -91,10 +115,6 @@ def prepare(config: Config) -> None:
     fed = load_federation(config)
     if config["precision"] != "fp32" and fed.device.type != "cuda":
         log.warning("precision = %r applies on CUDA only: this run is fp32", config["precision"])
-    unheld = np.flatnonzero(fed.counts.sum(axis=0) == 0)
-    if unheld.size:  # their test error stays 1: say so before the run, not after
-        names = ", ".join(str(fed.dataset.classes[c]) for c in unheld)
-        log.warning("no client holds class(es) %s: the global model never trains on them", names)
 
     try:  # a model that does not fit the data (a CNN on vectors)
         model_for(config, fed)

@@ -2,6 +2,7 @@
 
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from fedimb.sim import (
     check_ray_address,
     handle_interrupts,
     interrupt_handlers_kept,
+    load_federation,
     prepare,
     thread_count,
     torch_threads,
@@ -57,6 +59,19 @@ def test_classes_that_no_client_holds_are_named_before_the_run(caplog):
     caplog.clear()
     prepare(load_config(overrides={"num-clients": 10, "partition.classes-per-client": 1}))
     assert "no client holds" not in caplog.text
+
+
+def test_clients_short_of_their_classes_are_named_before_the_run(caplog):
+    # A long tail leaves the rarest digit 2 samples, drawn by more clients than that.
+    long_tail = {"num-clients": 30, "long-tail.ratio": 50}
+    fed = load_federation(load_config(overrides=long_tail))
+    short = np.flatnonzero((fed.counts > 0).sum(axis=1) < 2)
+    assert short.size > 0
+    assert f"{short.size} client(s) hold fewer than 2 classes ({short[0]}, " in caplog.text
+    caplog.clear()
+    load_federation(load_config(overrides={**long_tail, "long-tail.ratio": 1}))
+    load_federation(load_config(overrides={"num-clients": 30, "partition.name": "dirichlet"}))
+    assert "fewer than" not in caplog.text
 
 
 def test_an_unreachable_ray_address_fails_fast():
@@ -107,3 +122,9 @@ def test_interrupt_handlers_are_fedimbs_during_a_ray_run_and_restored_after():
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
     finally:
         signal.signal(signal.SIGINT, before[signal.SIGINT])
+
+
+def test_a_partition_error_names_config_keys_even_those_left_at_their_default():
+    overrides = {"num-clients": 30, "long-tail.ratio": 50, "partition.name": "dirichlet"}
+    with pytest.raises(ConfigError, match=r"min-size=10 .* lower min-size or num-clients"):
+        load_federation(load_config(overrides=overrides))
