@@ -22,6 +22,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -167,6 +168,10 @@ PARAM_RANGES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# Run-level keys that components' errors name as their arguments.
+RUN_WORDS = ("num_rounds", "num_clients")
+
+
 def kebab_to_snake(key: str) -> str:
     """``max-m`` -> ``max_m``."""
     return key.replace("-", "_")
@@ -190,6 +195,17 @@ class Component:
     def kwargs(self) -> dict[str, Any]:
         """The parameters as snake_case keyword arguments for the component's factory."""
         return {kebab_to_snake(k): v for k, v in self.params.items()}
+
+    def in_config_words(self, table: str, text: str, *extra: str) -> str:
+        """``text`` with this component's parameter names (and ``extra`` names) spelt as
+        config keys: ``drs-start``, not ``drs_start``."""
+        try:
+            names = set(_component_catalog(table)[1](self.name))
+        except Exception:  # a plug-in that cannot be inspected: the given names only
+            names = set()
+        for snake in sorted(names | set(self.kwargs()) | set(extra), key=len, reverse=True):
+            text = re.sub(rf"\b{re.escape(snake)}\b", snake_to_kebab(snake), text)
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +253,13 @@ class Config:
     @property
     def sampling(self) -> Component:
         return self.components["sampling"]
+
+    def component_error(self, table: str, exc: BaseException) -> ConfigError:
+        """``exc``, raised by component ``table``, as one line naming it in config words."""
+        component = self.components[table]
+        return ConfigError(
+            f"[{table}] {component.name}: {component.in_config_words(table, str(exc), *RUN_WORDS)}"
+        )
 
     def to_nested(self) -> dict[str, Any]:
         """The config as nested tables (what a TOML file holds)."""
@@ -583,11 +606,11 @@ def _check_component_params(config: Config) -> None:
             loss.name, [10] * 3, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()
         )
     except (ValueError, TypeError, RegistryError) as exc:
-        raise ConfigError(f"[loss] {loss.name}: {exc}") from exc
+        raise config.component_error("loss", exc) from exc
     try:
         built = strategies.make_strategy(strategy.name, **config.strategy_kwargs())
     except (ValueError, TypeError, RegistryError) as exc:
-        raise ConfigError(f"[strategy] {strategy.name}: {exc}") from exc
+        raise config.component_error("strategy", exc) from exc
     _check_node_minimums(config, built)
 
 

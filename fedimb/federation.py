@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedimb.config import Config
+from fedimb.config import RUN_WORDS, Config
 from fedimb.data import datasets
 from fedimb.data.augment import default_augment
-from fedimb.data.partition import class_counts, long_tail, partition_params
+from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
+from fedimb.losses import initial_bias
 from fedimb.models import build_model
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
@@ -133,9 +134,7 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
         )
     except ValueError as exc:
         # Name the config keys (kebab-case), the split and the data it was asked of.
-        text = str(exc)
-        for key in [*partition_params(config.partition.name), "num_clients"]:
-            text = text.replace(key, key.replace("_", "-"))
+        text = config.partition.in_config_words("partition", str(exc), *RUN_WORDS)
         raise ValueError(
             f"[partition] {config.partition.name} of {config['dataset']} ({len(keep)} samples, "
             f"{data.num_classes} classes) among {config['num-clients']} clients: {text}"
@@ -163,9 +162,26 @@ def init_model(config: Config, fed: Federation) -> nn.Module:
     """The global model's architecture with its seeded initial weights (on CPU)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
-        return build_model(
+        model = build_model(
             config.model.name, fed.dataset.input_shape, fed.num_classes, **model_kwargs(config)
         )
+    bias = initial_bias(config.loss.name, fed.num_classes, **config.loss.kwargs())
+    if bias is not None:
+        set_class_biases(model, fed.num_classes, bias)
+    return model
+
+
+def set_class_biases(model: nn.Module, num_classes: int, value: float) -> None:
+    """Set the biases of the model's last linear layer with one output per class (a
+    cosine head has none: nothing to set)."""
+    heads = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m.out_features == num_classes and m.bias is not None
+    ]
+    if heads:
+        with torch.no_grad():
+            heads[-1].bias.fill_(value)
 
 
 def model_kwargs(config: Config) -> dict[str, Any]:

@@ -24,7 +24,8 @@ count of class ``j``; all equal their published formula when every ``n_j > 0``):
 ``inverse-frequency``       weights ``1/n_j`` normalised to mean 1
 ``inverse-sqrt-frequency``  weights ``1/sqrt(n_j)`` normalised to mean 1
 ``class-balanced``          Cui et al. 2019: ``w_j = (1-beta)/(1-beta**n_j)``; base softmax,
-                            sigmoid or (sigmoid) focal
+                            sigmoid or (sigmoid) focal (biases start at ``-log(C-1)``:
+                            :func:`initial_bias`)
 ``focal``                   softmax focal loss as in the LDAM-DRW reference code
 ``ldam``, ``ldam-drw``      Cao et al. 2019: margins ``m_j ~ n_j**-1/4``, max ``max_m``, scale s
 ``balanced-softmax``        Ren et al. 2020: ``z_j + log n_j``
@@ -491,6 +492,12 @@ def _choice(allowed: Sequence[str]) -> Callable[[str, Any], str]:
     return check
 
 
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _schedule_start(name: str, value: Any) -> int | float | None:
     # Checked against num_rounds when the loss is built (switch_round).
     if value is None or _is_real(value):
@@ -513,6 +520,7 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
         "missing": _choice(MISSING_POLICIES),
         "base": _choice(("softmax", "sigmoid", "focal")),
         "drw_start": _schedule_start,
+        "prior_init": _boolean,
     }
 )
 
@@ -690,7 +698,15 @@ def _inverse_sqrt_frequency(
     return _params(counts, weight=weight, keep=_keep(counts, missing))
 
 
-@_register("class-balanced", beta=0.9999, base="softmax", gamma=1.0, missing="present", **_MISSING)
+@_register(
+    "class-balanced",
+    beta=0.9999,
+    base="softmax",
+    gamma=1.0,
+    prior_init=True,
+    missing="present",
+    **_MISSING,
+)
 def _class_balanced(
     counts: np.ndarray,
     rounds: _Rounds,
@@ -698,9 +714,11 @@ def _class_balanced(
     beta: float,
     base: str,
     gamma: float,
+    prior_init: bool,
     missing: str,
     min_count: float,
 ) -> LossParams:
+    del prior_init  # it shapes the global model's initial biases: initial_bias
     weight = _class_weights(counts, _cb_raw(beta), missing, min_count)
     # gamma only shapes the focal base; softmax / sigmoid CB have no focal term.
     return _params(
@@ -806,6 +824,23 @@ def loss_defaults(name: str) -> dict[str, Any]:
         if pname not in ("server_round", "num_rounds") and param.default is not param.empty:
             out[pname] = param.default
     return out
+
+
+def initial_bias(name: str, num_classes: int, **params: Any) -> float | None:
+    """The value every classifier bias of the initial global model starts at, or None.
+
+    ``class-balanced`` with a sigmoid or focal base (and ``prior_init``, the default)
+    starts each class at the prior probability ``1/C``: bias ``-log(C - 1)``, as Cui et
+    al.'s code does after Lin et al. (focal loss). With biases near 0 each of the C
+    sigmoids starts at 0.5, and the C - 1 negatives of every sample dominate the first
+    steps. Softmax losses are unchanged by a bias common to all classes: None.
+    """
+    if name != "class-balanced" or num_classes < 2:
+        return None
+    values = {**loss_defaults(name), **params}
+    if values["base"] == "softmax" or not values["prior_init"]:
+        return None
+    return -math.log(num_classes - 1)
 
 
 def make_loss(

@@ -119,7 +119,7 @@ def prepare(config: Config) -> None:
     try:  # a model that does not fit the data (a CNN on vectors)
         model_for(config, fed)
     except ValueError as exc:
-        raise ConfigError(f"[model] {config.model.name}: {exc}") from exc
+        raise config.component_error("model", exc) from exc
     try:  # a user's loss, or a parameter that only fails on the real counts
         make_loss(
             config.loss.name,
@@ -129,7 +129,7 @@ def prepare(config: Config) -> None:
             **config.loss.kwargs(),
         )
     except (ValueError, TypeError) as exc:  # TypeError: a parameter a plug-in does not take
-        raise ConfigError(f"[loss] {config.loss.name}: {exc}") from exc
+        raise config.component_error("loss", exc) from exc
     try:  # e.g. a drs-start after the last round
         epoch_indices(
             config.sampling.name,
@@ -140,7 +140,7 @@ def prepare(config: Config) -> None:
             **config.sampling.kwargs(),
         )
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"[sampling] {config.sampling.name}: {exc}") from exc
+        raise config.component_error("sampling", exc) from exc
 
 
 def run_experiment(

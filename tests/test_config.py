@@ -99,11 +99,12 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"strategy.name": "fedimb.config:Config"}, "not a subclass"),
         (
             {"strategy.name": "strategies.example_custom:ServerLRFedAvg", "strategy.server-lr": -1},
-            "server_lr",
+            "server-lr must be > 0",
         ),
         ({"loss.name": "tests.nowhere:factory"}, "cannot import module 'tests.nowhere'"),
         # Component parameters: the type of their default, and the range of the known ones.
         ({"model.cosine-head": "False"}, "model.cosine-head = 'False': expected true or false"),
+        ({"loss.name": "class-balanced", "loss.prior-init": 1}, "prior-init must be true or false"),
         ({"model.hidden": "abc"}, "model.hidden = 'abc': expected a number"),
         ({"model.hidden": 64.5}, "model.hidden = 64.5: expected an integer"),
         ({"model.hidden": True}, "expected a number"),

@@ -17,6 +17,7 @@ from fedimb.losses import (
     batched_imbalance_loss,
     imbalance_loss,
     imbalance_loss_tensors,
+    initial_bias,
     list_losses,
     loss_defaults,
     make_loss,
@@ -695,3 +696,37 @@ def test_padding_rows_change_neither_loss_nor_gradient(name, params):
     assert torch.count_nonzero(got_grad[short:]) == 0
     # All rows valid is the same as no mask at all.
     torch.testing.assert_close(value(x, y, torch.ones_like(valid)), value(x, y))
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 100])
+def test_sigmoid_class_balanced_losses_start_every_class_at_the_prior(num_classes):
+    # Cui et al.'s code: bias -log(C - 1), so that sigmoid(bias) = 1 / C for every class.
+    for base in ("sigmoid", "focal"):
+        bias = initial_bias("class-balanced", num_classes, base=base)
+        assert 1 / (1 + math.exp(-bias)) == pytest.approx(1 / num_classes)
+        assert initial_bias("class-balanced", num_classes, base=base, prior_init=False) is None
+    assert initial_bias("class-balanced", num_classes) is None  # softmax: shift-invariant
+    assert all(
+        initial_bias(name, num_classes) is None
+        for name in list_losses()
+        if name != "class-balanced"
+    )
+
+
+def test_the_initial_global_model_gets_the_prior_biases_and_nothing_else_changes():
+    from fedimb.config import load_config
+    from fedimb.federation import get_federation, init_model
+
+    def initial(**loss):
+        config = load_config(overrides={f"loss.{k}": v for k, v in loss.items()})
+        return init_model(config, get_federation(config)).state_dict()
+
+    plain = initial(name="ce")
+    focal = initial(name="class-balanced", base="focal")
+    head = list(plain)[-1]  # the MLP's classifier bias
+    assert torch.equal(focal[head], torch.full((10,), -math.log(9)))
+    assert all(torch.equal(plain[k], focal[k]) for k in plain if k != head)
+    assert all(
+        torch.equal(plain[k], v)
+        for k, v in initial(name="class-balanced", base="focal", **{"prior-init": False}).items()
+    )

@@ -28,7 +28,9 @@ def test_a_sampler_schedule_after_the_last_round_is_a_config_error():
     config = load_config(
         overrides={"num-rounds": 2, "sampling.name": "drs", "sampling.drs-start": 5}
     )
-    with pytest.raises(ConfigError, match=r"\[sampling\] drs: drs_start=5 .*after the last"):
+    with pytest.raises(
+        ConfigError, match=r"\[sampling\] drs: drs-start=5 .*after the last round \(num-rounds=2\)"
+    ):
         prepare(config)
 
 
