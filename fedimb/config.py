@@ -196,14 +196,14 @@ class Component:
         """The parameters as snake_case keyword arguments for the component's factory."""
         return {kebab_to_snake(k): v for k, v in self.params.items()}
 
-    def in_config_words(self, table: str, text: str, *extra: str) -> str:
-        """``text`` with this component's parameter names (and ``extra`` names) spelt as
-        config keys: ``drs-start``, not ``drs_start``."""
+    def in_config_words(self, table: str, text: str) -> str:
+        """``text`` with this component's parameter names (and the run-level ``RUN_WORDS``)
+        spelt as config keys: ``drs-start``, not ``drs_start``."""
         try:
             names = set(_component_catalog(table)[1](self.name))
         except Exception:  # a plug-in that cannot be inspected: the given names only
             names = set()
-        for snake in sorted(names | set(self.kwargs()) | set(extra), key=len, reverse=True):
+        for snake in sorted(names | set(self.kwargs()) | set(RUN_WORDS), key=len, reverse=True):
             text = re.sub(rf"\b{re.escape(snake)}\b", snake_to_kebab(snake), text)
         return text
 
@@ -258,7 +258,7 @@ class Config:
         """``exc``, raised by component ``table``, as one line naming it in config words."""
         component = self.components[table]
         return ConfigError(
-            f"[{table}] {component.name}: {component.in_config_words(table, str(exc), *RUN_WORDS)}"
+            f"[{table}] {component.name}: {component.in_config_words(table, str(exc))}"
         )
 
     def to_nested(self) -> dict[str, Any]:

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedimb.config import RUN_WORDS, Config
+from fedimb.config import Config
 from fedimb.data import datasets
 from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
 from fedimb.losses import initial_bias
-from fedimb.models import build_model
+from fedimb.models import build_model, class_head
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
 COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
@@ -134,7 +134,7 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
         )
     except ValueError as exc:
         # Name the config keys (kebab-case), the split and the data it was asked of.
-        text = config.partition.in_config_words("partition", str(exc), *RUN_WORDS)
+        text = config.partition.in_config_words("partition", str(exc))
         raise ValueError(
             f"[partition] {config.partition.name} of {config['dataset']} ({len(keep)} samples, "
             f"{data.num_classes} classes) among {config['num-clients']} clients: {text}"
@@ -172,16 +172,11 @@ def init_model(config: Config, fed: Federation) -> nn.Module:
 
 
 def set_class_biases(model: nn.Module, num_classes: int, value: float) -> None:
-    """Set the biases of the model's last linear layer with one output per class (a
-    cosine head has none: nothing to set)."""
-    heads = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and m.out_features == num_classes and m.bias is not None
-    ]
-    if heads:
+    """Set the biases of the model's classifier (a cosine head has none: nothing to set)."""
+    head = class_head(model)
+    if isinstance(head, nn.Linear) and head.out_features == num_classes and head.bias is not None:
         with torch.no_grad():
-            heads[-1].bias.fill_(value)
+            head.bias.fill_(value)
 
 
 def model_kwargs(config: Config) -> dict[str, Any]:

@@ -191,6 +191,17 @@ def resnet32(
     return ResNetCifar(input_shape[0], num_classes, 5, norm, cosine_head)
 
 
+def class_head(model: nn.Module) -> nn.Module:
+    """The model's last layer, its classifier: ``fc`` of the ResNets, the last module of the
+    Sequential models, else (a plug-in) the last module that holds parameters."""
+    if isinstance(model, nn.Sequential):
+        return model[-1]
+    head = getattr(model, "fc", None)
+    if isinstance(head, nn.Module):
+        return head
+    return [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None][-1]
+
+
 def is_vectorisable(model: nn.Module) -> bool:
     """True if the model can be trained for many clients at once with ``torch.func.vmap``.
 

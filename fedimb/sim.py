@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from fedimb.federation import Federation
 from fedimb.server import RoundHook, run_server
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SERVER_STOP_TIMEOUT = 60.0  # seconds an interrupted run's server gets to record it
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +211,43 @@ def _run_inprocess(config: Config, out_dir: Path, **kwargs: Any) -> dict[str, An
         return run_server(grid, config, out_dir, **kwargs)
 
 
+class RayInterruption:
+    """Ctrl-C and SIGTERM during a Ray run.
+
+    Flower runs the server in a thread of its own, and Ray must not be interrupted in the
+    middle of a call: a KeyboardInterrupt raised into ``ray.init``, or into Flower's
+    teardown while its threads still wait in ``ray.get``, crashed the process (exit -11)
+    or left it waiting on those threads. So the first signal only sets ``stop``: the
+    server raises KeyboardInterrupt in its own thread at its next wait for replies and
+    records the interruption, Flower then ends the simulation as after a completed run,
+    and :meth:`raise_if_stopped` raises in the main thread. A second signal raises at once.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signalled = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signalled:
+            raise KeyboardInterrupt
+        self.signalled = True
+        self.stop.set()
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM (main thread only; SIGINT stays ignored where it is,
+        as in a process started in the background)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self.handle)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self.handle)
+
+    def raise_if_stopped(self, summary: dict[str, Any]) -> None:
+        # A signal after the last round (Ray shutting down) leaves a completed run as it is.
+        if self.signalled and summary.get("status") != "completed":
+            raise KeyboardInterrupt
+
+
 def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> dict[str, Any]:
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -222,33 +258,17 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     summary: dict[str, Any] = {}
     server_app = ServerApp()
-    # Flower runs the server in a thread of its own: an interrupted main thread stops it
-    # through `stop`, and waits for it to record the interruption.
-    stop = threading.Event()
-    servers: list[threading.Thread] = []
+    interruption = RayInterruption()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         del context  # the config comes from fedimb, not from a Flower project
-        if stop.is_set():
-            return
-        servers.append(threading.current_thread())
+        if interruption.stop.is_set():
+            return  # interrupted while Ray started
         try:
-            summary.update(run_server(grid, config, out_dir, stop=stop, **kwargs))
+            summary.update(run_server(grid, config, out_dir, stop=interruption.stop, **kwargs))
         except KeyboardInterrupt:
-            pass  # raised on `stop`; the main thread raises its own
-
-    def stop_server() -> None:
-        stop.set()
-        for thread in servers:
-            thread.join(timeout=SERVER_STOP_TIMEOUT)
-
-    def interrupt(signum: int, frame: Any) -> None:
-        # Stop the server before Flower and Ray tear down: a SIGTERM sent to the whole
-        # process group (`timeout`, Slurm's scancel) also ends Ray's own processes, and
-        # Ray then aborts this one within seconds.
-        stop_server()
-        raise KeyboardInterrupt
+            pass  # raised on `stop`: recorded; the main thread raises its own
 
     resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": client_gpus(config)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
@@ -257,9 +277,15 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
     if config["ray.address"]:
         init_args["address"] = config["ray.address"]
     with interrupt_handlers_kept():
+        interruption.install()
         try:
             init_ray(init_args)
-            handle_interrupts(interrupt)  # ray.init replaced the SIGTERM handler
+        except SystemExit as exc:  # SIGTERM inside ray.init, which installs its own handler
+            if exc.code == signal.SIGTERM:
+                raise KeyboardInterrupt from exc
+            raise
+        interruption.install()  # ray.init replaced the SIGTERM handler
+        try:
             _run_simulation(
                 num_supernodes=config["num-clients"],
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -269,11 +295,10 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
                 backend_config={"client_resources": resources, "init_args": init_args},
                 verbose_logging=verbose,
             )
-        except BaseException:
-            stop_server()  # when the main thread could not handle the signal itself
-            raise
         finally:
+            interruption.stop.set()  # a server thread still waiting for replies ends
             _shutdown_ray()
+    interruption.raise_if_stopped(summary)
     if not summary:
         raise RuntimeError(
             "the Flower simulation ended without running the server (see the log above)"
@@ -285,38 +310,41 @@ def init_ray(init_args: dict[str, Any]) -> None:
     """Start (or join) Ray as Flower's RayBackend would, which then leaves it as it is.
 
     Done here so that fedimb can take SIGTERM back from ``ray.init``. As in Flower, the
-    actors get the driver's ``sys.path``: they import ``clients`` and ``strategies``.
+    actors get the driver's ``sys.path`` (they import ``clients``, ``strategies`` and
+    plug-ins) and a Ray already started is used as it is. Unlike Flower, the driver's own
+    PYTHONPATH is restored afterwards (Flower's grows with every run).
     """
     import ray
 
-    paths = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    if ray.is_initialized():
+        return
+    before = os.environ.get("PYTHONPATH")
+    paths = [*sys.path, *(before or "").split(os.pathsep)]
     pythonpath = os.pathsep.join(dict.fromkeys(p for p in paths if p))
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    os.environ["PYTHONPATH"] = pythonpath  # for the processes ray.init starts
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 @contextlib.contextmanager
 def interrupt_handlers_kept() -> Iterator[None]:
     """Restore the SIGINT and SIGTERM handlers on exit (``ray.init`` replaces SIGTERM's for
-    good, with one that exits the process). Only the main thread has handlers."""
+    good, with one that exits the process). Only the main thread has handlers; one set
+    outside Python, which cannot be put back, becomes the default."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.getsignal(sig) for sig in INTERRUPT_SIGNALS} if main_thread else {}
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
-def handle_interrupts(handler: Callable[[int, Any], None]) -> None:
-    """Make ``handler`` handle SIGINT and SIGTERM (in the main thread; SIGINT stays ignored
-    where it is, as in a process started in the background)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGTERM, handler)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, handler)
+            if handler is None:
+                handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, handler)
 
 
 def client_gpus(config: Config) -> float:

@@ -717,8 +717,11 @@ def test_the_initial_global_model_gets_the_prior_biases_and_nothing_else_changes
     from fedimb.config import load_config
     from fedimb.federation import get_federation, init_model
 
-    def initial(**loss):
-        config = load_config(overrides={f"loss.{k}": v for k, v in loss.items()})
+    def initial(model=None, **loss):
+        overrides = {f"loss.{k}": v for k, v in loss.items()} | {
+            f"model.{k}": v for k, v in (model or {}).items()
+        }
+        config = load_config(overrides=overrides)
         return init_model(config, get_federation(config)).state_dict()
 
     plain = initial(name="ce")
@@ -729,4 +732,11 @@ def test_the_initial_global_model_gets_the_prior_biases_and_nothing_else_changes
     assert all(
         torch.equal(plain[k], v)
         for k, v in initial(name="class-balanced", base="focal", **{"prior-init": False}).items()
+    )
+    # A cosine head has no bias; a hidden layer as wide as the classes keeps its own.
+    narrow = {"hidden": 10, "cosine-head": True}
+    cosine = initial(narrow, name="ce")
+    assert all(
+        torch.equal(cosine[k], v)
+        for k, v in initial(narrow, name="class-balanced", base="focal").items()
     )

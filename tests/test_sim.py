@@ -9,8 +9,8 @@ import torch
 from fedimb.config import ConfigError, load_config
 from fedimb.models import build_model
 from fedimb.sim import (
+    RayInterruption,
     check_ray_address,
-    handle_interrupts,
     interrupt_handlers_kept,
     load_federation,
     prepare,
@@ -105,25 +105,36 @@ def test_bf16_off_cuda_is_named_as_fp32(caplog):
 
 
 def test_interrupt_handlers_are_fedimbs_during_a_ray_run_and_restored_after():
-    def mine(signum, frame):
-        pass
-
+    interruption = RayInterruption()
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with interrupt_handlers_kept():
         signal.signal(signal.SIGTERM, lambda *_: None)  # as ray.init does
-        handle_interrupts(mine)
-        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+        interruption.install()
+        assert signal.getsignal(signal.SIGTERM) == interruption.handle
+        assert signal.getsignal(signal.SIGINT) == interruption.handle
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
     # A process started in the background ignores Ctrl-C: so does its run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with interrupt_handlers_kept():
-            handle_interrupts(mine)
+            interruption.install()
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
     finally:
         signal.signal(signal.SIGINT, before[signal.SIGINT])
+
+
+def test_the_first_signal_stops_the_server_and_a_second_raises_at_once():
+    interruption = RayInterruption()
+    interruption.raise_if_stopped({})  # no signal: nothing to raise
+    interruption.handle(signal.SIGINT, None)  # returns: Ray is never interrupted mid-call
+    assert interruption.stop.is_set()
+    interruption.raise_if_stopped({"status": "completed"})  # a signal after the last round
+    with pytest.raises(KeyboardInterrupt):
+        interruption.raise_if_stopped({"status": "interrupted"})
+    with pytest.raises(KeyboardInterrupt):
+        interruption.handle(signal.SIGTERM, None)
 
 
 def test_a_partition_error_names_config_keys_even_those_left_at_their_default():
