@@ -267,11 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        if args.command == "sweep":
-            again = f"fedimb sweep {args.sweep_file}" + (f" --out {args.out}" if args.out else "")
-        else:
-            again = f"fedimb run --resume {getattr(args, 'run_dir', '<results folder>')}"
-        print(f"fedimb: interrupted; continue with `{again}`", file=sys.stderr)
+        print(f"fedimb: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
     except TooManyFailures as exc:  # the run's folder says so too (summary.json)
         print(f"fedimb: error: {exc}", file=sys.stderr)
@@ -285,6 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What to run next: the same sweep, a resume, or (nothing written yet) the run again."""
+    from fedimb.results import CONFIG_FILE
+
+    if args.command == "sweep":
+        again = f"fedimb sweep {args.sweep_file}" + (f" --out {args.out}" if args.out else "")
+        return f"continue with `{again}`"
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or (run_dir / CONFIG_FILE).is_file():
+        return f"continue with `fedimb run --resume {run_dir or '<results folder>'}`"
+    return "it stopped before its first round and wrote nothing: run it again"
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -95,8 +95,12 @@ def test_ctrl_c_or_sigterm_ends_a_ray_run_and_says_so(tmp_path, when, signum):
         proc.wait()
         pytest.fail(f"still running 120 s after the signal:\n{err.read_text()[-6000:]}")
     assert returncode == 130, err.read_text()[-3000:]
+    if not (out / "config.toml").exists():  # stopped while Ray started: nothing to resume
+        assert when == "starting"
+        assert "stopped before its first round and wrote nothing: run it again" in err.read_text()
+        return
     assert "interrupted; continue with `fedimb run --resume" in err.read_text()
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     if when == "running":
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["status"] == "interrupted"
         assert 2 <= summary["rounds_completed"] == len(read_jsonl(out / "metrics.jsonl")) - 1
