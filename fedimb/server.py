@@ -178,7 +178,8 @@ class GuardedGrid(Grid):
 
     With a ``stop`` event (Ray's engine, whose server runs in a thread of its own), it
     waits for replies in short polls and raises KeyboardInterrupt in the server's thread
-    once ``stop`` is set, so that a Ctrl-C of the main thread ends the run cleanly.
+    once ``stop`` is set: by Ctrl-C or SIGTERM (``fedimb.sim.RayInterruption``), or when
+    the simulation ended without the server.
     """
 
     def __init__(
@@ -262,7 +263,7 @@ class GuardedGrid(Grid):
         replies: list[Message] = []
         while pending:
             if self.stop.is_set():
-                raise KeyboardInterrupt  # the main thread was interrupted
+                raise KeyboardInterrupt  # recorded by run_server as an interruption
             got = list(self.inner.pull_messages(pending))
             replies.extend(got)
             pending -= {reply.metadata.reply_to_message_id for reply in got}
