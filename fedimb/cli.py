@@ -254,13 +254,20 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedimb.server import TooManyFailures
-    from fedimb.sim import quiet_flower
+    from fedimb.sim import interrupt_handlers_kept, quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))
-    # SIGTERM (`kill`, `timeout`) stops a run as Ctrl-C does: its summary says so.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    with interrupt_handlers_kept():
+        # SIGTERM (`kill`, `timeout`) stops a run as Ctrl-C does: its summary says so.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; known failures end in one line and an exit code."""
+    from fedimb.server import TooManyFailures
+
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RegistryError) as exc:
@@ -278,9 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fedimb: error: {type(exc).__name__}: {exc}\n  hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:
