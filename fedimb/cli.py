@@ -7,10 +7,12 @@ overrides, paths): one clear line, nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +176,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
     out = args.out or Path("results") / sweep.name
+    warnings = _OncePerSweep()
 
     def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
+        warnings.cell = cell_dir.name
         config = load_config(sweep.base, overrides)
         prepare(config)  # data + partition too, before any cell runs
         if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
@@ -188,6 +192,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
+        warnings.cell = cell_dir.name
         run_experiment(
             load_config(sweep.base, overrides),
             cell_dir,
@@ -196,9 +201,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
 
     try:
-        results = run_sweep(
-            sweep, out, run_cell, validate_cell=validate_cell, progress=not args.quiet
-        )
+        with warnings.installed_on(logging.getLogger("fedimb.sim")):
+            results = run_sweep(
+                sweep, out, run_cell, validate_cell=validate_cell, progress=not args.quiet
+            )
     except ValueError as exc:
         if isinstance(exc, ConfigError) or "cell" in str(exc):
             raise ConfigError(str(exc)) from exc
@@ -209,6 +215,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"report in {out}"
     )
     return EXIT_FAILED if failed else 0
+
+
+class _OncePerSweep(logging.Filter):
+    """Let each distinct message through once, naming the sweep cell it first came from.
+
+    A sweep checks every cell before it runs any, so each cell's warnings about its
+    partition or device come up front; the cell's run would repeat them word for word.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = ""
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self._seen:
+            return False
+        self._seen.add(text)
+        record.msg, record.args = f"{self.cell}: {text}", ()
+        return True
+
+    @contextlib.contextmanager
+    def installed_on(self, logger: logging.Logger) -> Iterator[None]:
+        logger.addFilter(self)
+        try:
+            yield
+        finally:
+            logger.removeFilter(self)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -62,6 +62,29 @@ def test_bad_sweep_cell_fails_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_says_each_cells_partition_warning_once_and_names_the_cell(tmp_path, caplog):
+    # A long tail leaves some #C=2 clients with one class; the sweep checks every cell
+    # before running any, and the runs must not repeat what the check said.
+    sweep = tmp_path / "tail.toml"
+    sweep.write_text(
+        f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n'
+        "[set]\n"
+        'engine = "inprocess"\n'
+        "num-rounds = 1\n"
+        "num-clients = 30\n"
+        '"long-tail.ratio" = 50\n'
+        "[grid]\n"
+        "seed = [0, 1]\n"
+        '"loss.name" = ["ce", "focal"]\n'
+    )
+    with caplog.at_level("WARNING", logger="fedimb.sim"):
+        assert main(["sweep", str(sweep), "--out", str(tmp_path / "out"), "-q"]) == 0
+    said = [r.getMessage() for r in caplog.records if "fewer than 2 classes" in r.getMessage()]
+    assert len(said) == 2, said  # one per partition (seed), not per cell and phase
+    assert [m.split(",")[0] for m in said] == ["seed=0", "seed=1"]
+    assert len(set(m.split(": ", 1)[1] for m in said)) == 2  # the seeds' splits differ
+
+
 def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys):
     png = tmp_path / "p.png"
     assert main(["partitions", "--set", "partition.classes-per-client=1", "--png", str(png)]) == 0
