@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the command; known failures end in one line and an exit code."""
-    from fedimb.server import TooManyFailures
+    from fedimb.server import SimulationEnded, TooManyFailures
 
     try:
         return COMMANDS[args.command](args)
@@ -311,7 +311,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"fedimb: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
-    except TooManyFailures as exc:  # the run's folder says so too (summary.json)
+    except (TooManyFailures, SimulationEnded) as exc:  # summary.json says so too
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:

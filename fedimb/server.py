@@ -76,6 +76,43 @@ class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
 
 
+class SimulationEnded(RuntimeError):
+    """Flower's simulation runtime stopped before the run ended."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"Flower's simulation runtime stopped: {root_cause(cause)}")
+
+
+class ServerStop(threading.Event):
+    """Set from another thread to end the server's wait for replies (see GuardedGrid).
+
+    :meth:`set` (Ctrl-C, SIGTERM) interrupts the run, which can be resumed;
+    :meth:`fail` says that the simulation runtime itself stopped, and the run is
+    recorded as failed, with that cause.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause: BaseException | None = None
+
+    def fail(self, cause: BaseException) -> None:
+        if not self.is_set():  # an interruption stays one
+            self.cause = cause
+            self.set()
+
+    def raise_reason(self) -> None:
+        if self.cause is None:
+            raise KeyboardInterrupt  # recorded by run_server as an interruption
+        raise SimulationEnded(self.cause) from self.cause
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the innermost exception ``exc`` was raised from."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
 class RoundDriver(Strategy):
     """Delegates to ``inner``, round by round, and adds three things to each round.
 
@@ -178,8 +215,8 @@ class GuardedGrid(Grid):
 
     With a ``stop`` event (Ray's engine, whose server runs in a thread of its own), it
     waits for replies in short polls and raises KeyboardInterrupt in the server's thread
-    once ``stop`` is set: by Ctrl-C or SIGTERM (``fedimb.sim.RayInterruption``), or when
-    the simulation ended without the server.
+    once ``stop`` is set by Ctrl-C or SIGTERM (``fedimb.sim.RayInterruption``), or
+    SimulationEnded when the simulation runtime stopped without the server.
     """
 
     def __init__(
@@ -190,7 +227,7 @@ class GuardedGrid(Grid):
         max_failure_fraction: float,
         client_timeout: float,
         query_timeout: float | None = None,
-        stop: threading.Event | None = None,
+        stop: ServerStop | None = None,
     ) -> None:
         self.inner, self.recorder, self.stop = inner, recorder, stop
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
@@ -263,7 +300,7 @@ class GuardedGrid(Grid):
         replies: list[Message] = []
         while pending:
             if self.stop.is_set():
-                raise KeyboardInterrupt  # recorded by run_server as an interruption
+                self.stop.raise_reason()
             got = list(self.inner.pull_messages(pending))
             replies.extend(got)
             pending -= {reply.metadata.reply_to_message_id for reply in got}
@@ -455,12 +492,12 @@ def run_server(
     progress: bool | None = True,
     on_round: RoundHook | None = None,
     extra_summary: dict[str, Any] | None = None,
-    stop: threading.Event | None = None,
+    stop: ServerStop | None = None,
 ) -> dict[str, Any]:
     """Run the configured federated training on ``grid``; write results; return the summary.
 
     ``progress``: True = a bar (plain lines when not on a terminal), False = plain lines,
-    None = nothing. ``stop``: set by another thread to interrupt the run (see GuardedGrid).
+    None = nothing. ``stop``: set by another thread to end the run (see ServerStop).
     """
     out_dir = Path(out_dir)
     t_start = time.perf_counter()

@@ -33,9 +33,11 @@ from fedimb import batched
 from fedimb.config import Config, ConfigError
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation
-from fedimb.server import RoundHook, run_server
+from fedimb.server import RoundHook, ServerStop, SimulationEnded, run_server
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Seconds a failed Ray run waits for its server thread to record the failure.
+SERVER_EXIT_WAIT = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,7 @@ class RayInterruption:
     """
 
     def __init__(self) -> None:
-        self.stop = threading.Event()
+        self.stop = ServerStop()
         self.signalled = False
 
     def handle(self, signum: int, frame: Any) -> None:
@@ -259,16 +261,18 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
     summary: dict[str, Any] = {}
     server_app = ServerApp()
     interruption = RayInterruption()
+    server_running = threading.Lock()  # held by Flower's server thread while it runs ours
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         del context  # the config comes from fedimb, not from a Flower project
-        if interruption.stop.is_set():
-            return  # interrupted while Ray started
-        try:
-            summary.update(run_server(grid, config, out_dir, stop=interruption.stop, **kwargs))
-        except KeyboardInterrupt:
-            pass  # raised on `stop`: recorded; the main thread raises its own
+        with server_running:
+            if interruption.stop.is_set():
+                return  # interrupted while Ray started
+            try:
+                summary.update(run_server(grid, config, out_dir, stop=interruption.stop, **kwargs))
+            except (KeyboardInterrupt, SimulationEnded):
+                pass  # raised on `stop`: recorded; the main thread raises its own
 
     resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": client_gpus(config)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
@@ -286,6 +290,7 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
             raise
         interruption.install()  # ray.init replaced the SIGTERM handler
         try:
+            check_ray_resources(config)
             _run_simulation(
                 num_supernodes=config["num-clients"],
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -295,6 +300,13 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
                 backend_config={"client_resources": resources, "init_args": init_args},
                 verbose_logging=verbose,
             )
+        except ConfigError:
+            raise
+        except Exception as exc:  # e.g. no actor could start: the server records a failure
+            interruption.stop.fail(exc)
+            if server_running.acquire(timeout=SERVER_EXIT_WAIT):
+                server_running.release()
+            raise SimulationEnded(exc) from exc
         finally:
             interruption.stop.set()  # a server thread still waiting for replies ends
             _shutdown_ray()
@@ -304,6 +316,23 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
             "the Flower simulation ended without running the server (see the log above)"
         )
     return summary
+
+
+def check_ray_resources(config: Config) -> None:
+    """Fail before the first round where no client actor fits in the Ray cluster (Flower's
+    engine would stop after the server's round 0, with "ActorPool is empty")."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    asked = {"ray.client-cpus": ("CPU", config["ray.client-cpus"])}
+    asked["ray.client-gpus"] = ("GPU", client_gpus(config))
+    for key, (resource, amount) in asked.items():
+        have = cluster.get(resource, 0)
+        if amount > have:
+            raise ConfigError(
+                f"{key} = {amount:g}: the Ray cluster has {have:g} {resource}(s), so no "
+                f"client could start; set {key} to at most {have:g}"
+            )
 
 
 def init_ray(init_args: dict[str, Any]) -> None:

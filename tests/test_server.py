@@ -22,7 +22,13 @@ from clients.app import app
 from fedimb.client import STATE_PREFIX
 from fedimb.engine import InProcessGrid, task_identity
 from fedimb.results import RunRecorder
-from fedimb.server import GuardedGrid, RoundDriver, _float_view
+from fedimb.server import (
+    GuardedGrid,
+    RoundDriver,
+    ServerStop,
+    SimulationEnded,
+    _float_view,
+)
 
 
 @pytest.mark.parametrize(
@@ -260,7 +266,7 @@ def polling(inner, tmp_path, stop):
 
 
 def test_with_a_stop_event_replies_are_polled_and_stop_interrupts_the_wait(tmp_path):
-    stop = threading.Event()
+    stop = ServerStop()
     inner = PollingGrid(seed=1)
     grid = polling(inner, tmp_path, stop)
     nodes = grid.get_node_ids()  # 8 queries, answered over 2 pulls
@@ -284,3 +290,14 @@ def test_with_a_stop_event_replies_are_polled_and_stop_interrupts_the_wait(tmp_p
     with pytest.raises(KeyboardInterrupt):
         grid.send_and_receive(queries(), timeout=60)
     assert time.monotonic() - t0 < 1
+
+    # A runtime that stopped fails the run with its cause; an interruption stays one.
+    failed = ServerStop()
+    try:
+        raise RuntimeError("Ending simulation.") from ValueError("ActorPool is empty")
+    except RuntimeError as exc:
+        failed.fail(exc)
+    stop.fail(RuntimeError("after the interrupt"))
+    assert stop.cause is None
+    with pytest.raises(SimulationEnded, match="stopped: ValueError: ActorPool is empty"):
+        polling(inner, tmp_path, failed).send_and_receive(queries(), timeout=60)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedimb.cli import main
-from fedimb.config import load_config
+from fedimb.config import ConfigError, load_config
 from fedimb.results import read_json, read_jsonl
 from fedimb.server import TooManyFailures, load_checkpoint
 from fedimb.sim import run_experiment
@@ -273,6 +273,26 @@ def test_too_many_failures_stop_the_run_with_a_clear_error(tmp_path):
     with pytest.raises(TooManyFailures, match="6 of 10 clients failed"):
         run_experiment(cfg, tmp_path, progress=False)
     assert read_json(tmp_path / "summary.json")["status"] == "failed"
+
+
+def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
+    from fedimb import sim
+    from fedimb.server import SimulationEnded
+
+    # Checked once Ray is up (its resources are known then): nothing written.
+    cfg = small(engine="ray", **{"ray.client-cpus": 1000})
+    with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: the Ray cluster has \d+ CPU"):
+        run_experiment(cfg, tmp_path / "checked", progress=False)
+    assert not (tmp_path / "checked").exists()
+
+    # Unchecked, Flower's engine stops after the server's round 0 ("ActorPool is empty").
+    # The run is recorded as failed, with that cause; before, it said "interrupted".
+    monkeypatch.setattr(sim, "check_ray_resources", lambda config: None)
+    with pytest.raises(SimulationEnded, match="ActorPool is empty"):
+        run_experiment(cfg, tmp_path / "crashed", progress=False)
+    summary = read_json(tmp_path / "crashed" / "summary.json")
+    assert summary["status"] == "failed" and "ActorPool is empty" in summary["error"]
+    assert summary["rounds_completed"] == 0
 
 
 @pytest.mark.parametrize(
