@@ -258,21 +258,8 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
 
     # Flower installs app dependencies at run time by default; everything is installed.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    summary: dict[str, Any] = {}
-    server_app = ServerApp()
-    interruption = RayInterruption()
-    server_running = threading.Lock()  # held by Flower's server thread while it runs ours
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        del context  # the config comes from fedimb, not from a Flower project
-        with server_running:
-            if interruption.stop.is_set():
-                return  # interrupted while Ray started
-            try:
-                summary.update(run_server(grid, config, out_dir, stop=interruption.stop, **kwargs))
-            except (KeyboardInterrupt, SimulationEnded):
-                pass  # raised on `stop`: recorded; the main thread raises its own
+    server = RayServer(config, out_dir, **kwargs)
+    interruption = server.interruption
 
     resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": client_gpus(config)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
@@ -295,27 +282,70 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
                 num_supernodes=config["num-clients"],
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app,
-                server_app=server_app,
+                server_app=server.app,
                 backend_name="ray",
                 backend_config={"client_resources": resources, "init_args": init_args},
                 verbose_logging=verbose,
             )
-        except ConfigError:
-            raise
-        except Exception as exc:  # e.g. no actor could start: the server records a failure
-            interruption.stop.fail(exc)
-            if server_running.acquire(timeout=SERVER_EXIT_WAIT):
-                server_running.release()
-            raise SimulationEnded(exc) from exc
+        except Exception as exc:
+            if isinstance(exc, ConfigError) or server.raised(exc):
+                raise
+            # The runtime itself stopped (e.g. no actor could start).
+            raise server.runtime_stopped(exc) from exc
         finally:
             interruption.stop.set()  # a server thread still waiting for replies ends
             _shutdown_ray()
-    interruption.raise_if_stopped(summary)
-    if not summary:
+    interruption.raise_if_stopped(server.summary)
+    if not server.summary:
         raise RuntimeError(
             "the Flower simulation ended without running the server (see the log above)"
         )
-    return summary
+    return server.summary
+
+
+class RayServer:
+    """fedimb's server as the ServerApp that Flower's simulation runs in a thread of its own.
+
+    It keeps what the main thread needs afterwards: the run's summary, the server's own
+    exceptions (Flower raises them again in the main thread), and a lock held while the
+    server runs, so that a failure of the runtime can wait until the server recorded it.
+    """
+
+    def __init__(self, config: Config, out_dir: Path, **kwargs: Any) -> None:
+        self.config, self.out_dir, self.kwargs = config, out_dir, kwargs
+        self.summary: dict[str, Any] = {}
+        self.interruption = RayInterruption()
+        self.app = ServerApp()
+        self.app.main()(self.main)
+        self._errors: list[BaseException] = []
+        self._running = threading.Lock()
+
+    def main(self, grid: Grid, context: Context) -> None:
+        del context  # the config comes from fedimb, not from a Flower project
+        stop = self.interruption.stop
+        with self._running:
+            if stop.is_set():
+                return  # interrupted while Ray started
+            try:
+                self.summary.update(
+                    run_server(grid, self.config, self.out_dir, stop=stop, **self.kwargs)
+                )
+            except (KeyboardInterrupt, SimulationEnded):
+                pass  # raised on `stop`: recorded; the main thread raises its own
+            except BaseException as exc:
+                self._errors.append(exc)
+                raise
+
+    def raised(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the server's own (a failed run, a user's hook)."""
+        return any(exc is error for error in self._errors)
+
+    def runtime_stopped(self, cause: BaseException) -> SimulationEnded:
+        """End the server's wait as a failure of the run, once it has recorded that."""
+        self.interruption.stop.fail(cause)
+        if self._running.acquire(timeout=SERVER_EXIT_WAIT):
+            self._running.release()
+        return SimulationEnded(cause)
 
 
 def check_ray_resources(config: Config) -> None:
