@@ -29,6 +29,7 @@ from fedimb.federation import (
     Federation,
     get_federation,
     init_model,
+    loss_kwargs,
     model_kwargs,
     use_augmentation,
 )
@@ -169,7 +170,7 @@ def build_job(
         fed.counts[pid],
         server_round=server_round,
         num_rounds=config["num-rounds"],
-        **config.loss.kwargs(),
+        **loss_kwargs(config),
     )
     plan = make_plan(
         fed.client_labels(pid),

@@ -22,7 +22,7 @@ from fedimb.data import datasets
 from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
-from fedimb.losses import initial_bias
+from fedimb.losses import COSINE_SCALE, initial_bias, list_losses
 from fedimb.models import build_model, class_head
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
@@ -183,7 +183,17 @@ def model_kwargs(config: Config) -> dict[str, Any]:
     """The model's parameters; LDAM turns the cosine head on unless the config says otherwise."""
     kwargs = config.model.kwargs()
     if config.loss.name in COSINE_HEAD_LOSSES and "cosine_head" not in kwargs:
-        kwargs["cosine_head"] = True  # LDAM's margins and scale s assume cosine logits
+        kwargs["cosine_head"] = True  # LDAM's margins assume cosine logits
+    return kwargs
+
+
+def loss_kwargs(config: Config) -> dict[str, Any]:
+    """The loss's parameters; on a cosine head a built-in loss's logit scale ``s`` is
+    ``COSINE_SCALE`` unless the config sets it (cosine logits alone lie in [-1, 1])."""
+    kwargs = config.loss.kwargs()
+    cosine = model_kwargs(config).get("cosine_head", False)
+    if cosine and kwargs.get("s") is None and config.loss.name in list_losses():
+        kwargs["s"] = COSINE_SCALE
     return kwargs
 
 

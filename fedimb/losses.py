@@ -27,7 +27,7 @@ count of class ``j``; all equal their published formula when every ``n_j > 0``):
                             sigmoid or (sigmoid) focal (biases start at ``-log(C-1)``:
                             :func:`initial_bias`)
 ``focal``                   softmax focal loss as in the LDAM-DRW reference code
-``ldam``, ``ldam-drw``      Cao et al. 2019: margins ``m_j ~ n_j**-1/4``, max ``max_m``, scale s
+``ldam``, ``ldam-drw``      Cao et al. 2019: margins ``m_j ~ n_j**-1/4``, max ``max_m``
 ``balanced-softmax``        Ren et al. 2020: ``z_j + log n_j``
 ``logit-adjusted``          Menon et al. 2021: ``z_j + tau * log(n_j / sum n)``
 ``fedrs``                   Li & Zhan 2021: logits of classes the client lacks times ``alpha``
@@ -40,6 +40,13 @@ class weights, from it on class-balanced weights with ``beta = drw_beta``. ``drw
 is a round number (int >= 1) or the fraction of ``num_rounds`` that runs unweighted
 (float in (0, 1)): 0.8 of 200 rounds re-weights rounds 161-200, the last 20%, as the
 reference code does (see :func:`switch_round`).
+
+Logit scale
+-----------
+Every built-in loss takes ``s`` (default None = 1 on a linear classifier). A cosine
+classifier's logits lie in [-1, 1], where a softmax cannot become confident, so for it the
+engine passes ``s = COSINE_SCALE`` (30, Cao et al.'s value for LDAM) unless the config sets
+``s``: any loss, not LDAM alone, can then be compared on the same head.
 
 Missing classes
 ---------------
@@ -94,6 +101,7 @@ from torch import Tensor
 from fedimb.registry import Registry
 
 __all__ = [
+    "COSINE_SCALE",
     "MISSING_POLICIES",
     "Loss",
     "LossParams",
@@ -498,6 +506,11 @@ def _boolean(name: str, value: Any) -> bool:
     return value
 
 
+def _scale(name: str, value: Any) -> float | None:
+    # None: chosen by the caller, which knows the classifier (see make_loss).
+    return None if value is None else _in_range(0, _INF, lo_open=True, hi_open=True)(name, value)
+
+
 def _schedule_start(name: str, value: Any) -> int | float | None:
     # Checked against num_rounds when the loss is built (switch_round).
     if value is None or _is_real(value):
@@ -512,7 +525,7 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
         "beta": _in_range(0, 1, hi_open=True),
         "drw_beta": _in_range(0, 1, hi_open=True),
         "gamma": _in_range(0, _INF, hi_open=True),
-        "s": _in_range(0, _INF, lo_open=True, hi_open=True),
+        "s": _scale,
         "max_m": _in_range(0, _INF, lo_open=True, hi_open=True),
         "min_count": _in_range(0, _INF, lo_open=True, hi_open=True),
         "alpha": _in_range(0, 1),
@@ -651,7 +664,9 @@ class _LossSpec:
         return {k: _CHECKS[k](k, v) for k, v in values.items()}
 
 
+COSINE_SCALE = 30.0  # s for cosine logits unless set (Cao et al.'s NormedLinear + LDAM)
 _LOSSES: Registry[_LossSpec] = Registry("loss")
+_SCALE = {"s": None}  # every built-in loss takes the logit scale s (make_loss applies it)
 _MISSING = {"min_count": 1}
 _DRW = {"drw_start": None, "drw_beta": 0.9999}
 
@@ -662,7 +677,8 @@ def _register(
     def decorator(build: Callable[..., LossParams]) -> Callable[..., LossParams]:
         unchecked = set(defaults) - set(_CHECKS)
         assert not unchecked, f"no validator for {unchecked}"
-        _LOSSES.register(name)(_LossSpec(build, MappingProxyType(dict(defaults))))
+        spec = _LossSpec(build, MappingProxyType({**defaults, **_SCALE}))
+        _LOSSES.register(name)(spec)
         return build
 
     return decorator
@@ -750,7 +766,6 @@ def _ldam(
     rounds: _Rounds,
     *,
     max_m: float,
-    s: float,
     missing: str,
     min_count: float,
     drw_start: int | float | None,
@@ -758,10 +773,10 @@ def _ldam(
 ) -> LossParams:
     weight = _drw_weights(counts, rounds, drw_start, drw_beta, missing, min_count)
     margin = _ldam_margins(counts, max_m, missing, min_count)
-    return _params(counts, weight=weight, margin=margin, keep=_keep(counts, missing), s=s)
+    return _params(counts, weight=weight, margin=margin, keep=_keep(counts, missing))
 
 
-_LDAM = {"max_m": 0.5, "s": 30.0, "missing": "present", **_MISSING}
+_LDAM = {"max_m": 0.5, "missing": "present", **_MISSING}
 _register("ldam", **_LDAM, **_DRW)(_ldam)
 _register("ldam-drw", **_LDAM, **{**_DRW, "drw_start": 0.8})(_ldam)
 
@@ -857,7 +872,11 @@ def make_loss(
     server_round, num_rounds : int
         1-based current round and total rounds (for DRW schedules).
     **params
-        The loss's snake_case parameters (:func:`loss_defaults`).
+        The loss's snake_case parameters (:func:`loss_defaults`). Every built-in loss
+        takes ``s``, the scale of the logits (``z = s * ...`` above); None means 1, the
+        value for a linear classifier. A cosine classifier's logits lie in [-1, 1] and
+        need a large ``s``: the engine passes ``COSINE_SCALE`` for it unless the config
+        sets ``s`` (:func:`fedimb.federation.loss_kwargs`).
 
     Returns
     -------
@@ -876,7 +895,10 @@ def make_loss(
     rounds = _check_rounds(server_round, num_rounds)
     if name in _LOSSES:
         spec = _LOSSES.get(name)
-        return Loss(spec.build(counts, rounds, **spec.resolve(name, params)), name=name)
+        values = spec.resolve(name, params)
+        scale = values.pop("s")
+        built = spec.build(counts, rounds, **values)
+        return Loss(replace(built, s=1.0 if scale is None else scale), name=name)
     factory = _LOSSES.get(name)  # an import path, else RegistryError listing the names
     if not callable(factory):
         raise ValueError(f"loss {name!r} is not callable: {factory!r}")

@@ -32,7 +32,7 @@ from torch import nn
 from fedimb import batched
 from fedimb.config import Config, ConfigError
 from fedimb.data.partition import partition_params
-from fedimb.federation import Federation
+from fedimb.federation import Federation, loss_kwargs
 from fedimb.server import RoundHook, ServerStop, SimulationEnded, run_server
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -127,7 +127,7 @@ def prepare(config: Config) -> None:
             fed.counts[0],
             server_round=1,
             num_rounds=config["num-rounds"],
-            **config.loss.kwargs(),
+            **loss_kwargs(config),
         )
     except (ValueError, TypeError) as exc:  # TypeError: a parameter a plug-in does not take
         raise config.component_error("loss", exc) from exc

@@ -118,8 +118,15 @@ def ref_ldam(x, y, counts, max_m, s, w) -> torch.Tensor:
 
 
 def reference(name: str, x, y, counts, **p) -> torch.Tensor:
-    """The published loss (all classes present unless the formula defines absent ones)."""
+    """The published loss (all classes present unless the formula defines absent ones).
+
+    Logits are scaled by ``s`` (1 when None), inside LDAM's margin, before any offset."""
     ones = [1.0] * len(counts)
+    scale = 1.0 if p.get("s") is None else p["s"]
+    if name in ("ldam", "ldam-drw"):
+        drw = ref_cb_weights(counts, p["drw_beta"]) if p.get("drw_start") == 1 else ones
+        return ref_ldam(x, y, counts, p["max_m"], scale, drw)
+    x = scale * x
     # DRW switched on from round 1: class-balanced weights (Cao et al.'s reference code).
     drw = ref_cb_weights(counts, p["drw_beta"]) if p.get("drw_start") == 1 else ones
     if name == "ce":
@@ -136,8 +143,6 @@ def reference(name: str, x, y, counts, **p) -> torch.Tensor:
         return ref_cb_sigmoid(x, y, w, p["gamma"] if p["base"] == "focal" else 0.0)
     if name == "focal":
         return ref_focal(x, y, drw, p["gamma"])
-    if name in ("ldam", "ldam-drw"):
-        return ref_ldam(x, y, counts, p["max_m"], p["s"], drw)
     if name == "balanced-softmax":
         return ref_weighted_mean(
             ref_ce_terms(ref_logit_shift(x, lambda j: math.log(counts[j])), y), y, ones
@@ -180,6 +185,11 @@ CASES = [
     ("logit-adjusted", {"tau": 0.5}),
     ("fedlc", {"tau": 1.0}),
     ("fedlc", {"tau": 2.5}),
+    # Any loss scales its logits by s (a cosine head's): inside the offsets and weights.
+    ("ce", {"s": 30.0}),
+    ("class-balanced", {"beta": 0.99, "base": "focal", "gamma": 2.0, "s": 2.0}),
+    ("balanced-softmax", {"s": 16.0}),
+    ("fedrs", {"alpha": 0.3, "s": 30.0}),
 ]
 
 
@@ -338,7 +348,7 @@ def test_clamp_policy_uses_min_count():
         want = reference("balanced-softmax", x, y, clamped)
         torch.testing.assert_close(got, want)
         got = make_loss("ldam", counts, missing="clamp", min_count=min_count)(x, y)
-        want = ref_ldam(x, y, clamped, 0.5, 30.0, [1.0] * C)
+        want = ref_ldam(x, y, clamped, 0.5, 1.0, [1.0] * C)
         torch.testing.assert_close(got, want)
 
 
@@ -740,3 +750,32 @@ def test_the_initial_global_model_gets_the_prior_biases_and_nothing_else_changes
         torch.equal(cosine[k], v)
         for k, v in initial(narrow, name="class-balanced", base="focal").items()
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "scale"),
+    [
+        ({"loss.name": "ce"}, 1.0),  # a linear head's logits as they are
+        ({"loss.name": "ce", "model.cosine-head": True}, 30.0),  # cosines need a scale
+        ({"loss.name": "ldam-drw"}, 30.0),  # LDAM turns the cosine head on: Cao et al.'s s
+        ({"loss.name": "ldam", "model.cosine-head": False}, 1.0),  # s = 30 would diverge
+        ({"loss.name": "fedlc", "model.cosine-head": True, "loss.s": 10.0}, 10.0),  # as set
+        ({"loss.name": "focal", "loss.s": 2.0}, 2.0),
+    ],
+)
+def test_a_cosine_head_scales_every_losss_logits_unless_s_is_set(overrides, scale):
+    from fedimb.config import load_config
+    from fedimb.federation import loss_kwargs
+
+    config = load_config(overrides=overrides)
+    kwargs = loss_kwargs(config)
+    assert make_loss(config.loss.name, [5, 0, 3], **kwargs).params.s == scale
+
+
+def test_a_user_loss_on_a_cosine_head_gets_no_scale_it_did_not_ask_for():
+    from fedimb.config import load_config
+    from fedimb.federation import loss_kwargs
+
+    name = f"{__name__}:params_factory"
+    config = load_config(overrides={"loss.name": name, "model.cosine-head": True})
+    assert "s" not in loss_kwargs(config)
