@@ -176,6 +176,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
     out = args.out or Path("results") / sweep.name
+    unused = _grid_keys_no_cell_takes(sweep)
+    if unused:
+        raise ConfigError(
+            f"sweep {args.sweep_file}: no cell's component takes grid key(s) "
+            f"{', '.join(unused)}, so its values would all run the same; sweep a component "
+            "that takes it (partition.name, loss.name, ...) or drop the key"
+        )
     warnings = _OncePerSweep()
 
     def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
@@ -215,6 +222,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"report in {out}"
     )
     return EXIT_FAILED if failed else 0
+
+
+def _grid_keys_no_cell_takes(sweep: Any) -> list[str]:
+    """Grid keys of a component table that every cell's component ignores."""
+    from fedimb.sweep import expand
+
+    taken: set[str] = set()
+    for cell in expand(sweep):
+        try:
+            config = load_config(sweep.base, cell.overrides)
+        except ConfigError:
+            return []  # the cells' own validation names what is wrong
+        ignored = {f"{t}.{k}" for t, c in config.components.items() for k in c.ignored}
+        taken |= set(cell.overrides) - ignored
+    return [key for key in sweep.grid if key not in taken]
 
 
 class _OncePerSweep(logging.Filter):

@@ -186,11 +186,13 @@ def snake_to_kebab(key: str) -> str:
 class Component:
     """A named, parameterised piece of the run (a loss, a strategy, ...).
 
-    ``params`` holds only the parameters this component accepts, with kebab-case keys.
+    ``params`` holds only the parameters this component accepts, with kebab-case keys;
+    ``ignored``, the keys of its table that only other components take.
     """
 
     name: str
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    ignored: frozenset[str] = frozenset()
 
     def kwargs(self) -> dict[str, Any]:
         """The parameters as snake_case keyword arguments for the component's factory."""
@@ -513,7 +515,7 @@ def _build_component(table: str, body: Mapping[str, Any]) -> Component:
             )
     defaults = {snake_to_kebab(k): v for k, v in defaults_of(name).items()}
     checked = {k: _check_param(table, k, v, defaults[k]) for k, v in body.items() if k in own}
-    return Component(name, MappingProxyType(checked))
+    return Component(name, MappingProxyType(checked), frozenset(body) - own)
 
 
 def _check_param(table: str, key: str, value: Any, default: Any) -> Any:

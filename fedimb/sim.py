@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedimb import batched
-from fedimb.config import Config, ConfigError
+from fedimb.config import Config, ConfigError, snake_to_kebab
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
 from fedimb.server import RoundHook, ServerStop, SimulationEnded, run_server
@@ -82,6 +82,27 @@ def load_federation(config: Config) -> Federation:
     return fed
 
 
+def warn_about_settings(config: Config) -> None:
+    """Say when a key the config sets, or a default it keeps, changes nothing."""
+    import strategies
+
+    for table, component in config.components.items():
+        for key in sorted(component.ignored):  # kept for another component of the table
+            log.warning(
+                "%s.%s is ignored: %s %r does not take it", table, key, table, component.name
+            )
+    inert = strategies.trains_as_fedavg(config.strategy.name, config.strategy_kwargs())
+    if inert:
+        key = snake_to_kebab(inert[0])
+        log.warning(
+            "strategy %r with %s = %g trains exactly as fedavg: set strategy.%s",
+            config.strategy.name,
+            key,
+            inert[1],
+            key,
+        )
+
+
 def warn_about_partition(config: Config, fed: Federation) -> None:
     """Say before a run, not after, when the split is not what its config suggests."""
     unheld = np.flatnonzero(fed.counts.sum(axis=0) == 0)
@@ -113,6 +134,7 @@ def prepare(config: Config) -> None:
 
     if config["engine"] == "ray" and config["ray.address"]:
         check_ray_address(config["ray.address"])
+    warn_about_settings(config)
     fed = load_federation(config)
     if config["precision"] != "fp32" and fed.device.type != "cuda":
         log.warning("precision = %r applies on CUDA only: this run is fp32", config["precision"])

@@ -11,6 +11,7 @@ from strategies.registry import (
     make_strategy,
     resolve_strategy,
     strategy_params,
+    trains_as_fedavg,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "make_strategy",
     "resolve_strategy",
     "strategy_params",
+    "trains_as_fedavg",
 ]

@@ -63,6 +63,22 @@ _INTERNAL: dict[str, Any] = {
 }
 
 
+# Settings (Flower's defaults) under which a registered strategy trains exactly as FedAvg.
+_FEDAVG_SETTINGS: dict[str, dict[str, float]] = {
+    "fedprox": {"proximal_mu": 0.0},
+    "fedavgm": {"server_momentum": 0.0, "server_learning_rate": 1.0},
+}
+
+
+def trains_as_fedavg(name: str, params: dict[str, Any]) -> tuple[str, float] | None:
+    """The parameter and its value that make strategy ``name`` train exactly as FedAvg
+    (``("proximal_mu", 0.0)`` for FedProx at Flower's default), or None."""
+    settings = _FEDAVG_SETTINGS.get(name, {})
+    if settings and all(params.get(k, v) == v for k, v in settings.items()):
+        return next(iter(settings.items()))
+    return None
+
+
 def list_strategies() -> list[str]:
     """Registered strategy names, sorted."""
     return STRATEGIES.names()

@@ -85,6 +85,27 @@ def test_a_sweep_says_each_cells_partition_warning_once_and_names_the_cell(tmp_p
     assert len(set(m.split(": ", 1)[1] for m in said)) == 2  # the seeds' splits differ
 
 
+def test_a_grid_key_that_no_cell_takes_is_refused_before_anything_runs(tmp_path, capsys):
+    # Dirichlet's alpha on label-skew cells: every value would run the same split.
+    sweep = tmp_path / "alpha.toml"
+    sweep.write_text(
+        f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n[grid]\n"partition.alpha" = [0.1, 1.0]\n'
+    )
+    assert main(["sweep", str(sweep), "--out", str(tmp_path / "out")]) == 2
+    assert "no cell's component takes grid key(s) partition.alpha" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    # Taken by some cells (focal's gamma, beside ce): a sweep the user may mean.
+    from fedimb.sweep import load_sweep
+
+    sweep.write_text(
+        f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n[grid]\n'
+        '"loss.name" = ["ce", "focal"]\n"loss.gamma" = [1.0, 2.0]\n'
+        '"partition.name" = ["label-skew", "dirichlet"]\n"partition.alpha" = [0.1, 1.0]\n'
+    )
+    assert cli._grid_keys_no_cell_takes(load_sweep(sweep)) == []
+
+
 def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys):
     png = tmp_path / "p.png"
     assert main(["partitions", "--set", "partition.classes-per-client=1", "--png", str(png)]) == 0

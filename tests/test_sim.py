@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedimb.config import ConfigError, load_config
+from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config
 from fedimb.models import build_model
 from fedimb.sim import (
     RayInterruption,
@@ -16,6 +16,7 @@ from fedimb.sim import (
     prepare,
     thread_count,
     torch_threads,
+    warn_about_settings,
 )
 
 
@@ -61,6 +62,40 @@ def test_classes_that_no_client_holds_are_named_before_the_run(caplog):
     caplog.clear()
     prepare(load_config(overrides={"num-clients": 10, "partition.classes-per-client": 1}))
     assert "no client holds" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"partition.alpha": 0.1}, "partition.alpha is ignored: partition 'label-skew' does"),
+        ({"loss.gamma": 2.0}, "loss.gamma is ignored: loss 'ce' does not take it"),
+        ({"strategy.name": "fedprox"}, "'fedprox' with proximal-mu = 0 trains exactly as fedavg"),
+        ({"strategy.name": "fedavgm"}, "'fedavgm' with server-momentum = 0 trains exactly as"),
+        ({"strategy.name": "fedprox", "strategy.proximal-mu": 0.01}, None),
+        ({"strategy.name": "fedavgm", "strategy.server-momentum": 0.9}, None),
+        ({"strategy.name": "fedavgm", "strategy.server-learning-rate": 0.5}, None),
+        ({"loss.name": "focal", "loss.gamma": 2.0}, None),
+    ],
+)
+def test_settings_that_change_nothing_are_named_before_the_run(caplog, overrides, said):
+    config = load_config(overrides=overrides)
+    caplog.clear()  # Flower's own notes while the config built the strategy
+    warn_about_settings(config)
+    if said is None:
+        assert not caplog.records
+    else:
+        assert [r.getMessage() for r in caplog.records if said in r.getMessage()]
+
+
+RUN_CONFIGS = [p for p in sorted(DEFAULT_CONFIG.parent.glob("*.toml")) if p.name != "compare.toml"]
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_the_shipped_configs_set_nothing_that_changes_nothing(caplog, path):
+    config = load_config(path)
+    caplog.clear()
+    warn_about_settings(config)
+    assert not caplog.records
 
 
 def test_clients_short_of_their_classes_are_named_before_the_run(caplog):
