@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "list",
         help="list the registered datasets, partitions, losses, samplers, models, strategies",
+    ).add_argument(
+        "table",
+        nargs="?",
+        choices=sorted(LIST_TABLES),
+        help="show each one's parameters and their defaults, as config keys",
     )
     return parser
 
@@ -282,12 +288,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# `fedimb list TABLE`: the listing's word -> the config table.
+LIST_TABLES = {
+    "partitions": "partition",
+    "losses": "loss",
+    "samplers": "sampling",
+    "models": "model",
+    "strategies": "strategy",
+}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import strategies
     from fedimb import losses, models, sampling
     from fedimb.data import datasets
     from fedimb.data.partition import PARTITIONERS
 
+    if args.table:
+        print(component_parameters(LIST_TABLES[args.table]))
+        return 0
     for title, names in (
         ("datasets", datasets.list_datasets()),
         ("partitions", PARTITIONERS.names()),
@@ -298,6 +317,47 @@ def cmd_list(args: argparse.Namespace) -> int:
     ):
         print(f"{title}: {', '.join(names)}")
     return 0
+
+
+LIST_NOTES = {
+    "loss": ["s unset: 1, or 30 on a cosine head (model.cosine-head)"],
+    "strategy": [
+        "also strategy.min-train-clients = 2: sets min-train-nodes and min-available-nodes"
+    ],
+}
+
+
+def component_parameters(table: str) -> str:
+    """Each registered component of ``table`` with its parameters, as config keys."""
+    from fedimb.config import component_catalog, snake_to_kebab
+    from strategies import REQUIRED
+
+    def shown(value: Any) -> str:
+        if value is REQUIRED:
+            return "(required)"
+        return "(unset)" if value is None else json.dumps(value)
+
+    def listed(params: dict[str, Any]) -> str:
+        text = ", ".join(f"{snake_to_kebab(k)} = {shown(v)}" for k, v in params.items())
+        return text or "(no parameters)"
+
+    names, defaults_of = component_catalog(table)
+    params = {name: defaults_of(name) for name in names}
+    shared = {
+        k: v
+        for k, v in params[names[0]].items()
+        if all(p.get(k, REQUIRED) == v for p in params.values())
+    }
+    lines = [f"[{table}] name = one of the following, with its parameters (defaults):"]
+    if len(names) < 2:
+        shared = {}
+    if shared:
+        lines.append(f"  (all): {listed(shared)}")
+    for name, own in params.items():
+        rest = {k: v for k, v in own.items() if k not in shared}
+        lines.append(f"  {name}: {listed(rest) if rest or not shared else '(all) only'}")
+    lines.extend(f"  {note}" for note in LIST_NOTES.get(table, ()))
+    return "\n".join(lines)
 
 
 COMMANDS = {

@@ -202,7 +202,7 @@ class Component:
         """``text`` with this component's parameter names (and the run-level ``RUN_WORDS``)
         spelt as config keys: ``drs-start``, not ``drs_start``."""
         try:
-            names = set(_component_catalog(table)[1](self.name))
+            names = set(component_catalog(table)[1](self.name))
         except Exception:  # a plug-in that cannot be inspected: the given names only
             names = set()
         for snake in sorted(names | set(self.kwargs()) | set(RUN_WORDS), key=len, reverse=True):
@@ -441,7 +441,7 @@ def _check_fields(
     return out
 
 
-def _component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, Any]]]:
+def component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, Any]]]:
     """Registered names and a ``name -> {param: default}`` function for a component table.
 
     Imported lazily so that reading a config does not import torch until it is validated.
@@ -499,7 +499,7 @@ def _build_component(table: str, body: Mapping[str, Any]) -> Component:
         except RegistryError as exc:
             raise ConfigError(f"{table}.name = {name!r}: {exc}") from exc
         return Component(name, MappingProxyType(body))
-    names, defaults_of = _component_catalog(table)
+    names, defaults_of = component_catalog(table)
     if name not in names:
         raise ConfigError(
             f"{table}.name = {name!r}: unknown {table} {name!r}{_did_you_mean(name, names)}; "

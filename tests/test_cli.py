@@ -169,6 +169,22 @@ def test_main_runs_outside_the_main_thread(capsys):
     assert codes == [0] and "losses:" in capsys.readouterr().out
 
 
+def test_list_of_a_table_shows_each_ones_parameters_as_config_keys(capsys):
+    assert main(["list", "losses"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "  (all): s = (unset)"  # shared by every loss: listed once
+    assert (
+        '  ldam-drw: max-m = 0.5, missing = "present", min-count = 1, drw-start = 0.8, '
+        "drw-beta = 0.9999" in lines
+    )
+    assert main(["list", "strategies"]) == 0
+    out = capsys.readouterr().out
+    assert "  fedprox: proximal-mu = 0.0\n" in out and "  fedavg: (all) only\n" in out
+    assert "  qfedavg: client-learning-rate = (required)" in out
+    assert main(["list", "partitions"]) == 0
+    assert "  dirichlet: alpha = 0.5, min-size = 10, max-tries = 1000\n" in capsys.readouterr().out
+
+
 def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
