@@ -192,7 +192,7 @@ class Component:
 
     name: str
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    ignored: frozenset[str] = frozenset()
+    ignored: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
 
     def kwargs(self) -> dict[str, Any]:
         """The parameters as snake_case keyword arguments for the component's factory."""

@@ -67,14 +67,13 @@ inf/NaN (``n**-1/4``, ``1 - beta**0``, ``log 0``). Every count-based loss takes
     log-prior formulas (``log 0 = -inf``); a harder form of FedRS's ``alpha -> 0``.
     A one-class client then has a loss identically 0 and learns nothing.
 
-Defaults: ``present`` for the weighting losses, focal and LDAM (their statistics over the
-present classes are the published ones for the data the client has). ``clamp`` for
-``balanced-softmax``, ``logit-adjusted`` and ``fedlc``: these losses exist to stop the
-client pushing down classes it rarely sees, so ``present`` would erase their effect on the
-absent classes, and ``mask`` (the exact limit) silences one-class clients entirely;
-``clamp`` keeps the formula's direction (absent classes get the most favourable offset) at
-a finite strength (mild for ``fedlc``) that ``min_count`` moves toward the ``mask`` limit.
-Public implementations of these losses are in effect ``mask`` (docs/losses.md compares).
+Defaults: ``present`` for every count-based loss but ``fedlc`` (their statistics over the
+present classes are the published ones for the data the client has; a one-class client
+trains as with plain CE). ``clamp`` for ``fedlc``: it keeps the calibration's direction on
+the absent classes (they get the most favourable offset) at a mild strength that
+``min_count`` moves toward the ``mask`` limit. ``mask`` (the exact limit of the log-prior
+formulas) silences one-class clients entirely; public implementations of these losses are
+in effect ``mask``. Measured trade-offs: docs/losses.md.
 ``fedrs`` takes no ``missing``: the loss *is* a rule for missing classes.
 
 A user loss is an import path ``"pkg.mod:factory"``, called as
@@ -781,7 +780,7 @@ _register("ldam", **_LDAM, **_DRW)(_ldam)
 _register("ldam-drw", **_LDAM, **{**_DRW, "drw_start": 0.8})(_ldam)
 
 
-@_register("balanced-softmax", missing="clamp", **_MISSING)
+@_register("balanced-softmax", missing="present", **_MISSING)
 def _balanced_softmax(
     counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
 ) -> LossParams:
@@ -789,7 +788,7 @@ def _balanced_softmax(
     return _params(counts, offset=offset, keep=_keep(counts, missing))
 
 
-@_register("logit-adjusted", tau=1.0, missing="clamp", **_MISSING)
+@_register("logit-adjusted", tau=1.0, missing="present", **_MISSING)
 def _logit_adjusted(
     counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str, min_count: float
 ) -> LossParams:
