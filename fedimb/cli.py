@@ -138,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         if args.config or args.overrides:
             raise ConfigError("--resume continues a run exactly as configured; drop --config/--set")
+        if args.out and args.out.resolve() != args.resume.resolve():
+            raise ConfigError(f"--resume continues in {args.resume} itself; drop --out {args.out}")
         config, out = load_config(args.resume / CONFIG_FILE, extra), args.resume
     else:
         config = _load(args, extra)

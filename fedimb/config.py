@@ -406,6 +406,17 @@ def dump_toml(nested: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------ validation
 
 
+def _tables_with_key(key: str) -> list[str]:
+    """``table.key`` for each table where ``key`` is a field or a component's parameter."""
+    found = [f"{t}.{key}" for t, fields in FIXED_TABLES.items() if key in fields]
+    for table in COMPONENT_DEFAULTS:
+        names, defaults_of = component_catalog(table)
+        params = {snake_to_kebab(k) for n in names for k in defaults_of(n)}
+        if key in params or key in COMPONENT_OWN_KEYS.get(table, {}):
+            found.append(f"{table}.{key}")
+    return found
+
+
 def _did_you_mean(key: str, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -566,9 +577,14 @@ def from_nested(nested: Mapping[str, Any]) -> Config:
         elif key in tables:
             raise ConfigError(f"{key} = {value!r}: {key!r} is a table, e.g. [{key}] name = ...")
         elif key not in TOP_LEVEL:
-            valid = list(TOP_LEVEL) + list(tables)
+            in_tables = _tables_with_key(key)
+            hint = (
+                f" (did you mean {' or '.join(map(repr, in_tables))}?)"
+                if in_tables
+                else _did_you_mean(key, list(TOP_LEVEL) + list(tables))
+            )
             raise ConfigError(
-                f"unknown config key {key!r}{_did_you_mean(key, valid)}; "
+                f"unknown config key {key!r}{hint}; "
                 f"valid top-level keys: {', '.join(sorted(TOP_LEVEL))}"
             )
     values.update(_check_fields("", {k: v for k, v in nested.items() if k in TOP_LEVEL}, TOP_LEVEL))

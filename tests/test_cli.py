@@ -185,6 +185,15 @@ def test_list_of_a_table_shows_each_ones_parameters_as_config_keys(capsys):
     assert "  dirichlet: alpha = 0.5, min-size = 10, max-tries = 1000\n" in capsys.readouterr().out
 
 
+def test_resume_into_another_out_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(cli.load_config().to_toml())
+    assert main(["run", "--resume", str(run), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert f"continues in {run} itself; drop --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2

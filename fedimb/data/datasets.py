@@ -630,13 +630,14 @@ def _load_imagefolder(root: Path | None, cache_dir: Path, *, mode: str = "auto")
     """
     if root is None:
         raise DatasetNotFoundError(
-            "dataset 'imagefolder' needs root=<dir> holding train/<class>/* and test/<class>/*"
+            "dataset 'imagefolder' needs a folder (data-root in a config, root= in "
+            "load_dataset) holding train/<class>/* and test/<class>/*"
         )
     if mode not in _READ_MODES:
         raise ValueError(f"mode must be one of {_READ_MODES}, got {mode!r}")
     root = root.resolve()
     if not root.is_dir():
-        raise DatasetNotFoundError(f"imagefolder: root {root} does not exist")
+        raise DatasetNotFoundError(f"imagefolder: data-root {root} does not exist")
     classes, train_files = _scan_split(root / "train")
     test_classes, test_files = _scan_split(root / "test")
     if test_classes != classes:
