@@ -4,7 +4,8 @@
 into the folder it is given:
 
 - ``report.csv`` / ``report.md``: one row per group of runs that differ only by seed,
-  with mean ± std over seeds of the final and best global balanced error, rounds to
+  with mean ± std over seeds of the final and best global balanced error, the final
+  model's worst-class error (and, on long tails, its few-shot error), rounds to
   reach a target error, wall time and the number of failed runs; sorted by final
   balanced error, the best row of each split (the ``partition.*`` keys) marked ``*``;
 - ``curves.png``: balanced error vs round, one panel per split, one line per group
@@ -160,6 +161,14 @@ class RunRecord:
         hits = [r for r, err in sorted(curve.items()) if err <= target]
         return float(hits[0]) if hits else math.inf
 
+    def final_metric(self, key: str) -> float:
+        """``key`` of the last round that reports it (NaN where none does)."""
+        for row in reversed(self.metrics):
+            value = _num(row.get(key))
+            if not math.isnan(value):
+                return value
+        return math.nan
+
     def final_per_class(self) -> list[float] | None:
         """Per-class error of the last evaluated model, or None without such a row."""
         for row in reversed(self.metrics):
@@ -304,6 +313,10 @@ class GroupStats:
     final_std: float
     best_mean: float
     best_std: float
+    worst_mean: float
+    worst_std: float
+    few_shot_mean: float
+    few_shot_std: float
     wall_mean: float
     rounds_to_target: float
     reached_target: int
@@ -328,6 +341,8 @@ def _group_stats(
     done = [r for r in runs if r.completed]
     finals = [v for v in (r.final_error() for r in done) if not math.isnan(v)]
     bests = [v for v in (r.best_error() for r in done) if not math.isnan(v)]
+    worsts = [v for v in (r.final_metric("worst_class_error") for r in done) if not math.isnan(v)]
+    few = [v for v in (r.final_metric("few_shot_error") for r in done) if not math.isnan(v)]
     walls = [v for v in (r.wall_time() for r in done) if not math.isnan(v)]
     reached: list[float] = []
     if target is not None:
@@ -346,6 +361,10 @@ def _group_stats(
         final_std=_std(finals),
         best_mean=_mean(bests),
         best_std=_std(bests),
+        worst_mean=_mean(worsts),
+        worst_std=_std(worsts),
+        few_shot_mean=_mean(few),
+        few_shot_std=_std(few),
         wall_mean=_mean(walls),
         rounds_to_target=_mean(reached),
         reached_target=len(reached),
@@ -404,6 +423,10 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
         "final_balanced_error_std",
         "best_balanced_error_mean",
         "best_balanced_error_std",
+        "final_worst_class_error_mean",
+        "final_worst_class_error_std",
+        "final_few_shot_error_mean",
+        "final_few_shot_error_std",
     ]
     if target is not None:
         header += ["rounds_to_target_mean", "reached_target"]
@@ -421,6 +444,10 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
             _csv_num(r.final_std),
             _csv_num(r.best_mean),
             _csv_num(r.best_std),
+            _csv_num(r.worst_mean),
+            _csv_num(r.worst_std),
+            _csv_num(r.few_shot_mean),
+            _csv_num(r.few_shot_std),
         ]
         if target is not None:
             line += [_csv_num(r.rounds_to_target), r.reached_target]
@@ -454,7 +481,10 @@ def markdown_table(
     show_incomplete = any(r.incomplete for r in rows)
     if show_incomplete:
         header.append("incomplete")
-    header += ["final BE", "best BE"]
+    header += ["final BE", "best BE", "worst class"]
+    show_few_shot = any(not math.isnan(r.few_shot_mean) for r in rows)
+    if show_few_shot:
+        header.append("few-shot")
     if target is not None:
         header.append(f"rounds to BE ≤ {target:g}")
     header.append("wall time (s)")
@@ -471,6 +501,9 @@ def markdown_table(
         if show_incomplete:
             cells.append(str(r.incomplete))
         cells += [_pm(r.final_mean, r.final_std), _pm(r.best_mean, r.best_std)]
+        cells.append(_pm(r.worst_mean, r.worst_std))
+        if show_few_shot:
+            cells.append(_pm(r.few_shot_mean, r.few_shot_std))
         if target is not None:
             cells.append(_rounds_cell(r))
         cells.append("-" if math.isnan(r.wall_mean) else f"{r.wall_mean:.1f}")
@@ -480,7 +513,9 @@ def markdown_table(
     lines += [
         "",
         "BE = global balanced error (mean per-class error on the balanced test set); "
-        "mean ± sample std (ddof=1) over the completed seeds.",
+        "mean ± sample std (ddof=1) over the completed seeds. Worst class, few-shot: "
+        "the final model's largest per-class error and mean error over classes with "
+        "fewer than 20 training samples (long tails).",
         f"`*` = lowest mean final BE within {within}.",
     ]
     bad = [run for r in rows for run in r.runs if not run.completed]

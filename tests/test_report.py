@@ -83,6 +83,8 @@ def write_run(
                 "accuracy": 1 - e,
                 "per_class_error": [e - 0.2, e, e + 0.2],
                 "worst_class_error": e + 0.2,
+                # A long tail's few-shot classes (here: ldam's runs only; else no such class).
+                "few_shot_error": e + 0.1 if loss == "ldam" else None,
                 "train_loss": None if r == 0 else 1.0,
                 "elapsed_s": 3.0 * r,
             }
@@ -152,11 +154,22 @@ def test_folder_of_runs_groups_by_differing_config_keys(runs_dir: Path) -> None:
         else:
             assert row["rounds_to_target_mean"] == ""
         assert float(row["wall_time_s_mean"]) == pytest.approx(20.5)
+        worst = float(row["final_worst_class_error_mean"])
+        assert worst == pytest.approx(statistics.mean(finals) + 0.2)
+        assert float(row["final_worst_class_error_std"]) == pytest.approx(statistics.stdev(finals))
+        few = row["final_few_shot_error_mean"]
+        assert (
+            (float(few) == pytest.approx(statistics.mean(finals) + 0.1))
+            if loss == "ldam"
+            else (few == "")
+        )
         # ldam is lower in both splits, so it is the best of each.
         assert row["best_in_split"] == ("1" if loss == "ldam" else "0")
 
     md = paths["md"].read_text()
     assert md.count("| * |") == 2
+    assert "| final BE | best BE | worst class | few-shot |" in md
+    assert md.count(" | - | ") == 2  # ce's rows: no few-shot class
     assert "within its split (partition.classes-per-client)" in md
     for key in ("curves", "per_class"):
         assert paths[key].read_bytes()[:8] == PNG_MAGIC
