@@ -98,3 +98,34 @@ def test_heatmap_failure_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Monk
         plot_counts_heatmap(random_counts(5, 3), ["a", "b", "c"], out)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["heat.png"]
+
+
+def test_heatmap_colours_a_long_tail_on_a_log_scale(tmp_path: Path, monkeypatch):
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))
+    )
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    tail = np.diag([5000 // 2**i for i in range(10)])  # 5000 .. 9: a CIFAR-10-LT-like tail
+    plot_counts_heatmap(tail, names, tmp_path / "tail.png")
+    plot_counts_heatmap(random_counts(8, 10), names, tmp_path / "flat.png")
+    (tail_ax, *_), (flat_ax, *_) = (fig.axes for fig in drawn)
+    assert isinstance(tail_ax.images[0].norm, LogNorm)
+    assert not isinstance(flat_ax.images[0].norm, LogNorm)  # 1..50: linear
+    # Ten long class names would overlap side by side: they are turned upright.
+    assert {t.get_rotation() for t in tail_ax.get_xticklabels()} == {90.0}

@@ -18,6 +18,8 @@ __all__ = ["format_counts", "plot_counts_heatmap", "summarize_counts"]
 # Above this many classes a column per class is unreadable; rows list top classes instead.
 _MAX_CLASS_COLUMNS = 20
 _TOP_CLASSES = 5
+# Nonzero counts spanning more than this factor (two orders) are coloured on a log scale.
+LOG_SCALE_SPREAD = 100
 
 
 def _check_counts(counts: np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -146,6 +148,7 @@ def plot_counts_heatmap(
     """
     # Figure + Agg canvas directly: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -162,8 +165,12 @@ def plot_counts_heatmap(
     # Past a few hundred rows a screen pixel spans several clients: antialias rather
     # than let "nearest" drop rows at random.
     interp = "nearest" if n_clients <= 300 else "antialiased"
-    image = ax.imshow(masked, aspect="auto", interpolation=interp, cmap=cmap)
-    fig.colorbar(image, ax=ax, label="samples")
+    nonzero = counts[counts > 0]
+    # A long tail spans orders of magnitude: a log scale keeps its rare classes visible.
+    spread = nonzero.size and nonzero.max() > LOG_SCALE_SPREAD * nonzero.min()
+    norm = LogNorm(vmin=nonzero.min(), vmax=nonzero.max()) if spread else None
+    image = ax.imshow(masked, aspect="auto", interpolation=interp, cmap=cmap, norm=norm)
+    fig.colorbar(image, ax=ax, label="samples (log scale)" if spread else "samples")
     ax.set_xlabel("class")
     ax.set_ylabel("client")
     s = summarize_counts(counts)
@@ -172,7 +179,9 @@ def plot_counts_heatmap(
     )
     if n_classes <= 30:
         ax.set_xticks(np.arange(n_classes))
-        ax.set_xticklabels(list(classes), rotation=90 if n_classes > 10 else 0)
+        names = [str(c) for c in classes]
+        crowded = n_classes > 10 or sum(map(len, names)) > 40  # CIFAR-10's names overlap
+        ax.set_xticklabels(names, rotation=90 if crowded else 0)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=20))
     if n_clients <= 40:
