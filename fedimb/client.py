@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from torch import nn
 
 from fedimb import batched
-from fedimb.config import TOP_LEVEL, Config, parse_id_list
+from fedimb.config import TOP_LEVEL, Config, lr_in_round, parse_id_list
 from fedimb.federation import (
     Federation,
     get_federation,
@@ -90,12 +90,12 @@ def config_from_message(msg: Message) -> Config:
     return _CONFIGS[key]
 
 
-def train_settings(config: Config, fed: Federation) -> TrainSettings:
-    """Local-training hyperparameters of a run."""
+def train_settings(config: Config, fed: Federation, server_round: int = 1) -> TrainSettings:
+    """Local-training hyperparameters of a run's round ``server_round``."""
     return TrainSettings(
         epochs=config["local-epochs"],
         batch_size=config["batch-size"],
-        lr=config["lr"],
+        lr=lr_in_round(config, server_round),
         momentum=config["momentum"],
         weight_decay=config["weight-decay"],
         augment=use_augmentation(config, fed),
@@ -311,7 +311,7 @@ def _train_group(
     fed = get_federation(config)
     model = model_for(config, fed)
     global_state = global_weights(first, model)
-    settings = train_settings(config, fed)
+    settings = train_settings(config, fed, int(first.content["config"]["server-round"]))
     pids = [int(c.node_config["partition-id"]) for c in contexts]
     param_names = [n for n, _ in model.named_parameters()]
     for i, (msg, ctx) in enumerate(zip(messages, contexts, strict=True)):

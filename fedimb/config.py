@@ -114,6 +114,14 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
         "client-cpus": Field(float, 1.0, _positive, "a number > 0"),
         "client-gpus": Field(float, 0.0, _non_negative, "a number >= 0"),
     },
+    # The clients' learning rate by round (see lr_in_round).
+    "lr-schedule": {
+        "decay": Field(float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = none)"),
+        "milestones": Field(
+            str, "", help="rounds (or fractions of num-rounds) where lr is multiplied by gamma"
+        ),
+        "gamma": Field(float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    },
     # Test-only fault injection: comma-separated partition ids, "" = none.
     "faults": {
         "raise-clients": Field(str, ""),
@@ -669,6 +677,40 @@ def _check_cross_field(config: Config) -> None:
             raise ConfigError(
                 f"faults.{key} = {text!r}: expected comma-separated integers, e.g. '0,3'"
             ) from None
+    try:
+        lr_milestones(config)
+    except ValueError as exc:
+        text = config["lr-schedule.milestones"]
+        words = str(exc).replace("num_rounds", "num-rounds")
+        raise ConfigError(f"lr-schedule.milestones = {text!r}: {words}") from None
+
+
+def lr_milestones(config: Config) -> list[int]:
+    """The rounds where the learning rate drops, from ``lr-schedule.milestones``: round
+    numbers, or fractions of ``num-rounds`` that run before the drop (as ``drw-start``)."""
+    from fedimb.losses import switch_round
+
+    rounds = []
+    for text in filter(None, (t.strip() for t in config["lr-schedule.milestones"].split(","))):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; e.g. '150,180' or '0.75,0.9'") from None
+        start = int(value) if value.is_integer() else value
+        rounds.append(switch_round(start, config["num-rounds"], name="a milestone"))
+    return sorted(rounds)
+
+
+def lr_in_round(config: Config, server_round: int) -> float:
+    """The clients' learning rate in ``server_round`` (1-based): ``lr`` times
+    ``lr-schedule.decay`` per round after the first, times ``gamma`` per milestone
+    reached (LDAM-DRW's recipe drops it 100x at 80% and again at 90% of the epochs)."""
+    drops = sum(server_round >= m for m in lr_milestones(config))
+    return (
+        config["lr"]
+        * config["lr-schedule.decay"] ** (server_round - 1)
+        * config["lr-schedule.gamma"] ** drops
+    )
 
 
 # Keys that change how a run executes, not its results (the engines, batched or not,

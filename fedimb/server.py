@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import Strategy
 
 import strategies
 from fedimb.client import carried_state, experiment_record, state_entries
-from fedimb.config import Config
+from fedimb.config import Config, lr_in_round
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
@@ -580,6 +580,7 @@ def run_server(
             )
             row.update(classification_metrics(correct, total, train_counts=fed.global_counts))
         if server_round > 0:
+            row["lr"] = lr_in_round(config, server_round)
             row["train_loss"] = guarded.train_loss.get(server_round)
             row["clients"] = guarded.aggregated.get(server_round, 0)
             row["failures"] = len(guarded.failures.get(server_round, []))

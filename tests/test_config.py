@@ -1,5 +1,6 @@
 """Config: TOML + overrides -> one validated object; every bad input gets one clear error."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -200,3 +201,41 @@ def test_config_changes_name_what_changes_results_only():
     assert changed == "num-rounds 20 -> 3"
     # Evaluation off: its minimum does not matter.
     load_config(overrides={"num-clients": 1, "strategy.min-train-clients": 1})
+
+
+def test_the_learning_rate_follows_its_schedule_round_by_round():
+    from fedimb.config import lr_in_round
+
+    constant = load_config(overrides={"lr": 0.1})
+    assert {lr_in_round(constant, r) for r in range(1, 11)} == {0.1}
+    # LDAM-DRW's recipe over 200 rounds: 100x lower from round 161, again from 181.
+    steps = load_config(
+        overrides={
+            "num-rounds": 200,
+            "lr": 0.1,
+            "lr-schedule.milestones": "0.8, 0.9",
+            "lr-schedule.gamma": 0.01,
+        }
+    )
+    got = [lr_in_round(steps, r) for r in (1, 160, 161, 180, 181, 200)]
+    assert got == pytest.approx([0.1, 0.1, 1e-3, 1e-3, 1e-5, 1e-5])
+    decay = load_config(
+        overrides={"lr": 0.1, "lr-schedule.decay": 0.9, "lr-schedule.milestones": "3"}
+    )
+    assert [lr_in_round(decay, r) for r in (1, 2, 3)] == pytest.approx(
+        [0.1, 0.09, 0.1 * 0.81 * 0.1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("milestones", "message"),
+    [
+        ("0.8,x", "'x' is not a number"),
+        ("30", "after the last round (num-rounds=20)"),
+        ("0", "round number >= 1 or a fraction in (0, 1)"),
+        ("1.5", "in (0, 1), got 1.5"),
+    ],
+)
+def test_bad_lr_milestones_are_one_line_errors(milestones, message):
+    with pytest.raises(ConfigError, match=r"lr-schedule.milestones = .*" + re.escape(message)):
+        load_config(overrides={"num-rounds": 20, "lr-schedule.milestones": milestones})

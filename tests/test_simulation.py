@@ -275,6 +275,20 @@ def test_too_many_failures_stop_the_run_with_a_clear_error(tmp_path):
     assert read_json(tmp_path / "summary.json")["status"] == "failed"
 
 
+@pytest.mark.parametrize("batched", ["on", "off"])
+def test_the_clients_train_with_the_rounds_learning_rate(tmp_path, batched):
+    # From round 2 on the lr is a millionth: the global model hardly moves any more.
+    frozen = small(batched=batched, **{"lr-schedule.milestones": "2", "lr-schedule.gamma": 1e-6})
+    run_experiment(frozen, tmp_path / "frozen", progress=False)
+    run_experiment(small(batched=batched), tmp_path / "plain", progress=False)
+    rows = read_jsonl(tmp_path / "frozen" / "metrics.jsonl")
+    assert [r.get("lr") for r in rows] == [None, 0.05, pytest.approx(5e-8), pytest.approx(5e-8)]
+    errors = [e for _, e in curve(tmp_path / "frozen")]
+    assert errors[3] == pytest.approx(errors[1], abs=0.01)
+    assert curve(tmp_path / "frozen")[:2] == curve(tmp_path / "plain")[:2]
+    assert curve(tmp_path / "plain")[3] != curve(tmp_path / "frozen")[3]
+
+
 def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
     from fedimb import sim
     from fedimb.server import SimulationEnded
