@@ -27,6 +27,7 @@ from fedimb.config import (
 from fedimb.registry import RegistryError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+log = logging.getLogger(__name__)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -136,11 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--resume {args.resume}: no {CONFIG_FILE} there (not a fedimb results folder)"
             )
-        if args.config or args.overrides:
-            raise ConfigError("--resume continues a run exactly as configured; drop --config/--set")
         if args.out and args.out.resolve() != args.resume.resolve():
             raise ConfigError(f"--resume continues in {args.resume} itself; drop --out {args.out}")
-        config, out = load_config(args.resume / CONFIG_FILE, extra), args.resume
+        config, out = _resumed_config(args, extra), args.resume
     else:
         config = _load(args, extra)
         out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
@@ -161,6 +160,65 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{summary['wall_time_s']:.1f} s; results in {out}"
     )
     return 0
+
+
+def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
+    """The config of the run in ``args.resume``, which continues as configured; only
+    ``--set num-rounds=N`` may change, to run more rounds from its last checkpoint."""
+    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
+    from fedimb.server import load_checkpoint
+
+    overrides = parse_overrides(args.overrides)
+    if args.config or set(overrides) - {"num-rounds"}:
+        raise ConfigError(
+            "--resume continues a run exactly as configured; drop --config/--set "
+            "(only --set num-rounds=N may change, to run more rounds)"
+        )
+    config = load_config(args.resume / CONFIG_FILE, extra)
+    if not overrides or overrides["num-rounds"] == config["num-rounds"]:
+        return config
+    checkpoint = args.resume / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise ConfigError(
+            f"--resume {args.resume} --set num-rounds: no checkpoint there to continue from"
+        )
+    done = int(load_checkpoint(checkpoint)["round"])
+    longer = config.with_overrides(overrides)
+    if longer["num-rounds"] < done:
+        raise ConfigError(
+            f"--set num-rounds={longer['num-rounds']}: the run has reached round {done}; "
+            "give at least that many"
+        )
+    moved = round_fractions(config)
+    if moved:
+        log.warning(
+            "num-rounds %d -> %d: %s count in fractions of num-rounds, so their rounds move "
+            "for the rounds after %d",
+            config["num-rounds"],
+            longer["num-rounds"],
+            ", ".join(moved),
+            done,
+        )
+    return longer
+
+
+def round_fractions(config: Any) -> list[str]:
+    """The config's schedules given as fractions of num-rounds (DRW, DRS, lr milestones)."""
+    from fedimb.config import sampling_defaults
+    from fedimb.losses import list_losses, loss_defaults
+
+    loss = config.loss
+    loss_params = {**(loss_defaults(loss.name) if loss.name in list_losses() else {})}
+    loss_params.update(loss.kwargs())
+    sampling_params = {**sampling_defaults(config.sampling.name), **config.sampling.kwargs()}
+    found = []
+    if isinstance(loss_params.get("drw_start"), float):
+        found.append("loss.drw-start")
+    if isinstance(sampling_params.get("drs_start"), float):
+        found.append("sampling.drs-start")
+    if "." in config["lr-schedule.milestones"]:
+        found.append("lr-schedule.milestones")
+    return found
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:

@@ -372,6 +372,32 @@ def test_cli_resume_of_a_finished_run_changes_nothing(tmp_path, checkpoint_every
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
+def test_a_finished_run_runs_more_rounds_as_if_it_had_been_set_so(tmp_path, capsys, caplog):
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    assert run_cli(out, "num-rounds=2", "num-clients=4") == 0
+    assert run_cli(whole, "num-rounds=4", "num-clients=4") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # Only num-rounds may change, and not below the rounds run: nothing is touched.
+    for setting, said in [("lr=0.1", "only --set num-rounds=N"), ("num-rounds=1", "round 2")]:
+        assert main(["run", "--resume", str(out), "--set", setting, "-q"]) == 2
+        assert said in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert main(["run", "--resume", str(out), "--set", "num-rounds=4", "-q"]) == 0
+    assert [e for _, e in curve(out)] == pytest.approx([e for _, e in curve(whole)], abs=1e-9)
+    assert [r for r, _ in curve(out)] == [0, 1, 2, 3, 4]
+    assert read_json(out / "summary.json")["rounds_completed"] == 4
+    assert load_config(out / "config.toml")["num-rounds"] == 4
+    assert not [r for r in caplog.records if "fractions of num-rounds" in r.getMessage()]
+
+    # A schedule in fractions of num-rounds moves with it: said before the run.
+    drw = tmp_path / "drw"
+    assert run_cli(drw, "num-rounds=2", "num-clients=4", "loss.name=ldam-drw") == 0
+    assert main(["run", "--resume", str(drw), "--set", "num-rounds=3", "-q"]) == 0
+    assert "num-rounds 2 -> 3: loss.drw-start count in fractions" in caplog.text
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     # A run stopped by failing clients, and a partition that cannot be built.
     assert run_cli(tmp_path / "f", "num-clients=6", 'faults.raise-clients="0,1,2,3"') == 1
