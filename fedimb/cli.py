@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedimb.config import (
+    COMPONENT_OWN_KEYS,
     DEFAULT_CONFIG,
     ConfigError,
     config_changes,
@@ -234,7 +235,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
-    from fedimb.sim import prepare, run_experiment
+    from fedimb.sim import check_same_defaults, prepare, run_experiment
     from fedimb.sweep import load_sweep, run_sweep
 
     try:
@@ -249,13 +250,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{', '.join(unused)}, so its values would all run the same; sweep a component "
             "that takes it (partition.name, loss.name, ...) or drop the key"
         )
-    warnings = _OncePerSweep()
+    once = _OncePerSweep()
 
     def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
-        warnings.cell = cell_dir.name
+        once.cell = cell_dir.name
         config = load_config(sweep.base, overrides)
         prepare(config)  # data + partition too, before any cell runs
         if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
+            check_same_defaults(cell_dir)
             changed = config_changes(load_config(cell_dir / CONFIG_FILE), config)
             if changed:
                 raise ConfigError(
@@ -265,7 +267,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
-        warnings.cell = cell_dir.name
+        once.cell = cell_dir.name
         run_experiment(
             load_config(sweep.base, overrides),
             cell_dir,
@@ -274,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
 
     try:
-        with warnings.installed_on(logging.getLogger("fedimb.sim")):
+        with once.installed_on(logging.getLogger("fedimb.sim")):
             results = run_sweep(
                 sweep, out, run_cell, validate_cell=validate_cell, progress=not args.quiet
             )
@@ -379,12 +381,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-LIST_NOTES = {
-    "loss": ["s unset: 1, or 30 on a cosine head (model.cosine-head)"],
-    "strategy": [
-        "also strategy.min-train-clients = 2: sets min-train-nodes and min-available-nodes"
-    ],
-}
+def _list_notes(table: str) -> list[str]:
+    """What a table's listing cannot show by itself."""
+    from fedimb.losses import COSINE_SCALE
+
+    if table == "loss":
+        return [f"s unset: 1, or {COSINE_SCALE:g} on a cosine head (model.cosine-head)"]
+    if table == "strategy":
+        least = COMPONENT_OWN_KEYS["strategy"]["min-train-clients"].default
+        return [
+            f"also strategy.min-train-clients = {least}: sets min-train-nodes and "
+            "min-available-nodes"
+        ]
+    return []
 
 
 def component_parameters(table: str) -> str:
@@ -416,7 +425,7 @@ def component_parameters(table: str) -> str:
     for name, own in params.items():
         rest = {k: v for k, v in own.items() if k not in shared}
         lines.append(f"  {name}: {listed(rest) if rest or not shared else '(all) only'}")
-    lines.extend(f"  {note}" for note in LIST_NOTES.get(table, ()))
+    lines.extend(f"  {note}" for note in _list_notes(table))
     return "\n".join(lines)
 
 

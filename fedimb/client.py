@@ -90,7 +90,7 @@ def config_from_message(msg: Message) -> Config:
     return _CONFIGS[key]
 
 
-def train_settings(config: Config, fed: Federation, server_round: int = 1) -> TrainSettings:
+def train_settings(config: Config, fed: Federation, server_round: int) -> TrainSettings:
     """Local-training hyperparameters of a run's round ``server_round``."""
     return TrainSettings(
         epochs=config["local-epochs"],

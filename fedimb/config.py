@@ -51,6 +51,7 @@ class Field:
     check: Callable[[Any], bool] = lambda v: True
     allowed: str = ""
     help: str = ""
+    listed: bool = False  # a comma-separated string; a number or an array of them is joined
 
 
 def _positive(v: float) -> bool:
@@ -103,6 +104,7 @@ TOP_LEVEL: dict[str, Field] = {
     "out-dir": Field(str, "", help="results folder ('' = a new folder under results/)"),
 }
 
+_IDS = 'comma-separated integers, e.g. "0,3" or [0, 3]'
 # Tables whose keys are fixed.
 FIXED_TABLES: dict[str, dict[str, Field]] = {
     "long-tail": {
@@ -118,17 +120,23 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
     "lr-schedule": {
         "decay": Field(float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = none)"),
         "milestones": Field(
-            str, "", help="rounds (or fractions of num-rounds) where lr is multiplied by gamma"
+            str,
+            "",
+            allowed='rounds or fractions, e.g. "0.8,0.9" or [150, 180]',
+            help="rounds (or fractions of num-rounds) where lr is multiplied by gamma",
+            listed=True,
         ),
         "gamma": Field(float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     },
     # Test-only fault injection: comma-separated partition ids, "" = none.
     "faults": {
-        "raise-clients": Field(str, ""),
-        "nan-clients": Field(str, ""),
-        "slow-clients": Field(str, ""),
+        "raise-clients": Field(str, "", allowed=_IDS, listed=True),
+        "nan-clients": Field(str, "", allowed=_IDS, listed=True),
+        "slow-clients": Field(str, "", allowed=_IDS, listed=True),
         "slow-s": Field(float, 0.0, _non_negative, "seconds >= 0"),
-        "rounds": Field(str, "", help="rounds where faults fire ('' = every round)"),
+        "rounds": Field(
+            str, "", allowed=_IDS, help="rounds where faults fire ('' = every round)", listed=True
+        ),
     },
 }
 
@@ -432,6 +440,8 @@ def _did_you_mean(key: str, valid: Iterable[str]) -> str:
 
 def _coerce(key: str, value: Any, field: Field) -> Any:
     """Check the type of ``value`` (an int is accepted where a float is expected)."""
+    if field.listed and _numbers(value):  # `--set faults.rounds=3`, `milestones = [0.8, 0.9]`
+        value = ",".join(str(v) for v in (value if isinstance(value, list) else [value]))
     if field.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if field.type is int and isinstance(value, float) and value.is_integer():
@@ -444,6 +454,12 @@ def _coerce(key: str, value: Any, field: Field) -> Any:
     if not field.check(value):
         raise ConfigError(f"{key} = {value!r}: must be {field.allowed}")
     return value
+
+
+def _numbers(value: Any) -> bool:
+    """A number, or a non-empty list of numbers (bools excluded)."""
+    items = value if isinstance(value, list) and value else [value]
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
 
 
 def _check_fields(

@@ -423,14 +423,16 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
         "final_balanced_error_std",
         "best_balanced_error_mean",
         "best_balanced_error_std",
+    ]
+    if target is not None:
+        header += ["rounds_to_target_mean", "reached_target"]
+    header += ["wall_time_s_mean", "best_in_split"]
+    header += [  # added later: last, so that columns read by position keep their place
         "final_worst_class_error_mean",
         "final_worst_class_error_std",
         "final_few_shot_error_mean",
         "final_few_shot_error_std",
     ]
-    if target is not None:
-        header += ["rounds_to_target_mean", "reached_target"]
-    header += ["wall_time_s_mean", "best_in_split"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -444,14 +446,11 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
             _csv_num(r.final_std),
             _csv_num(r.best_mean),
             _csv_num(r.best_std),
-            _csv_num(r.worst_mean),
-            _csv_num(r.worst_std),
-            _csv_num(r.few_shot_mean),
-            _csv_num(r.few_shot_std),
         ]
         if target is not None:
             line += [_csv_num(r.rounds_to_target), r.reached_target]
         line += [_csv_num(r.wall_mean), int(r.best_in_split)]
+        line += [_csv_num(v) for v in (r.worst_mean, r.worst_std, r.few_shot_mean, r.few_shot_std)]
         writer.writerow(line)
     return atomic_write_text(path, buf.getvalue())
 

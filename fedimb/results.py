@@ -194,6 +194,7 @@ class RunRecorder:
             "failures_total": sum(int(r.get("failures", 0)) for r in self.rounds),
             "wall_time_s": self.previous_wall + wall_time_s,
             "seed": self.seed,
+            "defaults": DEFAULTS_VERSION,
             **self.extra,
             "versions": package_versions(),
         }
@@ -201,6 +202,13 @@ class RunRecorder:
             summary["error"] = error
         atomic_write_json(self.out_dir / SUMMARY_FILE, summary)
         return summary
+
+
+# Bumped when a default changes what a run computes, so that a run is not continued (or a
+# sweep completed) under other defaults than it began with. 2: every loss takes the logit
+# scale s (30 on a cosine head, 1 on a linear one: LDAM's linear-head runs had 30);
+# balanced-softmax and logit-adjusted default to missing = "present" (was "clamp").
+DEFAULTS_VERSION = 2
 
 
 def new_run_dir(config: Any, root: str | os.PathLike[str] = "results") -> Path:

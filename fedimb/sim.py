@@ -33,7 +33,7 @@ from fedimb import batched
 from fedimb.config import Config, ConfigError, snake_to_kebab
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
-from fedimb.server import RoundHook, ServerStop, SimulationEnded, run_server
+from fedimb.server import RoundHook, ServerStop, SimulationEnded, root_cause, run_server
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Seconds a failed Ray run waits for its server thread to record the failure.
@@ -92,7 +92,7 @@ def warn_about_settings(config: Config) -> None:
                 "%s.%s is ignored: %s %r does not take it", table, key, table, component.name
             )
     inert = strategies.trains_as_fedavg(config.strategy.name, config.strategy_kwargs())
-    if inert:
+    if inert and inert[0] not in config.strategy.kwargs():  # not a baseline set on purpose
         key = snake_to_kebab(inert[0])
         log.warning(
             "strategy %r with %s = %g trains exactly as fedavg: set strategy.%s",
@@ -166,6 +166,19 @@ def prepare(config: Config) -> None:
         raise config.component_error("sampling", exc) from exc
 
 
+def check_same_defaults(out_dir: str | Path) -> None:
+    """Refuse to continue a run that began under other defaults (``DEFAULTS_VERSION``)."""
+    from fedimb.results import DEFAULTS_VERSION, SUMMARY_FILE, read_json
+
+    began = (read_json(Path(out_dir) / SUMMARY_FILE) or {}).get("defaults", 1)
+    if began != DEFAULTS_VERSION:
+        raise ConfigError(
+            f"{out_dir} began under fedimb's defaults {began}, this version has "
+            f"{DEFAULTS_VERSION} (see DEFAULTS_VERSION in fedimb/results.py): continuing it "
+            "would mix the two; run it again in another folder"
+        )
+
+
 def run_experiment(
     config: Config,
     out_dir: str | Path,
@@ -177,6 +190,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``config`` on its engine; return the summary (also in ``out_dir/summary.json``)."""
     quiet_flower(verbose)
+    if resume:
+        check_same_defaults(out_dir)
     prepare(config)
     kwargs = {"resume": resume, "progress": progress, "on_round": on_round}
     with torch_threads(config):
@@ -312,8 +327,12 @@ def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> 
         except Exception as exc:
             if isinstance(exc, ConfigError) or server.raised(exc):
                 raise
-            # The runtime itself stopped (e.g. no actor could start).
-            raise server.runtime_stopped(exc) from exc
+            if interruption.signalled:  # e.g. actors killed by a SIGTERM to the group
+                raise KeyboardInterrupt from exc
+            if server.summary.get("status") != "completed":
+                # The runtime itself stopped (e.g. no actor could start).
+                raise server.runtime_stopped(exc) from exc
+            log.warning("Flower's runtime failed after the last round: %s", root_cause(exc))
         finally:
             interruption.stop.set()  # a server thread still waiting for replies ends
             _shutdown_ray()
@@ -339,7 +358,7 @@ class RayServer:
         self.interruption = RayInterruption()
         self.app = ServerApp()
         self.app.main()(self.main)
-        self._errors: list[BaseException] = []
+        self._error: BaseException | None = None
         self._running = threading.Lock()
 
     def main(self, grid: Grid, context: Context) -> None:
@@ -355,12 +374,12 @@ class RayServer:
             except (KeyboardInterrupt, SimulationEnded):
                 pass  # raised on `stop`: recorded; the main thread raises its own
             except BaseException as exc:
-                self._errors.append(exc)
+                self._error = exc
                 raise
 
     def raised(self, exc: BaseException) -> bool:
         """Whether ``exc`` is the server's own (a failed run, a user's hook)."""
-        return any(exc is error for error in self._errors)
+        return exc is self._error
 
     def runtime_stopped(self, cause: BaseException) -> SimulationEnded:
         """End the server's wait as a failure of the run, once it has recorded that."""

@@ -194,6 +194,18 @@ def test_resume_into_another_out_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_run_begun_under_other_defaults_is_not_continued(tmp_path, capsys):
+    # A results folder of a fedimb before DEFAULTS_VERSION 2: its summary has no "defaults".
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.toml").write_text(cli.load_config().to_toml())
+    (run / "summary.json").write_text('{"status": "interrupted", "rounds_completed": 3}')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["run", "--resume", str(run)]) == 2
+    assert "began under fedimb's defaults 1, this version has 2" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2

@@ -228,6 +228,16 @@ def test_the_learning_rate_follows_its_schedule_round_by_round():
 
 
 @pytest.mark.parametrize(
+    ("given", "kept"), [(0.8, "0.8"), (15, "15"), ([0.8, 0.9], "0.8,0.9"), ("150, 180", "150, 180")]
+)
+def test_lr_milestones_may_be_a_number_or_an_array(given, kept):
+    # `--set lr-schedule.milestones=0.8` reads a TOML number, and a sweep grid an array.
+    config = load_config(overrides={"num-rounds": 200, "lr-schedule.milestones": given})
+    assert config["lr-schedule.milestones"] == kept
+    assert load_config(overrides={"faults.rounds": [1, 3]})["faults.rounds"] == "1,3"
+
+
+@pytest.mark.parametrize(
     ("milestones", "message"),
     [
         ("0.8,x", "'x' is not a number"),

@@ -289,6 +289,23 @@ def test_the_clients_train_with_the_rounds_learning_rate(tmp_path, batched):
     assert curve(tmp_path / "plain")[3] != curve(tmp_path / "frozen")[3]
 
 
+@pytest.mark.parametrize(("head", "scale"), [(True, 30.0), (False, 1.0)])
+def test_the_clients_losses_get_the_heads_logit_scale(tmp_path, monkeypatch, head, scale):
+    from fedimb import client
+
+    built, real = [], client.make_loss
+
+    def spy(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        built.append(loss.params.s)
+        return loss
+
+    monkeypatch.setattr(client, "make_loss", spy)
+    config = small(**{"num-rounds": 1, "loss.name": "focal", "model.cosine-head": head})
+    run_experiment(config, tmp_path, progress=False)
+    assert len(built) == 10 and set(built) == {scale}
+
+
 def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
     from fedimb import sim
     from fedimb.server import SimulationEnded

@@ -576,8 +576,8 @@ def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int, int, 
     """Classes (sorted sub-directories) and ``(path, label, size, mtime_ns)`` per image."""
     if not split_dir.is_dir():
         raise DatasetNotFoundError(
-            f"imagefolder: missing directory {split_dir}; expected root/train/<class>/<image> "
-            "and root/test/<class>/<image>"
+            f"imagefolder: missing directory {split_dir}; expected data-root/train/<class>/<image> "
+            "and data-root/test/<class>/<image>"
         )
     classes = sorted(
         d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
