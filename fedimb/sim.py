@@ -134,6 +134,8 @@ def prepare(config: Config) -> None:
 
     if config["engine"] == "ray" and config["ray.address"]:
         check_ray_address(config["ray.address"])
+    elif config["engine"] == "ray":
+        check_ray_resources(config, local=True)  # the cluster's own check waits for Ray
     warn_about_settings(config)
     fed = load_federation(config)
     if config["precision"] != "fp32" and fed.device.type != "cuda":
@@ -389,20 +391,28 @@ class RayServer:
         return SimulationEnded(cause)
 
 
-def check_ray_resources(config: Config) -> None:
+def check_ray_resources(config: Config, local: bool = False) -> None:
     """Fail before the first round where no client actor fits in the Ray cluster (Flower's
-    engine would stop after the server's round 0, with "ActorPool is empty")."""
-    import ray
+    engine would stop after the server's round 0, with "ActorPool is empty").
 
-    cluster = ray.cluster_resources()
+    ``local``: before Ray starts, against this machine's CPUs and GPUs (Ray never counts
+    more); else against the running cluster's resources.
+    """
+    if local:
+        where = "this machine"
+        cluster = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+    else:
+        import ray
+
+        where, cluster = "the Ray cluster", ray.cluster_resources()
     asked = {"ray.client-cpus": ("CPU", config["ray.client-cpus"])}
     asked["ray.client-gpus"] = ("GPU", client_gpus(config))
     for key, (resource, amount) in asked.items():
         have = cluster.get(resource, 0)
         if amount > have:
             raise ConfigError(
-                f"{key} = {amount:g}: the Ray cluster has {have:g} {resource}(s), so no "
-                f"client could start; set {key} to at most {have:g}"
+                f"{key} = {amount:g}: {where} has {have:g} {resource}(s), so no client "
+                f"could start; set {key} to at most {have:g}"
             )
 
 

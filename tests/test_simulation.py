@@ -310,15 +310,22 @@ def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch)
     from fedimb import sim
     from fedimb.server import SimulationEnded
 
-    # Checked once Ray is up (its resources are known then): nothing written.
+    # Checked before Ray starts against this machine, and once Ray is up against the
+    # cluster (which may be another machine's): nothing written either time.
     cfg = small(engine="ray", **{"ray.client-cpus": 1000})
+    with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: this machine has \d+ CPU"):
+        run_experiment(cfg, tmp_path / "checked", progress=False)
+    real = sim.check_ray_resources
+    monkeypatch.setattr(
+        sim, "check_ray_resources", lambda config, local=False: None if local else real(config)
+    )
     with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: the Ray cluster has \d+ CPU"):
         run_experiment(cfg, tmp_path / "checked", progress=False)
     assert not (tmp_path / "checked").exists()
 
     # Unchecked, Flower's engine stops after the server's round 0 ("ActorPool is empty").
     # The run is recorded as failed, with that cause; before, it said "interrupted".
-    monkeypatch.setattr(sim, "check_ray_resources", lambda config: None)
+    monkeypatch.setattr(sim, "check_ray_resources", lambda config, local=False: None)
     with pytest.raises(SimulationEnded, match="ActorPool is empty"):
         run_experiment(cfg, tmp_path / "crashed", progress=False)
     summary = read_json(tmp_path / "crashed" / "summary.json")
