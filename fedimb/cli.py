@@ -20,6 +20,7 @@ from typing import Any
 from fedimb.config import (
     COMPONENT_OWN_KEYS,
     DEFAULT_CONFIG,
+    Config,
     ConfigError,
     config_changes,
     load_config,
@@ -163,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
+def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
     """The config of the run in ``args.resume``, which continues as configured; only
     ``--set num-rounds=N`` may change, to run more rounds from its last checkpoint."""
     from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
@@ -203,13 +204,13 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
     return longer
 
 
-def round_fractions(config: Any) -> list[str]:
+def round_fractions(config: Config) -> list[str]:
     """The config's schedules given as fractions of num-rounds (DRW, DRS, lr milestones)."""
     from fedimb.config import sampling_defaults
     from fedimb.losses import list_losses, loss_defaults
 
     loss = config.loss
-    loss_params = {**(loss_defaults(loss.name) if loss.name in list_losses() else {})}
+    loss_params = loss_defaults(loss.name) if loss.name in list_losses() else {}
     loss_params.update(loss.kwargs())
     sampling_params = {**sampling_defaults(config.sampling.name), **config.sampling.kwargs()}
     found = []
