@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedimb import batched
-from fedimb.config import Config, ConfigError, snake_to_kebab
+from fedimb.config import FIXED_TABLES, Config, ConfigError, snake_to_kebab
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
 from fedimb.server import RoundHook, ServerStop, SimulationEnded, root_cause, run_server
@@ -100,6 +100,16 @@ def warn_about_settings(config: Config) -> None:
             key,
             inert[1],
             key,
+        )
+    decays = config["lr-schedule.decay"] != 1
+    drops = bool(config["lr-schedule.milestones"].strip())
+    gamma_default = FIXED_TABLES["lr-schedule"]["gamma"].default
+    if not drops and config["lr-schedule.gamma"] != gamma_default:
+        log.warning("lr-schedule.gamma is ignored: lr-schedule.milestones is empty")
+    if (decays or drops) and config.strategy.name == "qfedavg":
+        log.warning(  # it rescales the updates by its own constant lr
+            "strategy 'qfedavg' keeps its client-learning-rate while [lr-schedule] changes "
+            "the clients' lr"
         )
 
 

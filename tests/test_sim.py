@@ -77,6 +77,17 @@ def test_classes_that_no_client_holds_are_named_before_the_run(caplog):
         ({"strategy.name": "fedavgm", "strategy.server-momentum": 0.9}, None),
         ({"strategy.name": "fedavgm", "strategy.server-learning-rate": 0.5}, None),
         ({"loss.name": "focal", "loss.gamma": 2.0}, None),
+        ({"lr-schedule.gamma": 0.5}, "lr-schedule.gamma is ignored: lr-schedule.milestones is"),
+        ({"lr-schedule.gamma": 0.5, "lr-schedule.milestones": "0.5"}, None),
+        (
+            {
+                "strategy.name": "qfedavg",
+                "strategy.client-learning-rate": 0.05,
+                "lr-schedule.decay": 0.9,
+            },
+            "'qfedavg' keeps its client-learning-rate while [lr-schedule]",
+        ),
+        ({"strategy.name": "qfedavg", "strategy.client-learning-rate": 0.05}, None),
     ],
 )
 def test_settings_that_change_nothing_are_named_before_the_run(caplog, overrides, said):
