@@ -26,6 +26,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CLIENTS_FILE = "clients.jsonl"
 SUMMARY_FILE = "summary.json"
+PARTITION_FILE = "partition.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 

@@ -54,9 +54,11 @@ from fedimb.records import TensorArray, array_nbytes, record_of, values_view
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    PARTITION_FILE,
     SUMMARY_FILE,
     RunRecorder,
     atomic_write_bytes,
+    atomic_write_json,
     atomic_write_text,
     read_json,
 )
@@ -538,6 +540,10 @@ def run_server(
         random.seed(config["seed"])  # for other draws; client samples: RoundDriver
         client_state = None
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
+    # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
+    # on every resume).
+    partition = {"classes": list(map(str, fed.dataset.classes)), "counts": fed.counts.tolist()}
+    atomic_write_json(out_dir / PARTITION_FILE, partition)
     recorder.summary("running", 0.0)
 
     guarded = GuardedGrid(

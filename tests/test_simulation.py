@@ -306,6 +306,20 @@ def test_the_clients_losses_get_the_heads_logit_scale(tmp_path, monkeypatch, hea
     assert len(built) == 10 and set(built) == {scale}
 
 
+def test_the_run_folder_says_who_holds_what(tmp_path):
+    from fedimb.sim import load_federation
+
+    config = small(**{"num-rounds": 1, "partition.classes-per-client": 1})
+    run_experiment(config, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "partition.json").read_text())
+    fed = load_federation(config)
+    assert saved["counts"] == fed.counts.tolist() and len(saved["counts"]) == 10
+    assert saved["classes"] == [str(c) for c in fed.dataset.classes]
+    assert all(sum(n > 0 for n in row) == 1 for row in saved["counts"])  # #C=1
+    trained = {r["partition-id"]: r["num-examples"] for r in read_jsonl(tmp_path / "clients.jsonl")}
+    assert trained == {pid: sum(row) for pid, row in enumerate(saved["counts"])}
+
+
 def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
     from fedimb import sim
     from fedimb.server import SimulationEnded
