@@ -221,9 +221,14 @@ class Component:
             names = set(component_catalog(table)[1](self.name))
         except Exception:  # a plug-in that cannot be inspected: the given names only
             names = set()
-        for snake in sorted(names | set(self.kwargs()) | set(RUN_WORDS), key=len, reverse=True):
-            text = re.sub(rf"\b{re.escape(snake)}\b", snake_to_kebab(snake), text)
-        return text
+        return in_config_words(text, names | set(self.kwargs()))
+
+
+def in_config_words(text: str, names: Iterable[str] = ()) -> str:
+    """``text`` with ``names`` and the run-level ``RUN_WORDS`` spelt as config keys."""
+    for snake in sorted({*names, *RUN_WORDS}, key=len, reverse=True):  # longest first
+        text = re.sub(rf"\b{re.escape(snake)}\b", snake_to_kebab(snake), text)
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -697,8 +702,9 @@ def _check_cross_field(config: Config) -> None:
         lr_milestones(config)
     except ValueError as exc:
         text = config["lr-schedule.milestones"]
-        words = str(exc).replace("num_rounds", "num-rounds")
-        raise ConfigError(f"lr-schedule.milestones = {text!r}: {words}") from None
+        raise ConfigError(
+            f"lr-schedule.milestones = {text!r}: {in_config_words(str(exc))}"
+        ) from None
 
 
 def lr_milestones(config: Config) -> list[int]:

@@ -505,9 +505,13 @@ def _boolean(name: str, value: Any) -> bool:
     return value
 
 
+_INF = math.inf
+_positive = _in_range(0, _INF, lo_open=True, hi_open=True)
+
+
 def _scale(name: str, value: Any) -> float | None:
     # None: chosen by the caller, which knows the classifier (see make_loss).
-    return None if value is None else _in_range(0, _INF, lo_open=True, hi_open=True)(name, value)
+    return None if value is None else _positive(name, value)
 
 
 def _schedule_start(name: str, value: Any) -> int | float | None:
@@ -517,7 +521,6 @@ def _schedule_start(name: str, value: Any) -> int | float | None:
     raise ValueError(f"{name} must be None, an int round or a fraction in (0, 1), got {value!r}")
 
 
-_INF = math.inf
 # One validator per parameter name: a name means the same thing in every loss.
 _CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
     {
@@ -525,8 +528,8 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(
         "drw_beta": _in_range(0, 1, hi_open=True),
         "gamma": _in_range(0, _INF, hi_open=True),
         "s": _scale,
-        "max_m": _in_range(0, _INF, lo_open=True, hi_open=True),
-        "min_count": _in_range(0, _INF, lo_open=True, hi_open=True),
+        "max_m": _positive,
+        "min_count": _positive,
         "alpha": _in_range(0, 1),
         "tau": _in_range(0, _INF, hi_open=True),
         "missing": _choice(MISSING_POLICIES),
