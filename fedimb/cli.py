@@ -167,8 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
     """The config of the run in ``args.resume``, which continues as configured; only
     ``--set num-rounds=N`` may change, to run more rounds from its last checkpoint."""
-    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
-    from fedimb.server import load_checkpoint
+    from fedimb.results import CONFIG_FILE
 
     overrides = parse_overrides(args.overrides)
     if args.config or set(overrides) - {"num-rounds"}:
@@ -179,29 +178,35 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
     config = load_config(args.resume / CONFIG_FILE, extra)
     if not overrides or overrides["num-rounds"] == config["num-rounds"]:
         return config
-    checkpoint = args.resume / CHECKPOINT_FILE
-    if not checkpoint.is_file():
-        raise ConfigError(
-            f"--resume {args.resume} --set num-rounds: no checkpoint there to continue from"
-        )
-    done = int(load_checkpoint(checkpoint)["round"])
     longer = config.with_overrides(overrides)
+    check_runs_on(args.resume, config, longer)
+    return longer
+
+
+def check_runs_on(run_dir: Path, config: Config, longer: Config) -> None:
+    """Refuse to continue the run in ``run_dir`` (``config``) to ``longer``'s num-rounds
+    where it cannot: no checkpoint, or more rounds done than asked for. Warn when a
+    schedule counts in fractions of num-rounds, since its rounds move."""
+    from fedimb.results import CHECKPOINT_FILE
+    from fedimb.server import checkpoint_round
+
+    rounds = f"num-rounds {config['num-rounds']} -> {longer['num-rounds']}"
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise ConfigError(f"{run_dir}: {rounds}: no checkpoint there to continue from")
+    done = checkpoint_round(checkpoint)
     if longer["num-rounds"] < done:
         raise ConfigError(
-            f"--set num-rounds={longer['num-rounds']}: the run has reached round {done}; "
-            "give at least that many"
+            f"{run_dir}: {rounds}: the run has reached round {done}; give at least that many"
         )
     moved = round_fractions(config)
     if moved:
         log.warning(
-            "num-rounds %d -> %d: %s count in fractions of num-rounds, so their rounds move "
-            "for the rounds after %d",
-            config["num-rounds"],
-            longer["num-rounds"],
+            "%s: %s count in fractions of num-rounds, so their rounds move for the rounds after %d",
+            rounds,
             ", ".join(moved),
             done,
         )
-    return longer
 
 
 def round_fractions(config: Config) -> list[str]:
@@ -235,7 +240,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
+    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, read_json
     from fedimb.sim import check_same_defaults, prepare, run_experiment
     from fedimb.sweep import load_sweep, run_sweep
 
@@ -259,12 +264,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prepare(config)  # data + partition too, before any cell runs
         if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
             check_same_defaults(cell_dir)
-            changed = config_changes(load_config(cell_dir / CONFIG_FILE), config)
+            began = load_config(cell_dir / CONFIG_FILE)
+            changed = config_changes(began, config, ignore={"num-rounds"})
             if changed:
                 raise ConfigError(
                     f"{cell_dir} holds a run of another config ({changed}); sweep into "
                     "another --out, or delete that folder to run the cell again"
                 )
+            # More rounds: the cell runs on from its checkpoint (without one, it starts over).
+            if (
+                began["num-rounds"] != config["num-rounds"]
+                and (cell_dir / CHECKPOINT_FILE).is_file()
+            ):
+                check_runs_on(cell_dir, began, config)
+
+    def is_done(overrides: dict[str, Any], cell_dir: Path) -> bool:
+        summary = read_json(cell_dir / SUMMARY_FILE) or {}
+        wanted = load_config(sweep.base, overrides)["num-rounds"]
+        return summary.get("status") == "completed" and summary.get("rounds_completed", 0) >= wanted
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
@@ -277,9 +294,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
 
     try:
-        with once.installed_on(logging.getLogger("fedimb.sim")):
+        with once.installed_on(logging.getLogger("fedimb.sim")), once.installed_on(log):
             results = run_sweep(
-                sweep, out, run_cell, validate_cell=validate_cell, progress=not args.quiet
+                sweep,
+                out,
+                run_cell,
+                validate_cell=validate_cell,
+                is_done=is_done,
+                progress=not args.quiet,
             )
     except ValueError as exc:
         if isinstance(exc, ConfigError) or "cell" in str(exc):

@@ -753,11 +753,11 @@ EXECUTION_KEYS = frozenset(
 )
 
 
-def config_changes(old: Config, new: Config, *, limit: int = 3) -> str:
+def config_changes(old: Config, new: Config, *, limit: int = 3, ignore: Iterable[str] = ()) -> str:
     """The keys whose values differ, as ``"num-rounds 3 -> 4, ..."`` ('' if none), leaving
-    out :data:`EXECUTION_KEYS`."""
+    out :data:`EXECUTION_KEYS` and ``ignore``."""
     a, b = old.to_flat(), new.to_flat()
-    keys = sorted((a.keys() | b.keys()) - EXECUTION_KEYS)
+    keys = sorted((a.keys() | b.keys()) - EXECUTION_KEYS - set(ignore))
     changed = [k for k in keys if a.get(k) != b.get(k)]
     shown = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit]]
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""

@@ -485,6 +485,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_round(path: Path) -> int:
+    """The round a checkpoint was saved after, without reading its tensors (memory-mapped)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+
+
 def run_server(
     grid: Grid,
     config: Config,

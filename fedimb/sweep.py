@@ -13,8 +13,9 @@ A sweep file is a small TOML file::
 
 The single-run simulation is passed in as a callable ``run_cell(overrides, cell_dir)``,
 so this module never imports Flower, Ray or torch. Each cell writes its own results
-folder ``<out_dir>/<cell name>/``; a cell whose ``summary.json`` says ``completed`` is
-skipped on the next call, so an interrupted sweep resumes where it stopped.
+folder ``<out_dir>/<cell name>/``; a completed cell is skipped on the next call, so an
+interrupted sweep resumes where it stopped (the caller may say a completed cell needs
+more rounds: ``is_done``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
 RunCell = Callable[[dict[str, Any], Path], Any]
 ValidateCell = Callable[[dict[str, Any], Path], Any]
+IsDone = Callable[[dict[str, Any], Path], bool]
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,7 @@ def _run_one(cell: Cell, cell_dir: Path, run_cell: RunCell) -> CellResult:
     return _result(cell, cell_dir, skipped=False)
 
 
-def _is_completed(cell_dir: Path) -> bool:
+def _is_completed(overrides: dict[str, Any], cell_dir: Path) -> bool:
     summary = read_json(cell_dir / SUMMARY_FILE)
     return bool(summary) and summary.get("status") == "completed"
 
@@ -385,6 +387,7 @@ def run_sweep(
     run_cell: RunCell,
     *,
     validate_cell: ValidateCell | None = None,
+    is_done: IsDone = _is_completed,
     progress: bool = True,
 ) -> list[CellResult]:
     """Run every cell of ``sweep`` (skipping completed ones), then build the report.
@@ -406,6 +409,10 @@ def run_sweep(
         differs from the config the cell's folder already holds (its results would mix
         the two). Called for every cell before anything runs or is written, so a typo
         fails in seconds, not hours in.
+    is_done : callable
+        ``is_done(overrides, cell_dir)``: True skips the cell. Default: its
+        ``summary.json`` says completed (a caller that lets a cell's run go on for more
+        rounds says when it has reached them).
     progress : bool
         True: a progress bar over cells (on a terminal). False: one plain line per cell.
 
@@ -437,7 +444,7 @@ def run_sweep(
     with SweepProgress(len(cells), sweep.name, enabled=progress) as bar:
         for done, cell in enumerate(cells, start=1):
             cell_dir = out_dir / cell.name
-            if _is_completed(cell_dir):
+            if is_done(dict(cell.overrides), cell_dir):
                 result = _result(cell, cell_dir, skipped=True)
             else:
                 status[cell.name] = "running"

@@ -1,13 +1,14 @@
 """The command line: sweeps end to end, partitions, listings, and advice on resource errors."""
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedimb import cli
 from fedimb.cli import main, resource_hint
-from fedimb.results import read_json
+from fedimb.results import read_json, read_jsonl
 
 
 @pytest.mark.slow
@@ -43,10 +44,53 @@ def test_sweep_runs_cells_records_a_broken_one_and_resumes(tmp_path, capsys):
 
     # A changed sweep would mix old and new results in one report: refused, nothing lost.
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    sweep.write_text(sweep.read_text().replace("num-rounds = 2", "num-rounds = 3"))
+    sweep.write_text(
+        sweep.read_text().replace('engine = "inprocess"', 'engine = "inprocess"\nlr = 0.1')
+    )
     assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 2
     err = capsys.readouterr().err
-    assert "4 of 4 sweep cell(s)" in err and "num-rounds 2 -> 3" in err
+    assert "4 of 4 sweep cell(s)" in err and "lr 0.05 -> 0.1" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_sweep_given_more_rounds_runs_its_cells_on(tmp_path, capsys, caplog):
+    def sweep_file(rounds: int) -> Path:
+        path = tmp_path / f"grow-{rounds}.toml"
+        path.write_text(
+            f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n'
+            f'name = "grow"\n[set]\nengine = "inprocess"\nnum-clients = 6\nnum-rounds = {rounds}\n'
+            '[grid]\n"loss.name" = ["ce", "ldam-drw"]\n'
+        )
+        return path
+
+    def curves(out: Path) -> dict[str, list[float]]:
+        return {
+            d.name: [r["balanced_error"] for r in read_jsonl(d / "metrics.jsonl")]
+            for d in sorted(out.iterdir())
+            if d.is_dir()
+        }
+
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 0
+    assert main(["sweep", str(sweep_file(3)), "--out", str(fresh), "-q"]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["sweep", str(sweep_file(3)), "--out", str(out), "-q"]) == 0
+    assert "2 cells completed, 0 failed" in capsys.readouterr().out
+    grown, uninterrupted = curves(out), curves(fresh)
+    assert [len(c) for c in grown.values()] == [4, 4]  # rounds 0-3
+    ce = next(name for name in grown if "ce" in name and "ldam" not in name)
+    assert grown[ce] == pytest.approx(uninterrupted[ce], abs=1e-9)
+    assert read_json(out / ce / "summary.json")["rounds_completed"] == 3
+    # LDAM-DRW's switch is a fraction of num-rounds: said once, naming its cell.
+    moved = [r.getMessage() for r in caplog.records if "drw-start" in r.getMessage()]
+    assert len(moved) == 1 and moved[0].startswith("loss.name=ldam-drw")
+    assert "num-rounds 2 -> 3" in moved[0]
+
+    # Fewer rounds than the cells have run: refused, every file kept.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 2
+    assert "has reached round 3; give at least that many" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
