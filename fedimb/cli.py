@@ -414,7 +414,8 @@ def _list_notes(table: str) -> list[str]:
         least = COMPONENT_OWN_KEYS["strategy"]["min-train-clients"].default
         return [
             f"also strategy.min-train-clients = {least}: sets min-train-nodes and "
-            "min-available-nodes"
+            "min-available-nodes",
+            "fednova's momentum is the clients' (the run's momentum), not a setting of its own",
         ]
     return []
 

@@ -40,6 +40,7 @@ from fedimb.train import (
     TrainResult,
     TrainSettings,
     client_rng,
+    effective_steps,
     evaluate_counts,
     make_plan,
     train_client,
@@ -216,7 +217,7 @@ def make_reply(
     controls: Controls | None,
     result: TrainResult,
     pid: int,
-    lr: float,
+    settings: TrainSettings,
     global_state: dict[str, torch.Tensor],
     seconds: float,
 ) -> Message:
@@ -236,11 +237,13 @@ def make_reply(
         }
     )
     if controls is not None:
-        # Option II of Karimireddy et al.: c_i+ = c_i - c + (x - y_i) / (K * lr).
+        # Option II of Karimireddy et al.: c_i+ = c_i - c + (x - y_i) / (K * lr), for K
+        # plain SGD steps. Heavy-ball momentum moves the weights by lr * a_i gradients, not
+        # lr * K (a_i: FedNova's effective steps), so dividing by K would overstate c_i.
         c, c_i = controls
-        steps = max(result.num_steps, 1)
+        moved = effective_steps(max(result.num_steps, 1), settings.momentum) * settings.lr
         new_ci = {
-            k: c_i[k] - c[k] + (global_state[k].to(c[k].device) - result.state[k]) / (steps * lr)
+            k: c_i[k] - c[k] + (global_state[k].to(c[k].device) - result.state[k]) / moved
             for k in c_i  # the model's parameters
         }
         context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
@@ -353,7 +356,7 @@ def _train_group(
             result, seconds = results[i]
             seconds += _inject_faults(config, pids[i], server_round, result)
             replies[i] = make_reply(
-                msg, contexts[i], controls[i], result, pids[i], settings.lr, global_state, seconds
+                msg, contexts[i], controls[i], result, pids[i], settings, global_state, seconds
             )
         except Exception as exc:
             replies[i] = error_reply(msg, exc)

@@ -264,14 +264,19 @@ class Config:
     def strategy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``strategies.make_strategy(self.strategy.name, ...)``:
         client sampling from ``fraction-train`` / ``min-train-clients``, plus the
-        strategy's own parameters."""
+        strategy's own parameters; FedNova's clients' momentum is the run's ``momentum``."""
+        import strategies
+
         opts = self.strategy_options
-        return {
+        kwargs = {
             "fraction_train": opts["fraction-train"],
             "min_train_nodes": opts["min-train-clients"],
             "min_available_nodes": opts["min-train-clients"],
             **self.strategy.kwargs(),
         }
+        if strategies.follows_client_momentum(self.strategy.name):
+            kwargs["momentum"] = self["momentum"]
+        return kwargs
 
     @property
     def sampling(self) -> Component:
@@ -648,6 +653,13 @@ def _check_component_params(config: Config) -> None:
     from fedimb import losses
 
     loss, strategy = config.loss, config.strategy
+    given = strategy.params.get("momentum", config["momentum"])
+    if given != config["momentum"] and strategies.follows_client_momentum(strategy.name):
+        raise ConfigError(
+            f"strategy.momentum = {given!r}, but the clients train with momentum = "
+            f"{config['momentum']!r}: FedNova normalises by the clients' momentum, which "
+            "it takes from momentum; drop strategy.momentum"
+        )
     try:
         losses.make_loss(
             loss.name, [10] * 3, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()

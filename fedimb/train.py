@@ -149,6 +149,19 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def effective_steps(num_steps: float, momentum: float) -> float:
+    """Effective step count ``a_i`` of ``num_steps`` SGD steps with heavy-ball momentum.
+
+    ``a = (tau - rho (1 - rho**tau) / (1 - rho)) / (1 - rho)``: the sum over local
+    steps of the geometric weights ``(1 - rho**k) / (1 - rho)`` that momentum puts on
+    each gradient; ``a = tau`` for ``rho = 0``.
+    """
+    if momentum == 0.0:
+        return float(num_steps)
+    rho = momentum
+    return (num_steps - rho * (1.0 - rho**num_steps) / (1.0 - rho)) / (1.0 - rho)
+
+
 def train_client(
     model: nn.Module,
     job: ClientJob,

@@ -7,6 +7,7 @@
 from strategies.registry import (
     REQUIRED,
     STRATEGIES,
+    follows_client_momentum,
     list_strategies,
     make_strategy,
     resolve_strategy,
@@ -17,6 +18,7 @@ from strategies.registry import (
 __all__ = [
     "REQUIRED",
     "STRATEGIES",
+    "follows_client_momentum",
     "list_strategies",
     "make_strategy",
     "resolve_strategy",

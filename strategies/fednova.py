@@ -22,22 +22,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.supercore import log
 
+from fedimb.train import effective_steps
 from strategies.stock import FedAvg
 
 NUM_STEPS_KEY = "num-steps"
-
-
-def effective_steps(num_steps: float, momentum: float) -> float:
-    """Effective step count ``a_i`` of ``num_steps`` SGD steps with heavy-ball momentum.
-
-    ``a = (tau - rho (1 - rho**tau) / (1 - rho)) / (1 - rho)``: the sum over local
-    steps of the geometric weights ``(1 - rho**k) / (1 - rho)`` that momentum puts on
-    each gradient; ``a = tau`` for ``rho = 0``.
-    """
-    if momentum == 0.0:
-        return float(num_steps)
-    rho = momentum
-    return (num_steps - rho * (1.0 - rho**num_steps) / (1.0 - rho)) / (1.0 - rho)
 
 
 class FedNova(FedAvg):
@@ -57,7 +45,7 @@ class FedNova(FedAvg):
     ----------
     momentum : float (default: 0.0)
         The clients' SGD momentum ``rho`` in ``[0, 1)``; must match the ClientApp's
-        optimizer (0 = plain SGD).
+        optimizer (0 = plain SGD). fedimb's config passes its ``momentum``.
     **kwargs
         Forwarded to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, ...).
     """

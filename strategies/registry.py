@@ -79,6 +79,15 @@ def trains_as_fedavg(name: str, params: dict[str, Any]) -> tuple[str, float] | N
     return None
 
 
+def follows_client_momentum(name: str) -> bool:
+    """Whether strategy ``name`` takes the clients' SGD momentum (FedNova and its
+    subclasses normalise by it), which the run config's ``momentum`` then supplies."""
+    try:
+        return issubclass(resolve_strategy(name), FedNova)
+    except RegistryError:
+        return False
+
+
 def list_strategies() -> list[str]:
     """Registered strategy names, sorted."""
     return STRATEGIES.names()

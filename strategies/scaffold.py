@@ -11,7 +11,8 @@ Message protocol (the client side lives in ``clients/``):
   ``"scaffold-delta"``: an ArrayRecord with ``c_i_new - c_i`` (same keys as ``c``).
 
 The client keeps its own ``c_i``, trains with ``grad + c - c_i`` and, with option II,
-sets ``c_i_new = c_i - c + (x - y_i) / (K * lr)``.
+sets ``c_i_new = c_i - c + (x - y_i) / (K * lr)``; with heavy-ball momentum, ``K`` is
+the effective step count ``a_i`` of ``strategies.fednova`` (K plain SGD steps otherwise).
 """
 
 from __future__ import annotations

@@ -249,3 +249,16 @@ def test_lr_milestones_may_be_a_number_or_an_array(given, kept):
 def test_bad_lr_milestones_are_one_line_errors(milestones, message):
     with pytest.raises(ConfigError, match=r"lr-schedule.milestones = .*" + re.escape(message)):
         load_config(overrides={"num-rounds": 20, "lr-schedule.milestones": milestones})
+
+
+def test_fednova_takes_the_clients_momentum_from_the_run():
+    # FedNova normalises by the momentum the clients train with: a value of its own
+    # would weigh the clients wrongly.
+    fednova = {"strategy.name": "fednova", "momentum": 0.9}
+    assert load_config(None, fednova).strategy_kwargs()["momentum"] == 0.9
+    subclass = {**fednova, "strategy.name": "strategies.fednova:FedNova"}
+    assert load_config(None, subclass).strategy_kwargs()["momentum"] == 0.9
+    assert load_config(None, {**fednova, "strategy.momentum": 0.9})  # the same value: fine
+    with pytest.raises(ConfigError, match=r"strategy.momentum = 0.5, but .* momentum = 0.9"):
+        load_config(None, {**fednova, "strategy.momentum": 0.5})
+    assert "momentum" not in load_config(None, {"momentum": 0.9}).strategy_kwargs()

@@ -209,6 +209,36 @@ def test_scaffold_sends_control_and_updates_it() -> None:
     np.testing.assert_allclose(sent["fc.weight"].numpy(), strategy.control["fc.weight"])
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_scaffold_clients_control_is_their_gradient_whatever_the_momentum(momentum) -> None:
+    # A linear model on one repeated input, and a loss linear in its logits: every step
+    # has the same gradient g, so option II's c_i+ (from c = c_i = 0) must be g itself.
+    from flwr.app import Context
+
+    from fedimb.client import SCAFFOLD_DELTA, make_reply
+    from fedimb.train import ClientJob, TrainSettings, make_plan, train_client
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.tensor([[1.0, -2.0, 0.5]]).repeat(8, 1)
+    y = torch.zeros(8, dtype=torch.long)
+    direction = torch.tensor([1.0, -3.0])
+    settings = TrainSettings(lr=0.1, momentum=momentum, batch_size=4, epochs=3)
+    plan = make_plan(y.numpy(), settings, np.random.default_rng(0))
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    zeros = {k: torch.zeros_like(v) for k, v in start.items()}
+    job = ClientJob(x, y, lambda z, t: (z * direction).mean(0).sum(), plan, control=zeros)
+    result = train_client(model, job, lambda t: t, settings)
+    assert result.num_steps == 6
+
+    msg = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    answer = make_reply(msg, context, (zeros, zeros), result, 0, settings, start, 0.0)
+    control = {k: torch.from_numpy(a.numpy()) for k, a in answer.content[SCAFFOLD_DELTA].items()}
+    torch.testing.assert_close(control["weight"], torch.outer(direction, x[0]))
+    torch.testing.assert_close(control["bias"], direction)
+
+
 def test_scaffold_infers_float_keys_skips_errors_and_requires_delta() -> None:
     strategy = Scaffold()
     x = make_state(0)
