@@ -209,7 +209,10 @@ class RunRecorder:
 # sweep completed) under other defaults than it began with. 2: every loss takes the logit
 # scale s (30 on a cosine head, 1 on a linear one: LDAM's linear-head runs had 30);
 # balanced-softmax and logit-adjusted default to missing = "present" (was "clamp").
-DEFAULTS_VERSION = 2
+# 3: dirichlet caps a client's share as NIID-Bench does (partition.balance = true); with
+# local momentum, SCAFFOLD's c_i divides by the effective steps and FedNova takes the
+# clients' momentum (it assumed plain SGD unless strategy.momentum was set).
+DEFAULTS_VERSION = 3
 
 
 def new_run_dir(config: Any, root: str | os.PathLike[str] = "results") -> Path:

@@ -226,7 +226,10 @@ def test_list_of_a_table_shows_each_ones_parameters_as_config_keys(capsys):
     assert "  fedprox: proximal-mu = 0.0\n" in out and "  fedavg: (all) only\n" in out
     assert "  qfedavg: client-learning-rate = (required)" in out
     assert main(["list", "partitions"]) == 0
-    assert "  dirichlet: alpha = 0.5, min-size = 10, max-tries = 1000\n" in capsys.readouterr().out
+    assert (
+        "  dirichlet: alpha = 0.5, min-size = 10, max-tries = 1000, balance = true\n"
+        in capsys.readouterr().out
+    )
 
 
 def test_resume_into_another_out_is_refused(tmp_path, capsys):
@@ -246,7 +249,10 @@ def test_a_run_begun_under_other_defaults_is_not_continued(tmp_path, capsys):
     (run / "summary.json").write_text('{"status": "interrupted", "rounds_completed": 3}')
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     assert main(["run", "--resume", str(run)]) == 2
-    assert "began under fedimb's defaults 1, this version has 2" in capsys.readouterr().err
+    from fedimb.results import DEFAULTS_VERSION
+
+    said = f"began under fedimb's defaults 1, this version has {DEFAULTS_VERSION}"
+    assert said in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 

@@ -202,6 +202,23 @@ def test_dirichlet_alpha_controls_skew():
     assert mean_classes_held(0.05) < 4 < 9 < mean_classes_held(1000.0)
 
 
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+def test_dirichlet_deals_no_class_to_a_client_holding_its_share(alpha):
+    # NIID-Bench's rule, checked on the result: classes are dealt in label order, and a
+    # client that got some of class k held fewer than N / num_clients samples before it.
+    labels = balanced_labels(num_classes=10, per_class=500)
+    share = labels.size / 20
+
+    def dealt_beyond_share(balance: bool) -> int:
+        parts = dirichlet(labels, 20, alpha, np.random.default_rng(0), balance=balance)
+        counts = class_counts(labels, parts, 10)
+        held_before = np.cumsum(counts, axis=1) - counts
+        return int(((counts > 0) & (held_before >= share)).sum())
+
+    assert dealt_beyond_share(balance=True) == 0
+    assert dealt_beyond_share(balance=False) > 0  # the check can fail
+
+
 def test_dirichlet_gives_up_with_clear_error():
     labels = balanced_labels(num_classes=2, per_class=50)
     with pytest.raises(ValueError, match=r"max_tries=3"):
@@ -297,8 +314,9 @@ def test_registry_names_and_dispatch_matches_direct_call():
 def test_partition_params_defaults():
     assert partition_params("label-skew") == {"classes_per_client": 2}
     assert partition_params("shards") == {"shards_per_client": 2}
-    assert set(partition_params("dirichlet")) == {"alpha", "min_size", "max_tries"}
+    assert set(partition_params("dirichlet")) == {"alpha", "min_size", "max_tries", "balance"}
     assert partition_params("dirichlet")["min_size"] == 10
+    assert partition_params("dirichlet")["balance"] is True
     assert partition_params("iid") == {}
 
 

@@ -10,7 +10,8 @@ Partitioners (names in :data:`PARTITIONERS`):
 - ``"label-skew"``: ``#C=k`` of NIID-Bench (Li et al., 2022), each client holds exactly
   ``k`` classes;
 - ``"shards"``: McMahan et al. (2017), sort by label and deal equal shards;
-- ``"dirichlet"``: per-class client proportions drawn from ``Dir(alpha)``;
+- ``"dirichlet"``: per-class client proportions drawn from ``Dir(alpha)``, NIID-Bench's
+  ``noniid-labeldir`` (``balance``: a client holding its share takes no more classes);
 - ``"iid"``: a uniform random split.
 
 :func:`long_tail` builds a globally long-tailed subset (CIFAR-10-LT style, Cao et al.
@@ -217,12 +218,15 @@ def dirichlet(
     rng: np.random.Generator,
     min_size: int = 10,
     max_tries: int = 1000,
+    balance: bool = True,
 ) -> list[np.ndarray]:
     """Split each class across clients with proportions drawn from ``Dir(alpha)``.
 
     Small ``alpha`` (e.g. 0.1) gives strongly skewed clients, large ``alpha`` tends to
     IID. The whole draw is repeated until every client holds at least ``min_size``
-    samples.
+    samples. With ``balance`` (the split of NIID-Bench, Li et al. 2022, whose code most
+    papers' Dirichlet splits come from), classes are dealt in label order and a client
+    already holding ``N / num_clients`` samples gets none of the next class.
 
     Parameters
     ----------
@@ -238,6 +242,9 @@ def dirichlet(
         Minimum samples per client (>= 1, and ``num_clients * min_size <= N``).
     max_tries : int, default 1000
         Draws to attempt before giving up.
+    balance : bool, default True
+        NIID-Bench's cap on a client's share; False draws every class independently of
+        what the clients already hold (client sizes vary more).
 
     Returns
     -------
@@ -262,13 +269,19 @@ def dirichlet(
             f"{labels.size} samples; lower min_size or num_clients"
         )
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    share = labels.size / num_clients
     for _ in range(max_tries):
         pieces: list[list[np.ndarray]] = [[np.empty(0, np.int64)] for _ in range(num_clients)]
+        held = np.zeros(num_clients, np.int64)
         for idx in by_class:
             props = rng.dirichlet(np.full(num_clients, float(alpha)))
+            if balance:  # some client is below its share: the others hold less than N
+                props = props * (held < share)
+                props /= props.sum()
             cuts = (np.cumsum(props)[:-1] * idx.size).astype(np.int64)
             for client, chunk in enumerate(np.split(rng.permutation(idx), cuts)):
                 pieces[client].append(chunk)
+                held[client] += chunk.size
         parts = _sorted_parts(pieces)
         if min(p.size for p in parts) >= min_size:
             return parts
@@ -393,8 +406,11 @@ def _dirichlet_entry(
     alpha: float = 0.5,
     min_size: int = 10,
     max_tries: int = 1000,
+    balance: bool = True,
 ) -> list[np.ndarray]:
-    return dirichlet(labels, num_clients, alpha, rng, min_size=min_size, max_tries=max_tries)
+    return dirichlet(
+        labels, num_clients, alpha, rng, min_size=min_size, max_tries=max_tries, balance=balance
+    )
 
 
 @PARTITIONERS.register("iid")
@@ -432,7 +448,7 @@ def partition(
         As for the individual partitioners.
     **params
         Partitioner parameters, snake_case (``classes_per_client``,
-        ``shards_per_client``, ``alpha``, ``min_size``, ``max_tries``).
+        ``shards_per_client``, ``alpha``, ``min_size``, ``max_tries``, ``balance``).
 
     Raises
     ------
