@@ -69,9 +69,10 @@ inf/NaN (``n**-1/4``, ``1 - beta**0``, ``log 0``). Every count-based loss takes
 
 Defaults: ``present`` for every count-based loss but ``fedlc`` (their statistics over the
 present classes are the published ones for the data the client has; a one-class client
-trains as with plain CE). ``clamp`` for ``fedlc``: it keeps the calibration's direction on
-the absent classes (they get the most favourable offset) at a mild strength that
-``min_count`` moves toward the ``mask`` limit. ``mask`` (the exact limit of the log-prior
+trains as with plain CE, but for LDAM's margin, relative to the largest: ``max_m``).
+``clamp`` for ``fedlc``: it keeps the calibration's direction on the absent classes (they
+get the most favourable offset) at a mild strength that ``min_count`` moves toward the
+``mask`` limit. ``mask`` (the exact limit of the log-prior
 formulas) silences one-class clients entirely; public implementations of these losses are
 in effect ``mask``. Measured trade-offs: docs/losses.md.
 ``fedrs`` takes no ``missing``: the loss *is* a rule for missing classes.
