@@ -65,7 +65,7 @@ def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
     if not is_vectorisable(model):
         return "the model has BatchNorm (use GroupNorm, e.g. model.norm = 'group')"
     if any(getattr(job.loss, "params", None) is None for job in jobs):
-        return "a loss is not a built-in loss (no LossParams)"
+        return "a loss is a plain callable, not LossParams"
     first = jobs[0].loss.params
     for job in jobs[1:]:
         p = job.loss.params

@@ -249,6 +249,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
     out = args.out or Path("results") / sweep.name
+    plugins = sweep_plugins(sweep)
     unused = _grid_keys_no_cell_takes(sweep)
     if unused:
         raise ConfigError(
@@ -260,7 +261,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         once.cell = cell_dir.name
-        config = load_config(sweep.base, overrides)
+        config = load_config(sweep.base, overrides, plugins=plugins)
         prepare(config)  # data + partition too, before any cell runs
         if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
             check_same_defaults(cell_dir)
@@ -280,14 +281,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def is_done(overrides: dict[str, Any], cell_dir: Path) -> bool:
         summary = read_json(cell_dir / SUMMARY_FILE) or {}
-        wanted = load_config(sweep.base, overrides)["num-rounds"]
+        wanted = load_config(sweep.base, overrides, plugins=plugins)["num-rounds"]
         return summary.get("status") == "completed" and summary.get("rounds_completed", 0) >= wanted
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
         once.cell = cell_dir.name
         run_experiment(
-            load_config(sweep.base, overrides),
+            load_config(sweep.base, overrides, plugins=plugins),
             cell_dir,
             resume=(cell_dir / CHECKPOINT_FILE).exists(),
             progress=None if args.quiet else True,
@@ -315,6 +316,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
+def sweep_plugins(sweep: Any) -> dict[str, list[str]]:
+    """Per component table, the plug-ins (import paths) the sweep's cells use: a table
+    shared by the cells may carry their parameters, as it may other components'."""
+    from fedimb.registry import is_import_path
+
+    found: dict[str, list[str]] = {}
+    pairs = [*sweep.fixed.items(), *((k, v) for k, vs in sweep.grid.items() for v in vs)]
+    for key, value in pairs:
+        table, _, leaf = key.partition(".")
+        if leaf == "name" and isinstance(value, str) and is_import_path(value):
+            found.setdefault(table, []).append(value)
+    return found
+
+
 def _grid_keys_no_cell_takes(sweep: Any) -> list[str]:
     """Grid keys of a component table that every cell's component ignores."""
     from fedimb.sweep import expand
@@ -322,7 +337,7 @@ def _grid_keys_no_cell_takes(sweep: Any) -> list[str]:
     taken: set[str] = set()
     for cell in expand(sweep):
         try:
-            config = load_config(sweep.base, cell.overrides)
+            config = load_config(sweep.base, cell.overrides, plugins=sweep_plugins(sweep))
         except ConfigError:
             return []  # the cells' own validation names what is wrong
         ignored = {f"{t}.{k}" for t, c in config.components.items() for k in c.ignored}
@@ -401,6 +416,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ("strategies", strategies.list_strategies()),
     ):
         print(f"{title}: {', '.join(names)}")
+    print("each also takes your own as an import path 'package.module:attribute' (README)")
     return 0
 
 

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 SCAFFOLD_CONTROL = "scaffold-control"
 SCAFFOLD_DELTA = "scaffold-delta"
+# A train reply's metric: the client's training samples per class (static: not logged).
+CLASS_COUNTS_KEY = "class-counts"
 SCAFFOLD_STATE = "scaffold-ci"
 # A client's persistent ArrayRecords travel in messages under this prefix: with each
 # train reply (the server checkpoints them) and, after a resume, in a query back to it.
@@ -220,8 +222,10 @@ def make_reply(
     settings: TrainSettings,
     global_state: dict[str, torch.Tensor],
     seconds: float,
+    class_counts: Sequence[int] = (),
 ) -> Message:
-    """The train reply: weights, metrics, and SCAFFOLD's control delta when used."""
+    """The train reply: weights, metrics (``class_counts``: the client's training samples
+    per class, for strategies that weigh by class), and SCAFFOLD's control delta."""
     content = RecordDict(
         {
             "arrays": state_record(result.state, finite=result.finite),
@@ -232,6 +236,7 @@ def make_reply(
                     "num-steps": result.num_steps,
                     "partition-id": pid,
                     "train-seconds": seconds,
+                    CLASS_COUNTS_KEY: [int(c) for c in class_counts],
                 }
             ),
         }
@@ -356,7 +361,15 @@ def _train_group(
             result, seconds = results[i]
             seconds += _inject_faults(config, pids[i], server_round, result)
             replies[i] = make_reply(
-                msg, contexts[i], controls[i], result, pids[i], settings, global_state, seconds
+                msg,
+                contexts[i],
+                controls[i],
+                result,
+                pids[i],
+                settings,
+                global_state,
+                seconds,
+                class_counts=fed.counts[pids[i]],
             )
         except Exception as exc:
             replies[i] = error_reply(msg, exc)

@@ -12,16 +12,20 @@ The component tables (``[loss]``, ``[strategy]``, ``[partition]``, ``[model]``,
 ``[sampling]``) hold a ``name`` plus parameters. A table may carry parameters of several
 components (so a sweep over ``loss.name`` can share one ``[loss]`` table): each component
 receives the parameters it accepts; a key that no registered component accepts is an
-error. A ``name`` that is an import path (``"pkg.mod:obj"``) receives every parameter.
+error. A ``name`` that is an import path (``"pkg.mod:obj"``) takes its keyword parameters
+the same way, checked against their defaults' types (one with ``**kwargs`` receives every
+key of its table and checks them itself).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import math
+import pickle
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -283,11 +287,13 @@ class Config:
         return self.components["sampling"]
 
     def component_error(self, table: str, exc: BaseException) -> ConfigError:
-        """``exc``, raised by component ``table``, as one line naming it in config words."""
+        """``exc``, raised by component ``table``, as one line naming it in config words
+        (and the exception's type, unless a ValueError or TypeError)."""
         component = self.components[table]
-        return ConfigError(
-            f"[{table}] {component.name}: {component.in_config_words(table, str(exc))}"
+        text = (
+            str(exc) if isinstance(exc, ValueError | TypeError) else f"{type(exc).__name__}: {exc}"
         )
+        return ConfigError(f"[{table}] {component.name}: {component.in_config_words(table, text)}")
 
     def to_nested(self) -> dict[str, Any]:
         """The config as nested tables (what a TOML file holds)."""
@@ -400,11 +406,18 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    plugins: Mapping[str, Iterable[str]] | None = None,
 ) -> Config:
-    """Read a TOML config (default: ``configs/quickstart.toml``), apply overrides, validate."""
+    """Read a TOML config (default: ``configs/quickstart.toml``), apply overrides, validate.
+
+    ``plugins``: table -> import paths of plug-ins whose parameters the table may carry
+    for other runs (a sweep's other cells), as it may carry other registered components'.
+    """
     nested = read_toml(path or DEFAULT_CONFIG)
-    return from_nested(apply_overrides(nested, overrides or {}))
+    return from_nested(apply_overrides(nested, overrides or {}), plugins=plugins)
 
 
 def dump_toml(nested: Mapping[str, Any]) -> str:
@@ -531,46 +544,106 @@ def callable_params(obj: Any) -> tuple[dict[str, Any], bool]:
     return params, var_kw
 
 
-def _build_component(table: str, body: Mapping[str, Any]) -> Component:
+# What fedimb itself passes to a plug-in of each table, not config keys: how many leading
+# positional arguments (the counts, the data shape, the labels ...) and which keywords.
+_SUPPLIED: dict[str, tuple[int, frozenset[str]]] = {
+    "loss": (1, frozenset({"server_round", "num_rounds"})),
+    "sampling": (2, frozenset({"server_round", "num_rounds"})),
+    "model": (2, frozenset()),
+    "partition": (3, frozenset()),
+}
+
+
+@functools.cache  # called per client and round (fedimb.federation.loss_kwargs)
+def plugin_params(table: str, name: str) -> tuple[dict[str, Any], bool]:
+    """A plug-in's config parameters (kebab-case) with their defaults (None: required),
+    and whether it takes ``**kwargs`` (then it receives every key of its table and checks
+    them itself, as a strategy does: Flower's strategies forward ``**kwargs``)."""
+    obj = import_object(name)
+    if table not in _SUPPLIED:
+        return {}, True
+    skip, supplied = _SUPPLIED[table]
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # not introspectable: it checks its own
+        return {}, True
+    params = list(sig.parameters.values())
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    return {
+        snake_to_kebab(p.name): None if p.default is p.empty else p.default
+        for p in params[skip:]
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in supplied
+    }, var_kw
+
+
+def declares(table: str, name: str, key: str) -> bool:
+    """Whether component ``name`` of ``table`` names parameter ``key`` (kebab-case): every
+    built-in model takes ``cosine-head`` and every built-in loss ``s``; a plug-in, if its
+    signature says so (``**kwargs`` alone does not)."""
+    if not is_import_path(name):
+        return key in {snake_to_kebab(k) for k in component_catalog(table)[1](name)}
+    try:
+        return key in plugin_params(table, name)[0]
+    except RegistryError:
+        return False
+
+
+def _declared(table: str, name: str) -> set[str]:
+    """A plug-in's declared parameters; none for a path that does not import (its own
+    run says so)."""
+    try:
+        return set(plugin_params(table, name)[0])
+    except RegistryError:
+        return set()
+
+
+def _build_component(table: str, body: Mapping[str, Any], plugins: Iterable[str] = ()) -> Component:
     body = dict(body)
     name = body.pop("name", COMPONENT_DEFAULTS[table])
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{table}.name = {name!r}: expected a non-empty string")
+    names, defaults_of = component_catalog(table)
+    others = [p for p in plugins if p != name]
+    anyone = set().union(*({snake_to_kebab(k) for k in defaults_of(n)} for n in names))
+    anyone |= set().union(*(_declared(table, p) for p in others))
     if is_import_path(name):
-        # A user plug-in receives every parameter of its table; it checks them itself.
-        # Import it now, so that a bad path fails before anything runs.
-        try:
-            import_object(name)
+        try:  # import it now, so that a bad path fails before anything runs
+            defaults, var_kw = plugin_params(table, name)
         except RegistryError as exc:
             raise ConfigError(f"{table}.name = {name!r}: {exc}") from exc
-        return Component(name, MappingProxyType(body))
-    names, defaults_of = component_catalog(table)
-    if name not in names:
+        if var_kw:  # it receives every key and checks them itself
+            return Component(name, MappingProxyType(body))
+        plugin = True
+    elif name in names:
+        defaults = {snake_to_kebab(k): v for k, v in defaults_of(name).items()}
+        plugin = False
+    else:
         raise ConfigError(
             f"{table}.name = {name!r}: unknown {table} {name!r}{_did_you_mean(name, names)}; "
             f"valid: {', '.join(names)}, or an import path 'package.module:attribute'"
         )
-    own = {snake_to_kebab(k) for k in defaults_of(name)}
-    anyone = set().union(*({snake_to_kebab(k) for k in defaults_of(n)} for n in names))
     for key in body:
-        if key not in anyone:
+        if key not in defaults and key not in anyone:
             raise ConfigError(
-                f"unknown config key '{table}.{key}'{_did_you_mean(key, anyone)}; "
-                f"{table} {name!r} accepts: {', '.join(sorted(own)) or '(no parameters)'}"
+                f"unknown config key '{table}.{key}'{_did_you_mean(key, set(defaults) | anyone)}; "
+                f"{table} {name!r} accepts: {', '.join(sorted(defaults)) or '(no parameters)'}"
             )
-    defaults = {snake_to_kebab(k): v for k, v in defaults_of(name).items()}
-    checked = {k: _check_param(table, k, v, defaults[k]) for k, v in body.items() if k in own}
-    return Component(name, MappingProxyType(checked), frozenset(body) - own)
+    checked = {
+        k: _check_param(table, k, v, defaults[k], plugin=plugin)
+        for k, v in body.items()
+        if k in defaults
+    }
+    return Component(name, MappingProxyType(checked), frozenset(body) - set(defaults))
 
 
-def _check_param(table: str, key: str, value: Any, default: Any) -> Any:
-    """A registered component's parameter, of its default's type and in its range.
+def _check_param(table: str, key: str, value: Any, default: Any, *, plugin: bool = False) -> Any:
+    """A component's parameter, of its default's type and in its range.
 
-    The losses check their own parameters (``min-count`` is a float with default 1);
-    a parameter without a default, or with None, takes any value.
+    The built-in losses check their own parameters (``min-count`` is a float with
+    default 1); a parameter without a default, or with None, takes any value.
     """
     where = f"{table}.{key} = {value!r}"
-    if table == "loss" or default is None or default is inspect.Parameter.empty:
+    if (table == "loss" and not plugin) or default is None or default is inspect.Parameter.empty:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -592,8 +665,11 @@ def _check_param(table: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def from_nested(nested: Mapping[str, Any]) -> Config:
-    """Validate a nested config (TOML tables) and build the :class:`Config`."""
+def from_nested(
+    nested: Mapping[str, Any], *, plugins: Mapping[str, Iterable[str]] | None = None
+) -> Config:
+    """Validate a nested config (TOML tables) and build the :class:`Config` (``plugins``:
+    as for :func:`load_config`)."""
     values: dict[str, Any] = {k: f.default for k, f in TOP_LEVEL.items()}
     for table, fields in FIXED_TABLES.items():
         values.update({f"{table}.{k}": f.default for k, f in fields.items()})
@@ -631,7 +707,7 @@ def from_nested(nested: Mapping[str, Any]) -> Config:
         own = {k: body.pop(k) for k in list(body) if k in own_fields}
         if table == "strategy":
             strategy_options.update(_check_fields("strategy.", own, own_fields))
-        components[table] = _build_component(table, body)
+        components[table] = _build_component(table, body, (plugins or {}).get(table, ()))
 
     config = Config(
         values=MappingProxyType(values),
@@ -660,16 +736,30 @@ def _check_component_params(config: Config) -> None:
             f"{config['momentum']!r}: FedNova normalises by the clients' momentum, which "
             "it takes from momentum; drop strategy.momentum"
         )
-    try:
-        losses.make_loss(
-            loss.name, [10] * 3, server_round=1, num_rounds=config["num-rounds"], **loss.kwargs()
-        )
+    try:  # a plug-in is built on real counts, with the data (fedimb.sim.prepare)
+        if not is_import_path(loss.name):
+            losses.make_loss(
+                loss.name,
+                [10] * 3,
+                server_round=1,
+                num_rounds=config["num-rounds"],
+                **loss.kwargs(),
+            )
     except (ValueError, TypeError, RegistryError) as exc:
         raise config.component_error("loss", exc) from exc
     try:
         built = strategies.make_strategy(strategy.name, **config.strategy_kwargs())
     except (ValueError, TypeError, RegistryError) as exc:
         raise config.component_error("strategy", exc) from exc
+    try:  # every checkpoint pickles it: fail now, not after the rounds before the first
+        if config["checkpoint-every"] > 0:
+            pickle.dumps(built)
+    except Exception as exc:
+        raise ConfigError(
+            f"[strategy] {strategy.name} cannot be pickled, which every checkpoint does "
+            f"({type(exc).__name__}: {exc}); keep its state in picklable attributes (no "
+            "lambdas, local functions, open files or locks)"
+        ) from exc
     _check_node_minimums(config, built)
 
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedimb.config import Config
+from fedimb.config import Config, declares
 from fedimb.data import datasets
 from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
-from fedimb.losses import COSINE_SCALE, initial_bias, list_losses
+from fedimb.losses import COSINE_SCALE, initial_bias
 from fedimb.models import build_model, class_head
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
@@ -182,17 +182,22 @@ def set_class_biases(model: nn.Module, num_classes: int, value: float) -> None:
 def model_kwargs(config: Config) -> dict[str, Any]:
     """The model's parameters; LDAM turns the cosine head on unless the config says otherwise."""
     kwargs = config.model.kwargs()
-    if config.loss.name in COSINE_HEAD_LOSSES and "cosine_head" not in kwargs:
+    if (
+        config.loss.name in COSINE_HEAD_LOSSES
+        and "cosine_head" not in kwargs
+        and declares("model", config.model.name, "cosine-head")
+    ):
         kwargs["cosine_head"] = True  # LDAM's margins assume cosine logits
     return kwargs
 
 
 def loss_kwargs(config: Config) -> dict[str, Any]:
-    """The loss's parameters; on a cosine head a built-in loss's logit scale ``s`` is
-    ``COSINE_SCALE`` unless the config sets it (cosine logits alone lie in [-1, 1])."""
+    """The loss's parameters; on a cosine head its logit scale ``s`` (a plug-in's too, if
+    it has one) is ``COSINE_SCALE`` unless the config sets it (cosine logits alone lie in
+    [-1, 1])."""
     kwargs = config.loss.kwargs()
     cosine = model_kwargs(config).get("cosine_head", False)
-    if cosine and kwargs.get("s") is None and config.loss.name in list_losses():
+    if cosine and kwargs.get("s") is None and declares("loss", config.loss.name, "s"):
         kwargs["s"] = COSINE_SCALE
     return kwargs
 

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import strategies
-from fedimb.client import carried_state, experiment_record, state_entries
+from fedimb.client import CLASS_COUNTS_KEY, carried_state, experiment_record, state_entries
 from fedimb.config import Config, lr_in_round
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
@@ -412,6 +412,7 @@ class GuardedGrid(Grid):
             metrics.setdefault("partition-id", self.partition_of.get(node))
             self._keep_state(reply, metrics["partition-id"])
             row = {"round": server_round, "node": node, **metrics}
+            row.pop(CLASS_COUNTS_KEY, None)  # static: partition.json holds them once
             if reason is None:
                 good.append(reply)
             else:

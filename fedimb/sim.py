@@ -30,9 +30,10 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedimb import batched
-from fedimb.config import FIXED_TABLES, Config, ConfigError, snake_to_kebab
+from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_kebab
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
+from fedimb.registry import is_import_path
 from fedimb.server import RoundHook, ServerStop, SimulationEnded, root_cause, run_server
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -101,6 +102,7 @@ def warn_about_settings(config: Config) -> None:
             inert[1],
             key,
         )
+    _warn_about_plugins(config)
     decays = config["lr-schedule.decay"] != 1
     drops = bool(config["lr-schedule.milestones"].strip())
     gamma_default = FIXED_TABLES["lr-schedule"]["gamma"].default
@@ -110,6 +112,34 @@ def warn_about_settings(config: Config) -> None:
         log.warning(  # it rescales the updates by its own constant lr
             "strategy 'qfedavg' keeps its client-learning-rate while [lr-schedule] changes "
             "the clients' lr"
+        )
+
+
+def _warn_about_plugins(config: Config) -> None:
+    """A plug-in model without a cosine head under LDAM, or a plug-in loss without a
+    logit scale on one: what a built-in would get, it cannot."""
+    from fedimb.federation import COSINE_HEAD_LOSSES, model_kwargs
+    from fedimb.losses import COSINE_SCALE
+
+    model, loss = config.model.name, config.loss.name
+    if (
+        loss in COSINE_HEAD_LOSSES
+        and "cosine-head" not in config.model.params
+        and not declares("model", model, "cosine-head")
+    ):
+        log.warning(
+            "loss %r turns model.cosine-head on, but model %r takes no cosine_head: LDAM's "
+            "margins act on its unnormalised logits",
+            loss,
+            model,
+        )
+    cosine = model_kwargs(config).get("cosine_head", False)
+    if cosine and "s" not in config.loss.params and not declares("loss", loss, "s"):
+        log.warning(
+            "loss %r takes no s: on a cosine head (model.cosine-head) its logits lie in "
+            "[-1, 1], where the built-in losses get s = %g; give its factory an s parameter",
+            loss,
+            COSINE_SCALE,
         )
 
 
@@ -163,7 +193,9 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **loss_kwargs(config),
         )
-    except (ValueError, TypeError) as exc:  # TypeError: a parameter a plug-in does not take
+    except Exception as exc:  # a plug-in's own error, whatever its type
+        if not isinstance(exc, ValueError | TypeError) and not is_import_path(config.loss.name):
+            raise
         raise config.component_error("loss", exc) from exc
     try:  # e.g. a drs-start after the last round
         epoch_indices(

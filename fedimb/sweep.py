@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedimb.config import DEFAULT_CONFIG
 from fedimb.progress import SweepProgress
 from fedimb.results import SUMMARY_FILE, atomic_write_json, atomic_write_text, read_json
 
@@ -172,7 +173,8 @@ def load_sweep(path: str | Path) -> Sweep:
     Parameters
     ----------
     path : str or Path
-        The sweep TOML file; its ``base`` is resolved relative to its folder.
+        The sweep TOML file; its ``base`` is resolved relative to its folder, else
+        among fedimb's own ``configs/`` (``base = "quickstart.toml"`` from anywhere).
 
     Returns
     -------
@@ -204,8 +206,14 @@ def load_sweep(path: str | Path) -> Sweep:
             f"sweep file {str(path)!r} needs 'base = \"<run config>.toml\"', got {base_raw!r}"
         )
     base = (path.parent / base_raw).resolve()
+    shipped = DEFAULT_CONFIG.parent / base_raw
+    if not base.is_file() and shipped.is_file():
+        base = shipped  # one of fedimb's configs by name, from a sweep file anywhere
     if not base.is_file():
-        raise ValueError(f"base config {base_raw!r} not found (looked at {str(base)!r})")
+        raise ValueError(
+            f"base config {base_raw!r} not found (looked at {str(base)!r} and among "
+            f"fedimb's configs in {str(shipped.parent)!r})"
+        )
 
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name.strip() or _UNSAFE.sub("_", name) != name:

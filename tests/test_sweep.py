@@ -157,6 +157,15 @@ def test_load_sweep_resolves_base_and_flattens_dotted_keys(tmp_path: Path) -> No
     assert sweep.grid == {"loss.name": ["ce", "focal"], "seed": [0]}
 
 
+def test_a_sweep_anywhere_may_name_one_of_fedimbs_configs_as_base(tmp_path: Path) -> None:
+    from fedimb.config import DEFAULT_CONFIG
+
+    (tmp_path / "s.toml").write_text('base = "quickstart.toml"\n[grid]\nseed = [0]\n')
+    assert load_sweep(tmp_path / "s.toml").base == DEFAULT_CONFIG
+    (tmp_path / "quickstart.toml").write_text("num-rounds = 3\n")  # a file beside wins
+    assert load_sweep(tmp_path / "s.toml").base == (tmp_path / "quickstart.toml").resolve()
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

@@ -10,6 +10,7 @@ from fedimb.data.datasets import (
     default_data_root,
     list_datasets,
     load_dataset,
+    make_dataset,
 )
 from fedimb.data.inspect import format_counts, plot_counts_heatmap, summarize_counts
 from fedimb.data.partition import (
@@ -44,6 +45,7 @@ __all__ = [
     "load_dataset",
     "long_tail",
     "long_tail_counts",
+    "make_dataset",
     "partition",
     "partition_params",
     "plot_counts_heatmap",

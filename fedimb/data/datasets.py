@@ -219,7 +219,7 @@ def _channel_stats(
     return tuple(flat.mean(dim=1).tolist()), tuple(std.tolist())
 
 
-def _make_dataset(
+def make_dataset(
     name: str,
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -228,6 +228,12 @@ def _make_dataset(
     classes: Sequence[str],
     max_value: float,
 ) -> Dataset:
+    """A :class:`Dataset` from its tensors, with the train split's channel statistics
+    (what a user's loader by import path returns: ``loader(root, cache_dir, **params)``).
+
+    ``x``: uint8 ``[N, C, H, W]`` images (``max_value`` 255) or float ``[N, D]`` features
+    (``max_value`` 1); ``y``: labels in ``[0, len(classes))``.
+    """
     mean, std = _channel_stats(x_train, max_value)
     return Dataset(
         name=name,
@@ -377,7 +383,7 @@ def _load_digits(
     train_mask[test_idx] = False
     train_idx = np.flatnonzero(train_mask)
     yt = torch.from_numpy(y)
-    return _make_dataset(
+    return make_dataset(
         "digits",
         x[train_idx],
         yt[train_idx],
@@ -432,7 +438,7 @@ def _load_synthetic(
 
     x_tr, y_tr = draw(samples_per_class)
     x_te, y_te = draw(test_per_class)
-    return _make_dataset(
+    return make_dataset(
         "synthetic", x_tr, y_tr, x_te, y_te, [f"class{c}" for c in range(num_classes)], 1.0
     )
 
@@ -495,7 +501,7 @@ def _load_torchvision(name: str, root: Path | None, cache_dir: Path) -> Dataset:
         test = _torchvision_split(name, root, train=False)
         x_tr, y_tr = _torchvision_tensors(name, train)
         x_te, y_te = _torchvision_tensors(name, test)
-        return _make_dataset(name, x_tr, y_tr, x_te, y_te, list(train.classes), 255.0)
+        return make_dataset(name, x_tr, y_tr, x_te, y_te, list(train.classes), 255.0)
 
     return _cached(cache_dir, name, root, {}, fingerprint, build)
 
@@ -616,7 +622,11 @@ def _stack_images(files: list[tuple[Path, int, int, int]], mode: str) -> torch.T
             raise ValueError(
                 f"imagefolder: all images must have one size; {path} is {tuple(img.shape)} "
                 f"(C,H,W) but {paths[0]} is {tuple(ref)}"
-                + ("; pass mode='rgb' or mode='gray' to unify channels" if mode == "auto" else "")
+                + (
+                    "; resize them to one size first"
+                    if img.shape[1:] != ref[1:]
+                    else "; convert them to one colour mode (all RGB or all grayscale) first"
+                )
             )
     return torch.stack(images)
 
@@ -664,6 +674,6 @@ def _load_imagefolder(root: Path | None, cache_dir: Path, *, mode: str = "auto")
             )
         y_tr = torch.tensor([f[1] for f in train_files], dtype=torch.int64)
         y_te = torch.tensor([f[1] for f in test_files], dtype=torch.int64)
-        return _make_dataset("imagefolder", x_tr, y_tr, x_te, y_te, classes, 255.0)
+        return make_dataset("imagefolder", x_tr, y_tr, x_te, y_te, classes, 255.0)
 
     return _cached(cache_dir, "imagefolder", root, {"mode": mode}, fingerprint, build)

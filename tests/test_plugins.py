@@ -1,0 +1,163 @@
+"""Plug-ins by import path: their parameters are config keys like a built-in's."""
+
+import logging
+import re
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+from fedimb.cli import sweep_plugins
+from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config
+from fedimb.federation import loss_kwargs, model_kwargs
+from fedimb.sim import prepare, warn_about_settings
+from fedimb.sweep import Sweep
+from strategies.stock import FedAvg
+
+HERE = __name__
+
+
+def smoothed_ce(class_counts, *, server_round=1, num_rounds=1, smoothing=0.1, tempered=False):
+    return lambda z, y: nn.functional.cross_entropy(z, y, label_smoothing=smoothing)
+
+
+def scaled_ce(class_counts, *, server_round=1, num_rounds=1, s=1.0):
+    return lambda z, y: nn.functional.cross_entropy(s * z, y)
+
+
+def open_ended(class_counts, **params):
+    return lambda z, y: nn.functional.cross_entropy(z, y)
+
+
+def last_class_weighted(class_counts, *, server_round=1, num_rounds=1, cls=9):
+    weight = torch.ones(len(class_counts))
+    weight[cls] = 2.0  # an IndexError on fewer classes than the data has
+    return lambda z, y: nn.functional.cross_entropy(z, y, weight=weight)
+
+
+def small_net(input_shape, num_classes, *, width=8):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+class LambdaFedAvg(FedAvg):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = lambda x: x  # cannot be pickled
+
+
+class CountingFedAvg(FedAvg):
+    """Keeps each client's class counts, as a class-aware strategy would read them."""
+
+    seen: ClassVar[dict[int, list[int]]] = {}
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for reply in replies:
+            metrics = reply.content["metrics"]
+            CountingFedAvg.seen[int(metrics["partition-id"])] = list(metrics["class-counts"])
+        return super().aggregate_train(server_round, replies)
+
+
+def config(**overrides):
+    """``loss__name=x`` -> ``loss.name = x``; ``model__cosine_head`` -> ``model.cosine-head``."""
+    return load_config(
+        None, {k.replace("__", ".").replace("_", "-"): v for k, v in overrides.items()}
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"loss.smoothnig": 0.2},
+            "unknown config key 'loss.smoothnig' (did you mean 'smoothing'?); "
+            f"loss '{HERE}:smoothed_ce' accepts: smoothing, tempered",
+        ),
+        ({"loss.tempered": "false"}, "loss.tempered = 'false': expected true or false"),
+        ({"loss.smoothing": "0.2"}, "loss.smoothing = '0.2': expected a number"),
+    ],
+)
+def test_a_plugins_parameters_are_checked_like_a_builtins(overrides, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config(None, {"loss.name": f"{HERE}:smoothed_ce", **overrides})
+    model = {"model.name": f"{HERE}:small_net", "model.width": "8"}
+    with pytest.raises(ConfigError, match=r"model\.width = '8': expected a number"):
+        load_config(None, model)
+
+
+def test_a_plugin_takes_its_own_keys_of_a_shared_table_and_ignores_the_builtins():
+    shared = {"loss.name": f"{HERE}:smoothed_ce", "loss.smoothing": 0.3, "loss.gamma": 2.0}
+    loss = load_config(None, shared).loss
+    assert loss.kwargs() == {"smoothing": 0.3}
+    assert loss.ignored == {"gamma"}  # focal's: named in a warning
+    # **kwargs: it receives every key and checks them itself.
+    loss = load_config(None, {**shared, "loss.name": f"{HERE}:open_ended"}).loss
+    assert loss.kwargs() == {"smoothing": 0.3, "gamma": 2.0}
+
+
+def test_a_sweeps_shared_table_may_carry_its_plugins_keys_for_the_other_cells():
+    plugin = f"{HERE}:smoothed_ce"
+    sweep = Sweep(
+        base=DEFAULT_CONFIG,
+        name="mix",
+        fixed={"loss.smoothing": 0.3},
+        grid={"loss.name": ["ce", plugin]},
+    )
+    plugins = sweep_plugins(sweep)
+    assert plugins == {"loss": [plugin]}
+    ce = load_config(None, {"loss.name": "ce", "loss.smoothing": 0.3}, plugins=plugins)
+    assert ce.loss.ignored == {"smoothing"} and "loss.smoothing" not in ce.to_flat()
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss\.smoothing'"):
+        load_config(None, {"loss.name": "ce", "loss.smoothing": 0.3})  # a typo elsewhere
+
+
+def test_a_plugin_loss_is_built_on_the_datas_counts_and_its_errors_are_one_line():
+    # Built on 10 digit classes it works; on fewer, its own IndexError is one line.
+    prepare(config(loss__name=f"{HERE}:last_class_weighted", engine="inprocess"))
+    bad = config(loss__name=f"{HERE}:last_class_weighted", loss__cls=12, engine="inprocess")
+    with pytest.raises(ConfigError, match=r"^\[loss\] .*last_class_weighted: IndexError: "):
+        prepare(bad)
+
+
+def test_a_cosine_head_scales_a_plugins_logits_when_it_takes_s(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedimb.sim"):
+        scaled = config(loss__name=f"{HERE}:scaled_ce", model__cosine_head=True)
+        assert loss_kwargs(scaled) == {"s": 30.0}
+        warn_about_settings(scaled)
+        assert "takes no s" not in caplog.text
+        unscaled = config(loss__name=f"{HERE}:smoothed_ce", model__cosine_head=True)
+        assert "s" not in loss_kwargs(unscaled)
+        warn_about_settings(unscaled)
+    assert "takes no s: on a cosine head" in caplog.text
+
+
+def test_ldam_turns_on_only_a_cosine_head_the_model_has(caplog):
+    headless = config(loss__name="ldam", model__name=f"{HERE}:small_net")
+    assert "cosine_head" not in model_kwargs(headless)  # it would be a TypeError
+    assert model_kwargs(config(loss__name="ldam"))["cosine_head"] is True
+    with caplog.at_level(logging.WARNING, logger="fedimb.sim"):
+        warn_about_settings(headless)
+    assert "takes no cosine_head" in caplog.text
+
+
+def test_a_strategy_that_cannot_be_pickled_fails_before_the_run():
+    name = f"{HERE}:LambdaFedAvg"
+    with pytest.raises(ConfigError, match="cannot be pickled, which every checkpoint does"):
+        load_config(None, {"strategy.name": name})
+    assert load_config(None, {"strategy.name": name, "checkpoint-every": 0})  # no checkpoints
+
+
+@pytest.mark.slow
+def test_a_strategy_reads_each_clients_class_counts_from_its_reply(tmp_path):
+    from fedimb.results import read_json, read_jsonl
+    from fedimb.sim import run_experiment
+
+    CountingFedAvg.seen.clear()
+    run = config(
+        strategy__name=f"{HERE}:CountingFedAvg", engine="inprocess", num_rounds=1, num_clients=6
+    )
+    run_experiment(run, tmp_path, progress=False)
+    counts = read_json(tmp_path / "partition.json")["counts"]
+    assert CountingFedAvg.seen == dict(enumerate(counts))
+    assert all("class-counts" not in row for row in read_jsonl(tmp_path / "clients.jsonl"))
