@@ -183,22 +183,31 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
     return longer
 
 
-def check_runs_on(run_dir: Path, config: Config, longer: Config) -> None:
+def check_runs_on(
+    run_dir: Path, config: Config, longer: Config, *, start_over: bool = False
+) -> None:
     """Refuse to continue the run in ``run_dir`` (``config``) to ``longer``'s num-rounds
-    where it cannot: no checkpoint, or more rounds done than asked for. Warn when a
-    schedule counts in fractions of num-rounds, since its rounds move."""
-    from fedimb.results import CHECKPOINT_FILE
+    where it cannot: fewer rounds than it has run, or (unless ``start_over``, a sweep's
+    cell that then runs again from round 0, said in a warning) no checkpoint. Warn when
+    a schedule counts in fractions of num-rounds, since its rounds move."""
+    from fedimb.results import CHECKPOINT_FILE, SUMMARY_FILE, read_json
     from fedimb.server import checkpoint_round
 
     rounds = f"num-rounds {config['num-rounds']} -> {longer['num-rounds']}"
     checkpoint = run_dir / CHECKPOINT_FILE
-    if not checkpoint.is_file():
-        raise ConfigError(f"{run_dir}: {rounds}: no checkpoint there to continue from")
-    done = checkpoint_round(checkpoint)
+    if checkpoint.is_file():
+        done = checkpoint_round(checkpoint)
+    else:
+        done = int((read_json(run_dir / SUMMARY_FILE) or {}).get("rounds_completed") or 0)
     if longer["num-rounds"] < done:
         raise ConfigError(
             f"{run_dir}: {rounds}: the run has reached round {done}; give at least that many"
         )
+    if not checkpoint.is_file():
+        if not start_over:
+            raise ConfigError(f"{run_dir}: {rounds}: no checkpoint there to continue from")
+        log.warning("%s: %s: no checkpoint to continue from: it runs again", run_dir, rounds)
+        return
     moved = round_fractions(config)
     if moved:
         log.warning(
@@ -272,12 +281,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     f"{cell_dir} holds a run of another config ({changed}); sweep into "
                     "another --out, or delete that folder to run the cell again"
                 )
-            # More rounds: the cell runs on from its checkpoint (without one, it starts over).
-            if (
-                began["num-rounds"] != config["num-rounds"]
-                and (cell_dir / CHECKPOINT_FILE).is_file()
-            ):
-                check_runs_on(cell_dir, began, config)
+            if began["num-rounds"] != config["num-rounds"]:  # runs on from its checkpoint
+                check_runs_on(cell_dir, began, config, start_over=True)
 
     def is_done(overrides: dict[str, Any], cell_dir: Path) -> bool:
         summary = read_json(cell_dir / SUMMARY_FILE) or {}
@@ -335,9 +340,10 @@ def _grid_keys_no_cell_takes(sweep: Any) -> list[str]:
     from fedimb.sweep import expand
 
     taken: set[str] = set()
+    plugins = sweep_plugins(sweep)
     for cell in expand(sweep):
         try:
-            config = load_config(sweep.base, cell.overrides, plugins=sweep_plugins(sweep))
+            config = load_config(sweep.base, cell.overrides, plugins=plugins)
         except ConfigError:
             return []  # the cells' own validation names what is wrong
         ignored = {f"{t}.{k}" for t, c in config.components.items() for k in c.ignored}
@@ -431,13 +437,14 @@ def _list_notes(table: str) -> list[str]:
         return [
             f"also strategy.min-train-clients = {least}: sets min-train-nodes and "
             "min-available-nodes",
-            "fednova's momentum is the clients' (the run's momentum), not a setting of its own",
+            "fednova normalises by the clients' momentum: the run's momentum, not a setting",
         ]
     return []
 
 
 def component_parameters(table: str) -> str:
     """Each registered component of ``table`` with its parameters, as config keys."""
+    import strategies
     from fedimb.config import component_catalog, snake_to_kebab
     from strategies import REQUIRED
 
@@ -452,6 +459,9 @@ def component_parameters(table: str) -> str:
 
     names, defaults_of = component_catalog(table)
     params = {name: defaults_of(name) for name in names}
+    if table == "strategy":  # FedNova's is the run's momentum, not a setting (a note says)
+        for name in filter(strategies.follows_client_momentum, names):
+            params[name].pop("momentum", None)
     shared = {
         k: v
         for k, v in params[names[0]].items()

@@ -532,17 +532,20 @@ def sampling_defaults(name: str) -> dict[str, Any]:
     return {"drs_start": 0.8} if name == "drs" else {}
 
 
-def callable_params(obj: Any) -> tuple[dict[str, Any], bool]:
-    """Defaults of a factory's keyword parameters, and whether it takes ``**kwargs``."""
-    sig = inspect.signature(obj)
-    params = {
-        n: (None if p.default is inspect.Parameter.empty else p.default)
-        for n, p in sig.parameters.items()
+def callable_params(obj: Any, skip: int = 0) -> tuple[dict[str, Any], bool]:
+    """Defaults of a factory's keyword parameters after its first ``skip`` (``REQUIRED``
+    where it has none), and whether it takes ``**kwargs``."""
+    params = list(inspect.signature(obj).parameters.values())
+    defaults = {
+        p.name: p.default
+        for p in params[skip:]
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    return params, var_kw
+    return defaults, any(p.kind is p.VAR_KEYWORD for p in params)
 
+
+#: Marks a parameter without a default.
+REQUIRED = inspect.Parameter.empty
 
 # What fedimb itself passes to a plug-in of each table, not config keys: how many leading
 # positional arguments (the counts, the data shape, the labels ...) and which keywords.
@@ -554,47 +557,47 @@ _SUPPLIED: dict[str, tuple[int, frozenset[str]]] = {
 }
 
 
-@functools.cache  # called per client and round (fedimb.federation.loss_kwargs)
+@functools.cache  # a plug-in's signature does not change within a process
 def plugin_params(table: str, name: str) -> tuple[dict[str, Any], bool]:
-    """A plug-in's config parameters (kebab-case) with their defaults (None: required),
+    """A plug-in's config parameters (kebab-case) with their defaults (``REQUIRED``: none),
     and whether it takes ``**kwargs`` (then it receives every key of its table and checks
-    them itself, as a strategy does: Flower's strategies forward ``**kwargs``)."""
+    them itself). A strategy's follow ``**kwargs`` up to the Flower class it extends."""
+    if table == "strategy":
+        import strategies
+
+        params, open_ended = strategies.strategy_signature(name)
+        return {snake_to_kebab(k): v for k, v in params.items()}, open_ended
     obj = import_object(name)
-    if table not in _SUPPLIED:
-        return {}, True
     skip, supplied = _SUPPLIED[table]
     try:
-        sig = inspect.signature(obj)
+        params, var_kw = callable_params(obj, skip)
     except (TypeError, ValueError):  # not introspectable: it checks its own
         return {}, True
-    params = list(sig.parameters.values())
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-    return {
-        snake_to_kebab(p.name): None if p.default is p.empty else p.default
-        for p in params[skip:]
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in supplied
-    }, var_kw
+    return {snake_to_kebab(k): v for k, v in params.items() if k not in supplied}, var_kw
 
 
+@functools.cache  # called per client and round (fedimb.federation.loss_kwargs)
 def declares(table: str, name: str, key: str) -> bool:
-    """Whether component ``name`` of ``table`` names parameter ``key`` (kebab-case): every
+    """Whether component ``name`` of ``table`` takes parameter ``key`` (kebab-case): every
     built-in model takes ``cosine-head`` and every built-in loss ``s``; a plug-in, if its
-    signature says so (``**kwargs`` alone does not)."""
+    signature names it or has ``**kwargs``."""
     if not is_import_path(name):
         return key in {snake_to_kebab(k) for k in component_catalog(table)[1](name)}
     try:
-        return key in plugin_params(table, name)[0]
+        params, var_kw = plugin_params(table, name)
     except RegistryError:
         return False
+    return var_kw or key in params
 
 
-def _declared(table: str, name: str) -> set[str]:
-    """A plug-in's declared parameters; none for a path that does not import (its own
-    run says so)."""
+def _declared(table: str, name: str) -> set[str] | None:
+    """A plug-in's declared parameters (None: ``**kwargs``, any key); none for a path that
+    does not import (its own run says so)."""
     try:
-        return set(plugin_params(table, name)[0])
+        params, var_kw = plugin_params(table, name)
     except RegistryError:
         return set()
+    return None if var_kw else set(params)
 
 
 def _build_component(table: str, body: Mapping[str, Any], plugins: Iterable[str] = ()) -> Component:
@@ -605,7 +608,9 @@ def _build_component(table: str, body: Mapping[str, Any], plugins: Iterable[str]
     names, defaults_of = component_catalog(table)
     others = [p for p in plugins if p != name]
     anyone = set().union(*({snake_to_kebab(k) for k in defaults_of(n)} for n in names))
-    anyone |= set().union(*(_declared(table, p) for p in others))
+    declared = [_declared(table, p) for p in others]
+    anything = None in declared  # a plug-in with **kwargs: another cell's key may be its
+    anyone |= set().union(*(d for d in declared if d is not None))
     if is_import_path(name):
         try:  # import it now, so that a bad path fails before anything runs
             defaults, var_kw = plugin_params(table, name)
@@ -623,11 +628,16 @@ def _build_component(table: str, body: Mapping[str, Any], plugins: Iterable[str]
             f"valid: {', '.join(names)}, or an import path 'package.module:attribute'"
         )
     for key in body:
-        if key not in defaults and key not in anyone:
+        if key not in defaults and key not in anyone and not anything:
             raise ConfigError(
                 f"unknown config key '{table}.{key}'{_did_you_mean(key, set(defaults) | anyone)}; "
                 f"{table} {name!r} accepts: {', '.join(sorted(defaults)) or '(no parameters)'}"
             )
+    missing = [k for k, v in defaults.items() if v is REQUIRED and k not in body]
+    if missing and plugin and table != "strategy":  # a strategy names its own
+        raise ConfigError(
+            f"{table}.{missing[0]} is required: {table} {name!r} has no default for it"
+        )
     checked = {
         k: _check_param(table, k, v, defaults[k], plugin=plugin)
         for k, v in body.items()
@@ -651,7 +661,8 @@ def _check_param(table: str, key: str, value: Any, default: Any, *, plugin: bool
     elif isinstance(default, int | float):
         whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number")
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise ConfigError(f"{where}: expected {kind}")
         if isinstance(default, int):
             if not whole:
                 raise ConfigError(f"{where}: expected an integer")

@@ -24,6 +24,7 @@ from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
 from fedimb.losses import COSINE_SCALE, initial_bias
 from fedimb.models import build_model, class_head
+from fedimb.registry import is_import_path
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
 COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
@@ -132,9 +133,15 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
             seeded_rng(seed, 2),
             **kwargs,
         )
-    except ValueError as exc:
-        # Name the config keys (kebab-case), the split and the data it was asked of.
-        text = config.partition.in_config_words("partition", str(exc))
+    except Exception as exc:
+        if not isinstance(exc, ValueError | TypeError) and not is_import_path(
+            config.partition.name
+        ):
+            raise
+        # Name the config keys (kebab-case), the split and the data it was asked of (and
+        # the type of a plug-in's own error).
+        what = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        text = config.partition.in_config_words("partition", what)
         raise ValueError(
             f"[partition] {config.partition.name} of {config['dataset']} ({len(keep)} samples, "
             f"{data.num_classes} classes) among {config['num-clients']} clients: {text}"

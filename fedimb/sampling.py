@@ -129,6 +129,7 @@ def epoch_indices(
     server_round: int = 1,
     num_rounds: int = 1,
     drs_start: int | float | None = None,
+    **params: Any,
 ) -> np.ndarray:
     """The order of one local epoch, as int64 indices into the client's samples.
 
@@ -144,6 +145,8 @@ def epoch_indices(
         1-based current round and total rounds (for ``drs``).
     drs_start : int, float or None
         ``drs`` only: switch round or fraction of ``num_rounds`` (None = 0.8).
+    **params
+        A user sampler's own keyword parameters (the built-in ones take none).
 
     Raises
     ------
@@ -169,9 +172,11 @@ def epoch_indices(
     if name not in _SAMPLERS:
         return _check_user_indices(
             name,
-            sampler(labels, rng, server_round=server_round, num_rounds=num_rounds),
+            sampler(labels, rng, server_round=server_round, num_rounds=num_rounds, **params),
             len(labels),
         )
+    if params:
+        raise ValueError(f"sampler {name!r} takes no parameter(s) {sorted(params)}")
     if labels.size == 0:
         return np.zeros(0, dtype=np.int64)
     return sampler(labels, rng).astype(np.int64, copy=False)

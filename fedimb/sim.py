@@ -181,11 +181,9 @@ def prepare(config: Config) -> None:
     if config["precision"] != "fp32" and fed.device.type != "cuda":
         log.warning("precision = %r applies on CUDA only: this run is fp32", config["precision"])
 
-    try:  # a model that does not fit the data (a CNN on vectors)
+    with _component_errors(config, "model"):  # a model that does not fit the data
         model_for(config, fed)
-    except ValueError as exc:
-        raise config.component_error("model", exc) from exc
-    try:  # a user's loss, or a parameter that only fails on the real counts
+    with _component_errors(config, "loss"):  # a parameter that fails on the real counts
         make_loss(
             config.loss.name,
             fed.counts[0],
@@ -193,11 +191,7 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **loss_kwargs(config),
         )
-    except Exception as exc:  # a plug-in's own error, whatever its type
-        if not isinstance(exc, ValueError | TypeError) and not is_import_path(config.loss.name):
-            raise
-        raise config.component_error("loss", exc) from exc
-    try:  # e.g. a drs-start after the last round
+    with _component_errors(config, "sampling"):  # e.g. a drs-start after the last round
         epoch_indices(
             config.sampling.name,
             np.repeat(np.arange(fed.num_classes), fed.counts[0]),
@@ -206,8 +200,22 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **config.sampling.kwargs(),
         )
-    except (ValueError, TypeError) as exc:
-        raise config.component_error("sampling", exc) from exc
+
+
+@contextlib.contextmanager
+def _component_errors(config: Config, table: str) -> Iterator[None]:
+    """A component's ValueError or TypeError (a plug-in's error of any type: the user's
+    own code) as one line naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        if not isinstance(exc, ValueError | TypeError) and not is_import_path(
+            config.components[table].name
+        ):
+            raise
+        raise config.component_error(table, exc) from exc
 
 
 def check_same_defaults(out_dir: str | Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,8 +104,10 @@ def make_plan(
     server_round: int = 1,
     num_rounds: int = 1,
     drs_start: float | int | None = None,
+    **sampler_params: Any,
 ) -> ClientPlan:
-    """Draw a client's batches (and augmentation) for one round of local training."""
+    """Draw a client's batches (and augmentation) for one round of local training
+    (``sampler_params``: a user sampler's own parameters)."""
     batches: list[np.ndarray] = []
     for _ in range(settings.epochs):
         order = epoch_indices(
@@ -114,6 +117,7 @@ def make_plan(
             server_round=server_round,
             num_rounds=num_rounds,
             drs_start=drs_start,
+            **sampler_params,
         )
         batches += [
             order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)

@@ -12,6 +12,7 @@ from strategies.registry import (
     make_strategy,
     resolve_strategy,
     strategy_params,
+    strategy_signature,
     trains_as_fedavg,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "make_strategy",
     "resolve_strategy",
     "strategy_params",
+    "strategy_signature",
     "trains_as_fedavg",
 ]

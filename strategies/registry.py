@@ -150,13 +150,19 @@ def strategy_params(name: str) -> dict[str, Any]:
         tool's defaults applied; ``REQUIRED`` for a parameter without one). The metric
         aggregation callables are wired internally and not listed.
     """
-    params, _ = _constructor_params(resolve_strategy(name))
-    out = {}
-    for key, param in params.items():
-        if key in _INTERNAL:
-            continue
-        out[key] = _TOOL_DEFAULTS.get(key, param.default)
-    return out
+    return strategy_signature(name)[0]
+
+
+def strategy_signature(name: str) -> tuple[dict[str, Any], bool]:
+    """:func:`strategy_params`, and whether the class takes any keyword (a ``**kwargs``
+    that reaches no explicit signature)."""
+    params, open_ended = _constructor_params(resolve_strategy(name))
+    defaults = {
+        key: _TOOL_DEFAULTS.get(key, param.default)
+        for key, param in params.items()
+        if key not in _INTERNAL
+    }
+    return defaults, open_ended
 
 
 def _normalise_keys(params: dict[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def test_a_sweep_given_more_rounds_runs_its_cells_on(tmp_path, capsys, caplog):
 
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 0
+    first = {d.name: (d / "metrics.jsonl").read_text() for d in out.iterdir() if d.is_dir()}
     assert main(["sweep", str(sweep_file(3)), "--out", str(fresh), "-q"]) == 0
     with caplog.at_level("WARNING"):
         assert main(["sweep", str(sweep_file(3)), "--out", str(out), "-q"]) == 0
@@ -82,6 +83,8 @@ def test_a_sweep_given_more_rounds_runs_its_cells_on(tmp_path, capsys, caplog):
     ce = next(name for name in grown if "ce" in name and "ldam" not in name)
     assert grown[ce] == pytest.approx(uninterrupted[ce], abs=1e-9)
     assert read_json(out / ce / "summary.json")["rounds_completed"] == 3
+    for name, rows in first.items():  # rounds 0-2 kept as they were (elapsed_s too): not rerun
+        assert (out / name / "metrics.jsonl").read_text().startswith(rows)
     # LDAM-DRW's switch is a fraction of num-rounds: said once, naming its cell.
     moved = [r.getMessage() for r in caplog.records if "drw-start" in r.getMessage()]
     assert len(moved) == 1 and moved[0].startswith("loss.name=ldam-drw")
@@ -92,6 +95,30 @@ def test_a_sweep_given_more_rounds_runs_its_cells_on(tmp_path, capsys, caplog):
     assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 2
     assert "has reached round 3; give at least that many" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_sweep_without_checkpoints_runs_a_cell_again_for_more_rounds(tmp_path, caplog, capsys):
+    def sweep_file(rounds: int) -> Path:
+        path = tmp_path / f"s{rounds}.toml"
+        path.write_text(
+            f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n[set]\nengine = "inprocess"\n'
+            f"num-clients = 4\ncheckpoint-every = 0\nnum-rounds = {rounds}\n[grid]\nseed = [0]\n"
+        )
+        return path
+
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep_file(3)), "--out", str(out), "-q"]) == 0
+    assert not list(out.rglob("checkpoint.pt"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 2  # not "done"
+    assert "has reached round 3" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with caplog.at_level("WARNING"):
+        assert main(["sweep", str(sweep_file(4)), "--out", str(out), "-q"]) == 0
+    assert "num-rounds 3 -> 4: no checkpoint to continue from: it runs again" in caplog.text
+    rows = read_jsonl(out / "seed=0" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
 
 
 def test_bad_sweep_cell_fails_before_anything_runs(tmp_path, capsys):

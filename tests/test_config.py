@@ -110,9 +110,9 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         # Component parameters: the type of their default, and the range of the known ones.
         ({"model.cosine-head": "False"}, "model.cosine-head = 'False': expected true or false"),
         ({"loss.name": "class-balanced", "loss.prior-init": 1}, "prior-init must be true or false"),
-        ({"model.hidden": "abc"}, "model.hidden = 'abc': expected a number"),
+        ({"model.hidden": "abc"}, "model.hidden = 'abc': expected an integer"),
         ({"model.hidden": 64.5}, "model.hidden = 64.5: expected an integer"),
-        ({"model.hidden": True}, "expected a number"),
+        ({"model.hidden": True}, "expected an integer"),
         ({"model.name": "cnn", "model.hidden": 0}, "model.hidden = 0: must be an integer >= 1"),
         ({"partition.name": "dirichlet", "partition.alpha": "x"}, "expected a number"),
         ({"strategy.fraction-evaluate": "abc"}, "strategy.fraction-evaluate = 'abc'"),

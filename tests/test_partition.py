@@ -202,21 +202,26 @@ def test_dirichlet_alpha_controls_skew():
     assert mean_classes_held(0.05) < 4 < 9 < mean_classes_held(1000.0)
 
 
-@pytest.mark.parametrize("alpha", [0.1, 0.5])
-def test_dirichlet_deals_no_class_to_a_client_holding_its_share(alpha):
+@pytest.mark.parametrize(
+    ("alpha", "num_clients", "per_class"), [(0.1, 20, 500), (0.5, 20, 500), (1e-3, 10, 100)]
+)
+def test_dirichlet_deals_no_class_to_a_client_holding_its_share(alpha, num_clients, per_class):
     # NIID-Bench's rule, checked on the result: classes are dealt in label order, and a
     # client that got some of class k held fewer than N / num_clients samples before it.
-    labels = balanced_labels(num_classes=10, per_class=500)
-    share = labels.size / 20
+    # (alpha 1e-3: most draws put all of a class's mass on one client, often a full one.)
+    labels = balanced_labels(num_classes=10, per_class=per_class)
+    share = labels.size / num_clients
 
-    def dealt_beyond_share(balance: bool) -> int:
-        parts = dirichlet(labels, 20, alpha, np.random.default_rng(0), balance=balance)
+    def dealt_beyond_share(balance: bool, seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        parts = dirichlet(labels, num_clients, alpha, rng, min_size=1, balance=balance)
         counts = class_counts(labels, parts, 10)
         held_before = np.cumsum(counts, axis=1) - counts
         return int(((counts > 0) & (held_before >= share)).sum())
 
-    assert dealt_beyond_share(balance=True) == 0
-    assert dealt_beyond_share(balance=False) > 0  # the check can fail
+    assert [dealt_beyond_share(True, seed) for seed in range(20)] == [0] * 20
+    if alpha >= 0.1:  # without the cap, alpha 1e-3 leaves some client empty: no split
+        assert sum(dealt_beyond_share(False, seed) for seed in range(5)) > 0  # it can fail
 
 
 def test_dirichlet_gives_up_with_clear_error():

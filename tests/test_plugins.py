@@ -4,6 +4,7 @@ import logging
 import re
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -38,6 +39,14 @@ def last_class_weighted(class_counts, *, server_round=1, num_rounds=1, cls=9):
 
 def small_net(input_shape, num_classes, *, width=8):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def needs_width(input_shape, num_classes, *, width):
+    return small_net(input_shape, num_classes, width=width)
+
+
+def repeated(labels, rng, *, server_round, num_rounds, times=1):
+    return np.tile(rng.permutation(len(labels)), times)
 
 
 class LambdaFedAvg(FedAvg):
@@ -82,7 +91,7 @@ def test_a_plugins_parameters_are_checked_like_a_builtins(overrides, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         load_config(None, {"loss.name": f"{HERE}:smoothed_ce", **overrides})
     model = {"model.name": f"{HERE}:small_net", "model.width": "8"}
-    with pytest.raises(ConfigError, match=r"model\.width = '8': expected a number"):
+    with pytest.raises(ConfigError, match=r"model\.width = '8': expected an integer"):
         load_config(None, model)
 
 
@@ -161,3 +170,43 @@ def test_a_strategy_reads_each_clients_class_counts_from_its_reply(tmp_path):
     counts = read_json(tmp_path / "partition.json")["counts"]
     assert CountingFedAvg.seen == dict(enumerate(counts))
     assert all("class-counts" not in row for row in read_jsonl(tmp_path / "clients.jsonl"))
+
+
+def test_a_plugin_sampler_gets_its_parameters():
+    from fedimb.train import TrainSettings, make_plan
+
+    name = f"{HERE}:repeated"
+    run = config(sampling__name=name, sampling__times=3, engine="inprocess")
+    prepare(run)  # builds client 0's epoch with the parameter
+    labels = np.arange(40) % 2
+    plan = make_plan(
+        labels,
+        TrainSettings(batch_size=8),
+        np.random.default_rng(0),
+        sampler=name,
+        **run.sampling.kwargs(),
+    )
+    assert plan.num_steps == 15  # 3 x 40 samples in batches of 8
+
+
+def test_a_plugins_required_parameter_must_be_set():
+    name = f"{HERE}:needs_width"
+    with pytest.raises(ConfigError, match=r"model\.width is required: model .* has no default"):
+        load_config(None, {"model.name": name})
+    assert load_config(None, {"model.name": name, "model.width": 4}).model.kwargs() == {"width": 4}
+
+
+def test_a_plugin_strategys_parameters_are_its_classs_and_its_bases():
+    name = "strategies.example_custom:ServerLRFedAvg"
+    with pytest.raises(ConfigError, match=r"strategy\.server-lr = '0\.5': expected a number"):
+        load_config(None, {"strategy.name": name, "strategy.server-lr": "0.5"})
+    taken = load_config(None, {"strategy.name": name, "strategy.fraction-evaluate": 0.5})
+    assert taken.strategy.kwargs() == {"fraction_evaluate": 0.5}  # FedAvg's, by **kwargs
+    fedprox_key = load_config(None, {"strategy.name": name, "strategy.proximal-mu": 0.1})
+    assert fedprox_key.strategy.ignored == {"proximal-mu"}  # another strategy's: a warning
+
+
+def test_a_plugin_with_kwargs_lets_the_other_cells_carry_any_key():
+    plugins = {"loss": [f"{HERE}:open_ended"]}
+    ce = load_config(None, {"loss.name": "ce", "loss.anything": 1}, plugins=plugins)
+    assert ce.loss.ignored == {"anything"}

@@ -274,11 +274,11 @@ def dirichlet(
         pieces: list[list[np.ndarray]] = [[np.empty(0, np.int64)] for _ in range(num_clients)]
         held = np.zeros(num_clients, np.int64)
         for idx in by_class:
-            props = rng.dirichlet(np.full(num_clients, float(alpha)))
-            if balance:  # some client is below its share: the others hold less than N
-                props = props * (held < share)
-                props /= props.sum()
-            cuts = (np.cumsum(props)[:-1] * idx.size).astype(np.int64)
+            props = _class_shares(
+                rng, alpha, num_clients, held < share if balance else None, max_tries
+            )
+            # Rounded, not truncated: a client with no share gets exactly no sample.
+            cuts = np.rint(np.cumsum(props)[:-1] * idx.size).astype(np.int64)
             for client, chunk in enumerate(np.split(rng.permutation(idx), cuts)):
                 pieces[client].append(chunk)
                 held[client] += chunk.size
@@ -289,6 +289,29 @@ def dirichlet(
         f"dirichlet: no split with every client holding >= min_size={min_size} samples "
         f"after max_tries={max_tries} draws (alpha={alpha}, {num_clients} clients, "
         f"{labels.size} samples); raise alpha, lower min_size or num_clients"
+    )
+
+
+def _class_shares(
+    rng: np.random.Generator,
+    alpha: float,
+    num_clients: int,
+    open_: np.ndarray | None,
+    max_tries: int,
+) -> np.ndarray:
+    """One class's client proportions from ``Dir(alpha)``; with ``open_`` (a bool per
+    client), only those clients share it. Some client is always open (the others hold
+    less than N), but a tiny ``alpha`` can put all the mass on closed ones: draw again."""
+    for _ in range(max_tries):
+        props = rng.dirichlet(np.full(num_clients, float(alpha)))
+        if open_ is None:
+            return props
+        props = props * open_
+        if props.sum() > 0:
+            return props / props.sum()
+    raise ValueError(
+        f"dirichlet: alpha={alpha} put every draw's mass on clients holding their share "
+        f"after max_tries={max_tries}; raise alpha"
     )
 
 
