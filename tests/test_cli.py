@@ -11,6 +11,11 @@ from fedimb.cli import main, resource_hint
 from fedimb.results import read_json, read_jsonl
 
 
+def files(folder: Path) -> dict[Path, bytes]:
+    """Every file under ``folder`` with its bytes: what a refused command must not touch."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
 def test_sweep_runs_cells_records_a_broken_one_and_resumes(tmp_path, capsys):
     sweep = tmp_path / "tiny.toml"
@@ -43,26 +48,31 @@ def test_sweep_runs_cells_records_a_broken_one_and_resumes(tmp_path, capsys):
     assert "2 cells completed, 2 failed" in capsys.readouterr().out
 
     # A changed sweep would mix old and new results in one report: refused, nothing lost.
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files(out)
     sweep.write_text(
         sweep.read_text().replace('engine = "inprocess"', 'engine = "inprocess"\nlr = 0.1')
     )
     assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 2
     err = capsys.readouterr().err
     assert "4 of 4 sweep cell(s)" in err and "lr 0.05 -> 0.1" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files(out) == before
+
+
+def rounds_sweep(folder: Path, rounds: int, settings: str, grid: str) -> Path:
+    """A sweep file of in-process runs of ``rounds`` rounds (one file per count)."""
+    path = folder / f"sweep-{rounds}.toml"
+    path.write_text(
+        f'base = "{cli.DEFAULT_CONFIG.as_posix()}"\nname = "rounds"\n[set]\n'
+        f'engine = "inprocess"\nnum-rounds = {rounds}\n{settings}\n[grid]\n{grid}\n'
+    )
+    return path
 
 
 @pytest.mark.slow
 def test_a_sweep_given_more_rounds_runs_its_cells_on(tmp_path, capsys, caplog):
     def sweep_file(rounds: int) -> Path:
-        path = tmp_path / f"grow-{rounds}.toml"
-        path.write_text(
-            f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n'
-            f'name = "grow"\n[set]\nengine = "inprocess"\nnum-clients = 6\nnum-rounds = {rounds}\n'
-            '[grid]\n"loss.name" = ["ce", "ldam-drw"]\n'
-        )
-        return path
+        grid = '"loss.name" = ["ce", "ldam-drw"]'
+        return rounds_sweep(tmp_path, rounds, "num-clients = 6", grid)
 
     def curves(out: Path) -> dict[str, list[float]]:
         return {
@@ -91,29 +101,24 @@ def test_a_sweep_given_more_rounds_runs_its_cells_on(tmp_path, capsys, caplog):
     assert "num-rounds 2 -> 3" in moved[0]
 
     # Fewer rounds than the cells have run: refused, every file kept.
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files(out)
     assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 2
     assert "has reached round 3; give at least that many" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files(out) == before
 
 
 @pytest.mark.slow
 def test_a_sweep_without_checkpoints_runs_a_cell_again_for_more_rounds(tmp_path, caplog, capsys):
     def sweep_file(rounds: int) -> Path:
-        path = tmp_path / f"s{rounds}.toml"
-        path.write_text(
-            f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n[set]\nengine = "inprocess"\n'
-            f"num-clients = 4\ncheckpoint-every = 0\nnum-rounds = {rounds}\n[grid]\nseed = [0]\n"
-        )
-        return path
+        return rounds_sweep(tmp_path, rounds, "num-clients = 4\ncheckpoint-every = 0", "seed = [0]")
 
     out = tmp_path / "out"
     assert main(["sweep", str(sweep_file(3)), "--out", str(out), "-q"]) == 0
     assert not list(out.rglob("checkpoint.pt"))
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files(out)
     assert main(["sweep", str(sweep_file(2)), "--out", str(out), "-q"]) == 2  # not "done"
     assert "has reached round 3" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files(out) == before
     with caplog.at_level("WARNING"):
         assert main(["sweep", str(sweep_file(4)), "--out", str(out), "-q"]) == 0
     assert "num-rounds 3 -> 4: no checkpoint to continue from: it runs again" in caplog.text
