@@ -337,9 +337,14 @@ def _train_group(
         and len(order) > 1
         and batched.wanted(config["batched"], model, jobs[order[0]].x.device)
     )
-    if config["batched"] == "on" and reason is not None and reason not in _WARNED:
+    mode = config["batched"]
+    device = jobs[order[0]].x.device if order else None
+    meant = mode == "on" or (
+        mode == "auto" and device is not None and batched.pays_off(model, device)
+    )
+    if meant and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round
-        log.warning("batched = 'on' but clients train one at a time: %s", reason)
+        log.warning("batched = %r but clients train one at a time: %s", mode, reason)
     if use_batch:
         size = config["group-size"] or len(order)
         for start in range(0, len(order), size):

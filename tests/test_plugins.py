@@ -210,3 +210,18 @@ def test_a_plugin_with_kwargs_lets_the_other_cells_carry_any_key():
     plugins = {"loss": [f"{HERE}:open_ended"]}
     ce = load_config(None, {"loss.name": "ce", "loss.anything": 1}, plugins=plugins)
     assert ce.loss.ignored == {"anything"}
+
+
+@pytest.mark.slow
+def test_a_plain_callable_loss_says_it_trains_one_client_at_a_time(tmp_path, caplog, monkeypatch):
+    # batched = auto vectorises the MLP on CPU; a plain callable cannot be: said once.
+    from fedimb import client
+    from fedimb.sim import run_experiment
+
+    monkeypatch.setattr(client, "_WARNED", set())
+    run = config(loss__name=f"{HERE}:smoothed_ce", engine="inprocess", num_rounds=2)
+    with caplog.at_level(logging.WARNING, logger="fedimb.client"):
+        run_experiment(run, tmp_path, progress=False)
+    said = [r.getMessage() for r in caplog.records if "one at a time" in r.getMessage()]
+    why = "a loss is a plain callable, not LossParams"
+    assert said == [f"batched = 'auto' but clients train one at a time: {why}"]
