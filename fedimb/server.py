@@ -444,7 +444,9 @@ class GuardedGrid(Grid):
                 f"round {server_round}: {len(faults)} of {len(messages)} clients failed, more than "
                 f"max-failure-fraction = {self.max_failure_fraction}; first: {faults[0]['reason']}"
             )
-        return good
+        # In partition order, not arrival order (random under Ray): the strategy's float
+        # sums then add in the same order under either engine, run after run.
+        return sorted(good, key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
 
 
 def build_strategy(config: Config, param_keys: list[str]) -> Strategy:

@@ -53,6 +53,12 @@ def trained_partitions(out):
     ]
 
 
+def client_losses(out):
+    """Each client's training loss, by round and partition."""
+    rows = read_jsonl(out / "clients.jsonl")
+    return {(r["round"], r["partition-id"]): r["train-loss"] for r in rows}
+
+
 @pytest.mark.parametrize(("fraction", "fraction_evaluate"), [(1.0, 0.0), (0.5, 0.3)])
 def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(
     tmp_path, fraction, fraction_evaluate
@@ -74,6 +80,9 @@ def test_flower_ray_simulation_trains_and_matches_the_inprocess_engine(
     local, remote = curve(local_out), curve(ray_out)
     assert [r for r, _ in local] == [r for r, _ in remote]
     assert [e for _, e in local] == pytest.approx([e for _, e in remote], abs=1e-9)
+    # The clients' losses too, to float rounding: the same global model every round (the
+    # balanced error alone would hide small differences in the weights).
+    assert client_losses(local_out) == pytest.approx(client_losses(ray_out), rel=1e-12)
     if fraction_evaluate:  # a sample of clients evaluates: the same sample in both
         federated = [
             [r["federated_balanced_error"] for r in read_jsonl(out / "metrics.jsonl")[1:]]
