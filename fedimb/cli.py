@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -100,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="sweep folder (default: results/<sweep name>)"
     )
     sweep.add_argument("--quiet", "-q", action="store_true")
+    sweep.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config key in every cell, as the sweep file's [set] (repeatable), "
+        "e.g. --set num-rounds=5",
+    )
 
     report = sub.add_parser("report", help="rebuild tables and plots from a results folder")
     report.add_argument("results_dir", type=Path)
@@ -239,9 +251,11 @@ def round_fractions(config: Config) -> list[str]:
 
 def cmd_partitions(args: argparse.Namespace) -> int:
     from fedimb.data.inspect import format_counts, plot_counts_heatmap
-    from fedimb.sim import load_federation
+    from fedimb.sim import load_federation, warn_about_ignored_keys
 
-    fed = load_federation(_load(args))
+    config = _load(args)
+    warn_about_ignored_keys(config, ["partition"])  # alpha on a label-skew split, say
+    fed = load_federation(config)
     print(format_counts(fed.counts, fed.dataset.classes))
     path = plot_counts_heatmap(fed.counts, fed.dataset.classes, args.png)
     print(f"heatmap: {path}")
@@ -257,6 +271,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sweep = load_sweep(args.sweep_file)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
+    extra = parse_overrides(args.overrides)
+    swept = sorted(set(extra) & set(sweep.grid))
+    if swept:
+        raise ConfigError(f"--set {', '.join(swept)}: swept in the [grid] of {args.sweep_file}")
+    sweep = dataclasses.replace(sweep, fixed={**sweep.fixed, **extra})
     out = args.out or Path("results") / sweep.name
     plugins = sweep_plugins(sweep)
     unused = _grid_keys_no_cell_takes(sweep)
@@ -529,6 +548,7 @@ def _after_interrupt(args: argparse.Namespace) -> str:
 
     if args.command == "sweep":
         again = f"fedimb sweep {args.sweep_file}" + (f" --out {args.out}" if args.out else "")
+        again += "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
         return f"continue with `{again}`"
     run_dir = getattr(args, "run_dir", None)
     if run_dir is None or (run_dir / CONFIG_FILE).is_file():

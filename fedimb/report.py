@@ -714,7 +714,8 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
     rows = summarize(runset, target)
     keys = _label_keys(runset)
     root = runset.root
-    title = f"Report: {root.resolve().name}"
+    sweep_name = ((read_json(root / SWEEP_FILE) or {}).get("sweep") or {}).get("name")
+    title = f"Report: {sweep_name or root.resolve().name}"
     return {
         "csv": _write_csv(root / REPORT_CSV, rows, keys, target),
         "md": atomic_write_text(root / REPORT_MD, markdown_table(rows, keys, target, title)),

@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +87,7 @@ def warn_about_settings(config: Config) -> None:
     """Say when a key the config sets, or a default it keeps, changes nothing."""
     import strategies
 
-    for table, component in config.components.items():
-        for key in sorted(component.ignored):  # kept for another component of the table
-            log.warning(
-                "%s.%s is ignored: %s %r does not take it", table, key, table, component.name
-            )
+    warn_about_ignored_keys(config, config.components)
     inert = strategies.trains_as_fedavg(config.strategy.name, config.strategy_kwargs())
     if inert and inert[0] not in config.strategy.kwargs():  # not a baseline set on purpose
         key = snake_to_kebab(inert[0])
@@ -113,6 +109,17 @@ def warn_about_settings(config: Config) -> None:
             "strategy 'qfedavg' keeps its client-learning-rate while [lr-schedule] changes "
             "the clients' lr"
         )
+
+
+def warn_about_ignored_keys(config: Config, tables: Iterable[str]) -> None:
+    """Name each key of these component tables that their chosen component does not take
+    (kept for another component of the table)."""
+    for table in tables:
+        component = config.components[table]
+        for key in sorted(component.ignored):
+            log.warning(
+                "%s.%s is ignored: %s %r does not take it", table, key, table, component.name
+            )
 
 
 def _warn_about_plugins(config: Config) -> None:

@@ -42,6 +42,7 @@ def test_sweep_runs_cells_records_a_broken_one_and_resumes(tmp_path, capsys):
     assert "TooManyFailures" in read_json(out / failed["name"] / "summary.json")["error"]
     for name in ("report.md", "report.csv", "curves.png", "per_class.png"):
         assert (out / name).stat().st_size > 0
+    assert (out / "report.md").read_text().startswith("# Report: tiny\n")  # the sweep's name
 
     # Re-running skips the completed cells and retries the failed ones only.
     assert main(["sweep", str(sweep), "--out", str(out), "-q"]) == 1
@@ -126,6 +127,17 @@ def test_a_sweep_without_checkpoints_runs_a_cell_again_for_more_rounds(tmp_path,
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
 
 
+def test_a_sweeps_cells_take_set_from_the_command_line(tmp_path, capsys):
+    sweep = rounds_sweep(tmp_path, 3, 'loss.name = "ce"', "seed = [0]")
+    out = tmp_path / "out"
+    shorter = ["--set", "num-rounds=1", "--set", "num-clients=4"]
+    assert main(["sweep", str(sweep), "--out", str(out), "-q", *shorter]) == 0
+    assert cli.load_config(out / "seed=0" / "config.toml")["num-rounds"] == 1
+    assert read_json(out / "sweep.json")["sweep"]["set"]["num-clients"] == 4
+    assert main(["sweep", str(sweep), "--out", str(tmp_path / "o2"), "--set", "seed=3"]) == 2
+    assert f"--set seed: swept in the [grid] of {sweep}" in capsys.readouterr().err
+
+
 def test_bad_sweep_cell_fails_before_anything_runs(tmp_path, capsys):
     sweep = tmp_path / "bad.toml"
     sweep.write_text(
@@ -182,12 +194,16 @@ def test_a_grid_key_that_no_cell_takes_is_refused_before_anything_runs(tmp_path,
     assert cli._grid_keys_no_cell_takes(load_sweep(sweep)) == []
 
 
-def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys):
+def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys, caplog):
     png = tmp_path / "p.png"
     assert main(["partitions", "--set", "partition.classes-per-client=1", "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "classes per client: min 1" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # Dirichlet's alpha on the default label-skew split changes nothing: said.
+    with caplog.at_level("WARNING", logger="fedimb.sim"):
+        assert main(["partitions", "--set", "partition.alpha=0.1", "--png", str(png)]) == 0
+    assert "partition.alpha is ignored: partition 'label-skew' does not take it" in caplog.text
 
 
 def test_list_names_every_registry(capsys):

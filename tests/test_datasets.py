@@ -245,8 +245,10 @@ def test_imagefolder_corrupt_file_names_file(tree: Path, tmp_path: Path):
 def test_imagefolder_errors(tmp_path: Path):
     with pytest.raises(DatasetNotFoundError, match="root"):
         load_dataset("imagefolder", cache_dir=tmp_path)
-    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+    with pytest.raises(DatasetNotFoundError, match=r"does not exist$"):
         load_dataset("imagefolder", tmp_path / "nope", cache_dir=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="a relative data-root is from /"):
+        load_dataset("imagefolder", Path("no/such/tree"), cache_dir=tmp_path)
     root = make_tree(tmp_path / "t1", {"train": 2})
     with pytest.raises(DatasetNotFoundError, match="test"):
         load_dataset("imagefolder", root, cache_dir=tmp_path)

@@ -645,9 +645,10 @@ def _load_imagefolder(root: Path | None, cache_dir: Path, *, mode: str = "auto")
         )
     if mode not in _READ_MODES:
         raise ValueError(f"mode must be one of {_READ_MODES}, got {mode!r}")
-    root = root.resolve()
+    given, root = root, root.resolve()
     if not root.is_dir():
-        raise DatasetNotFoundError(f"imagefolder: data-root {root} does not exist")
+        relative = "" if given.is_absolute() else f" (a relative data-root is from {Path.cwd()})"
+        raise DatasetNotFoundError(f"imagefolder: data-root {root} does not exist{relative}")
     classes, train_files = _scan_split(root / "train")
     test_classes, test_files = _scan_split(root / "test")
     if test_classes != classes:
