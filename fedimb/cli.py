@@ -138,7 +138,8 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedimb.results import CONFIG_FILE, SUMMARY_FILE, new_run_dir
+    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, new_run_dir
+    from fedimb.server import checkpoint_round
     from fedimb.sim import run_experiment
 
     extra: dict[str, Any] = {}
@@ -154,6 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.out and args.out.resolve() != args.resume.resolve():
             raise ConfigError(f"--resume continues in {args.resume} itself; drop --out {args.out}")
         config, out = _resumed_config(args, extra), args.resume
+        checkpoint = out / CHECKPOINT_FILE
+        if checkpoint.is_file():
+            print(f"continuing {out} after round {checkpoint_round(checkpoint)}, its checkpoint")
     else:
         config = _load(args, extra)
         out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
@@ -199,9 +203,10 @@ def check_runs_on(
     run_dir: Path, config: Config, longer: Config, *, start_over: bool = False
 ) -> None:
     """Refuse to continue the run in ``run_dir`` (``config``) to ``longer``'s num-rounds
-    where it cannot: fewer rounds than it has run, or (unless ``start_over``, a sweep's
-    cell that then runs again from round 0, said in a warning) no checkpoint. Warn when
-    a schedule counts in fractions of num-rounds, since its rounds move."""
+    where it cannot: fewer rounds than it has run, or rounds run but no checkpoint
+    (unless ``start_over``: a sweep's cell then runs again from round 0, said in a
+    warning). Warn when a schedule counts in fractions of num-rounds, since its rounds
+    move."""
     from fedimb.results import CHECKPOINT_FILE, SUMMARY_FILE, read_json
     from fedimb.server import checkpoint_round
 
@@ -215,10 +220,11 @@ def check_runs_on(
         raise ConfigError(
             f"{run_dir}: {rounds}: the run has reached round {done}; give at least that many"
         )
-    if not checkpoint.is_file():
-        if not start_over:
+    if not checkpoint.is_file():  # it runs again from round 0
+        if done and not start_over:
             raise ConfigError(f"{run_dir}: {rounds}: no checkpoint there to continue from")
-        log.warning("%s: %s: no checkpoint to continue from: it runs again", run_dir, rounds)
+        if done:
+            log.warning("%s: %s: no checkpoint to continue from: it runs again", run_dir, rounds)
         return
     moved = round_fractions(config)
     if moved:

@@ -289,6 +289,22 @@ def test_resume_into_another_out_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_run_stopped_in_its_first_round_may_be_given_other_rounds(tmp_path, capsys):
+    # Interrupted before any checkpoint: nothing to continue, so nothing is lost by
+    # starting it over with another num-rounds.
+    from fedimb.results import DEFAULTS_VERSION
+
+    run = tmp_path / "early"
+    run.mkdir()
+    config = cli.load_config(None, {"engine": "inprocess", "num-clients": 4, "num-rounds": 5})
+    (run / "config.toml").write_text(config.to_toml())
+    (run / "summary.json").write_text(
+        f'{{"status": "interrupted", "rounds_completed": 0, "defaults": {DEFAULTS_VERSION}}}'
+    )
+    assert main(["run", "--resume", str(run), "--set", "num-rounds=2", "-q"]) == 0
+    assert read_json(run / "summary.json")["rounds_completed"] == 2
+
+
 def test_a_run_begun_under_other_defaults_is_not_continued(tmp_path, capsys):
     # A results folder of a fedimb before DEFAULTS_VERSION 2: its summary has no "defaults".
     run = tmp_path / "old"
