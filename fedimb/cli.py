@@ -322,6 +322,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             cell_dir,
             resume=(cell_dir / CHECKPOINT_FILE).exists(),
             progress=None if args.quiet else True,
+            label=cell_dir.name,
         )
 
     try:

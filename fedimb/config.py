@@ -591,12 +591,12 @@ def declares(table: str, name: str, key: str) -> bool:
 
 
 def _declared(table: str, name: str) -> set[str] | None:
-    """A plug-in's declared parameters (None: ``**kwargs``, any key); none for a path that
-    does not import (its own run says so)."""
+    """A plug-in's declared parameters; None (any key) for ``**kwargs``, or for a path that
+    does not import (its own cell says so: the others need not guess)."""
     try:
         params, var_kw = plugin_params(table, name)
     except RegistryError:
-        return set()
+        return None
     return None if var_kw else set(params)
 
 

@@ -36,7 +36,15 @@ def import_object(path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RegistryError(f"cannot import module {module_name!r} from {path!r}: {exc}") from exc
+        # Missing itself (not a module it imports): most often a folder not on the path.
+        hint = (
+            "; is its folder on PYTHONPATH (PYTHONPATH=. for the current folder)?"
+            if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]
+            else ""
+        )
+        raise RegistryError(
+            f"cannot import module {module_name!r} from {path!r}: {exc}{hint}"
+        ) from exc
     try:
         obj = module
         for part in attr.split("."):

@@ -20,6 +20,7 @@ seed and the round only, so it is the same as in an uninterrupted run.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import pickle
@@ -58,7 +59,6 @@ from fedimb.results import (
     SUMMARY_FILE,
     RunRecorder,
     atomic_write_bytes,
-    atomic_write_json,
     atomic_write_text,
     read_json,
 )
@@ -428,6 +428,7 @@ class GuardedGrid(Grid):
                 else f"node {fault['node']}"
             )
             log.warning("round %d: client %s left out: %s", server_round, who, fault["reason"])
+        rows.sort(key=lambda row: (row["partition-id"] is None, row["partition-id"] or 0))
         self.recorder.add_clients(rows)
         self.failures[server_round] = faults
         self.aggregated[server_round] = len(good)
@@ -503,11 +504,13 @@ def run_server(
     on_round: RoundHook | None = None,
     extra_summary: dict[str, Any] | None = None,
     stop: ServerStop | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Run the configured federated training on ``grid``; write results; return the summary.
 
     ``progress``: True = a bar (plain lines when not on a terminal), False = plain lines,
-    None = nothing. ``stop``: set by another thread to end the run (see ServerStop).
+    None = nothing; ``label`` names the run there. ``stop``: set by another thread to end
+    the run (see ServerStop).
     """
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
@@ -550,8 +553,13 @@ def run_server(
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
     # on every resume).
-    partition = {"classes": list(map(str, fed.dataset.classes)), "counts": fed.counts.tolist()}
-    atomic_write_json(out_dir / PARTITION_FILE, partition)
+    classes, rows = list(map(str, fed.dataset.classes)), fed.counts.tolist()
+    atomic_write_text(  # JSON with one client per line (1,000 x 100 counts stay readable)
+        out_dir / PARTITION_FILE,
+        f'{{\n  "classes": {json.dumps(classes)},\n  "counts": [\n    '
+        + ",\n    ".join(map(json.dumps, rows))
+        + "\n  ]\n}\n",
+    )
     recorder.summary("running", 0.0)
 
     guarded = GuardedGrid(
@@ -569,7 +577,7 @@ def run_server(
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]
     bar = RunProgress(
         num_rounds,
-        f"{config.loss.name} / {config.strategy.name}",
+        label or f"{config.loss.name} / {config.strategy.name}",
         enabled=bool(progress),
         silent=progress is None,
     )

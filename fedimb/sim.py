@@ -246,13 +246,15 @@ def run_experiment(
     progress: bool | None = True,
     on_round: RoundHook | None = None,
     verbose: bool = False,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``config`` on its engine; return the summary (also in ``out_dir/summary.json``)."""
+    """Run ``config`` on its engine; return the summary (also in ``out_dir/summary.json``).
+    ``label`` names the run in its progress lines (default: its loss and strategy)."""
     quiet_flower(verbose)
     if resume:
         check_same_defaults(out_dir)
     prepare(config)
-    kwargs = {"resume": resume, "progress": progress, "on_round": on_round}
+    kwargs = {"resume": resume, "progress": progress, "on_round": on_round, "label": label}
     with torch_threads(config):
         if config["engine"] == "inprocess":
             return _run_inprocess(config, Path(out_dir), **kwargs)

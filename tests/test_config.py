@@ -101,6 +101,7 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"faults.raise-clients": "a,b"}, "comma-separated integers"),
         ({"loss.name": "ldam-drw", "loss.drw-start": 50}, "drw"),
         ({"strategy.name": "no_such_pkg.mod:Strategy"}, "cannot import module 'no_such_pkg.mod'"),
+        ({"loss.name": "no_such_mod:factory"}, "is its folder on PYTHONPATH (PYTHONPATH=. for"),
         ({"strategy.name": "fedimb.config:Config"}, "not a subclass"),
         (
             {"strategy.name": "strategies.example_custom:ServerLRFedAvg", "strategy.server-lr": -1},
