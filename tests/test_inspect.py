@@ -27,6 +27,7 @@ def test_small_table_rows_and_summary():
     assert lines[0].split() == ["client", "cat", "dog", "eel", "total", "#cls"]
     assert lines[1].split() == ["0", "5", "0", "3", "8", "2"]
     assert lines[2].split() == ["1", "0", "7", "0", "7", "1"]
+    assert lines[3].split() == ["all", "5", "7", "3", "15", "3"]  # per class, all clients
     assert "clients: 2" in text and "samples: 15" in text
     assert "min 7" in text and "max 8" in text
 
@@ -37,6 +38,8 @@ def test_many_clients_are_truncated_with_summary():
     rows = [ln for ln in text.splitlines() if ln.split() and ln.split()[0].isdigit()]
     assert [int(r.split()[0]) for r in rows] == list(range(20))
     assert "280 more clients" in text
+    totals = next(ln for ln in text.splitlines() if ln.split()[:1] == ["all"]).split()
+    assert [int(t) for t in totals[1:11]] == counts.sum(axis=0).tolist()  # all 300 clients
     sizes = counts.sum(1)
     held = (counts > 0).sum(1)
     assert f"median {np.median(sizes):g}" in text

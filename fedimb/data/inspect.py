@@ -71,8 +71,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_counts(counts: np.ndarray, classes: Sequence[str], max_rows: int = 20) -> str:
     """A readable table of per-client class counts, with a summary.
 
-    With up to 20 classes there is a column per class; with more, each row lists the
-    client's largest classes. Beyond ``max_rows`` clients only the first rows are shown.
+    With up to 20 classes there is a column per class, and a last row ``all`` with every
+    client's total per class; with more, each row lists the client's largest classes.
+    Beyond ``max_rows`` clients only the first rows are shown.
 
     Parameters
     ----------
@@ -100,6 +101,8 @@ def format_counts(counts: np.ndarray, classes: Sequence[str], max_rows: int = 20
         rows = [
             [str(i), *map(str, row), str(sizes[i]), str(held[i])] for i, row in enumerate(shown)
         ]
+        per_class = counts.sum(axis=0)  # every client's, shown or not: the global profile
+        rows.append(["all", *map(str, per_class), str(per_class.sum()), str((per_class > 0).sum())])
         lines = _table(header, rows)
     else:
         header = ["client", "total", "#cls"]
@@ -111,7 +114,8 @@ def format_counts(counts: np.ndarray, classes: Sequence[str], max_rows: int = 20
             text = ", ".join(f"{classes[c]}({row[c]})" for c in top if row[c] > 0)
             lines[i + 1] += "  " + text
     if counts.shape[0] > max_rows:
-        lines.append(f"... {counts.shape[0] - max_rows} more clients")
+        at = len(shown) + 1 if counts.shape[1] <= _MAX_CLASS_COLUMNS else len(lines)
+        lines.insert(at, f"... {counts.shape[0] - max_rows} more clients")
     s = summarize_counts(counts)
     lines += [
         f"clients: {s['clients']}  samples: {s['samples']}",
