@@ -43,6 +43,7 @@ import numpy as np
 from fedimb.results import (
     CONFIG_FILE,
     METRICS_FILE,
+    PARTITION_FILE,
     SUMMARY_FILE,
     atomic_write_bytes,
     atomic_write_text,
@@ -632,6 +633,16 @@ def _per_class_matrix(rows: list[GroupStats]) -> tuple[list[GroupStats], np.ndar
     return kept, matrix
 
 
+def _class_names(rows: list[GroupStats], n_cls: int) -> list[str] | None:
+    """The class names a run recorded in its ``partition.json`` (None if none did)."""
+    for row in rows:
+        for run in row.runs:
+            classes = (read_json(run.path / PARTITION_FILE) or {}).get("classes")
+            if isinstance(classes, list) and len(classes) == n_cls:
+                return [str(c) for c in classes]
+    return None
+
+
 def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
     """Heatmap: rows = groups (table order), columns = classes, value = final error."""
     from matplotlib.figure import Figure
@@ -652,7 +663,19 @@ def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_yticks(range(n_rows), labels, fontsize=7)
     step = max(1, n_cls // 25)
-    ax.set_xticks(range(0, n_cls, step))
+    names = _class_names(kept, n_cls)
+    ticks = range(0, n_cls, step)
+    if names is None:
+        ax.set_xticks(ticks)
+    else:  # upright while they are short (CIFAR's), else slanted
+        long = max(len(n) for n in names) > 3
+        ax.set_xticks(
+            ticks,
+            [names[i] for i in ticks],
+            rotation=45 if long else 0,
+            ha="right" if long else "center",
+            fontsize=7,
+        )
     ax.set_xlabel("class")
     if annotate:
         for (i, j), value in np.ndenumerate(matrix):

@@ -297,3 +297,17 @@ def test_many_classes_heatmap(tmp_path: Path) -> None:
     _, matrix = _per_class_matrix(summarize(load_runs(run)))
     assert matrix[0] == pytest.approx(rows[-1]["per_class_error"])
     assert build_report(run)["per_class"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_per_class_plot_names_the_classes_a_run_recorded(tmp_path):
+    from types import SimpleNamespace
+
+    from fedimb.report import _class_names
+    from fedimb.results import atomic_write_json
+
+    bare, named = tmp_path / "bare", tmp_path / "named"
+    bare.mkdir()
+    atomic_write_json(named / "partition.json", {"classes": ["cat", "dog"], "counts": []})
+    rows = [SimpleNamespace(runs=[SimpleNamespace(path=bare), SimpleNamespace(path=named)])]
+    assert _class_names(rows, 2) == ["cat", "dog"]
+    assert _class_names(rows, 3) is None  # another dataset's classes: plain indices
