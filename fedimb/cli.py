@@ -42,14 +42,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"experiment config TOML (default: {DEFAULT_CONFIG.name})",
     )
+    _add_set_arg(p, "override a config key, e.g. --set loss.name=ldam-drw (repeatable)")
+
+
+def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set loss.name=ldam-drw (repeatable)",
+        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 
@@ -102,14 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="sweep folder (default: results/<sweep name>)"
     )
     sweep.add_argument("--quiet", "-q", action="store_true")
-    sweep.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a config key in every cell, as the sweep file's [set] (repeatable), "
+    _add_set_arg(
+        sweep,
+        "set a config key in every cell, as the sweep file's [set] (repeatable), "
         "e.g. --set num-rounds=5",
     )
 
