@@ -149,8 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues in {args.resume} itself; drop --out {args.out}")
         config, out = _resumed_config(args, extra), args.resume
         checkpoint = out / CHECKPOINT_FILE
-        if checkpoint.is_file():
-            print(f"continuing {out} after round {checkpoint_round(checkpoint)}, its checkpoint")
+        done = checkpoint_round(checkpoint) if checkpoint.is_file() else None
+        if done is not None and done < config["num-rounds"]:  # a finished run says so itself
+            print(f"continuing {out} after round {done}, its checkpoint")
     else:
         config = _load(args, extra)
         out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
@@ -547,7 +548,8 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     from fedimb.results import CONFIG_FILE
 
     if args.command == "sweep":
-        again = f"fedimb sweep {args.sweep_file}" + (f" --out {args.out}" if args.out else "")
+        again = f"fedimb sweep {shlex.quote(str(args.sweep_file))}"
+        again += f" --out {shlex.quote(str(args.out))}" if args.out else ""
         again += "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
         return f"continue with `{again}`"
     run_dir = getattr(args, "run_dir", None)

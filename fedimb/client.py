@@ -338,9 +338,10 @@ def _train_group(
         and batched.wanted(config["batched"], model, jobs[order[0]].x.device)
     )
     mode = config["batched"]
-    device = jobs[order[0]].x.device if order else None
-    meant = mode == "on" or (
-        mode == "auto" and device is not None and batched.pays_off(model, device)
+    meant = (  # they could have trained together, and the setting asked for it
+        batched_ok
+        and len(order) > 1
+        and (mode == "on" or (mode == "auto" and batched.pays_off(model, jobs[order[0]].x.device)))
     )
     if meant and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round

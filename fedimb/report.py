@@ -634,12 +634,20 @@ def _per_class_matrix(rows: list[GroupStats]) -> tuple[list[GroupStats], np.ndar
 
 
 def _class_names(rows: list[GroupStats], n_cls: int) -> list[str] | None:
-    """The class names a run recorded in its ``partition.json`` (None if none did)."""
+    """The class names the runs recorded in their ``partition.json``, if they all agree
+    and fit the plot's columns (None otherwise: numbered columns)."""
+    found = set()
     for row in rows:
         for run in row.runs:
-            classes = (read_json(run.path / PARTITION_FILE) or {}).get("classes")
-            if isinstance(classes, list) and len(classes) == n_cls:
-                return [str(c) for c in classes]
+            try:
+                recorded = read_json(run.path / PARTITION_FILE) or {}
+            except (OSError, ValueError):  # a damaged file must not stop the report
+                continue
+            classes = recorded.get("classes") if isinstance(recorded, dict) else None
+            if isinstance(classes, list):
+                found.add(tuple(map(str, classes)))
+    if len(found) == 1 and len(names := next(iter(found))) == n_cls:
+        return list(names)
     return None
 
 

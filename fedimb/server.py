@@ -177,6 +177,11 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
     return None
 
 
+def _client_order(partition_id: int | None, node_id: int) -> tuple[bool, int, int]:
+    """Sort key of a round's clients: by partition, those of unknown partition last."""
+    return partition_id is None, partition_id or 0, node_id
+
+
 def _stated_partition(reply: Message) -> int | None:
     """The partition id a query reply states (None for an error reply)."""
     if reply.has_error():
@@ -428,7 +433,7 @@ class GuardedGrid(Grid):
                 else f"node {fault['node']}"
             )
             log.warning("round %d: client %s left out: %s", server_round, who, fault["reason"])
-        rows.sort(key=lambda row: (row["partition-id"] is None, row["partition-id"] or 0))
+        rows.sort(key=lambda row: _client_order(row["partition-id"], row["node"]))
         self.recorder.add_clients(rows)
         self.failures[server_round] = faults
         self.aggregated[server_round] = len(good)
@@ -447,7 +452,12 @@ class GuardedGrid(Grid):
             )
         # In partition order, not arrival order (random under Ray): the strategy's float
         # sums then add in the same order under either engine, run after run.
-        return sorted(good, key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
+        return sorted(
+            good,
+            key=lambda r: _client_order(
+                self.partition_of.get(r.metadata.src_node_id), r.metadata.src_node_id
+            ),
+        )
 
 
 def build_strategy(config: Config, param_keys: list[str]) -> Strategy:

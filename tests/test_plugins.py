@@ -225,3 +225,13 @@ def test_a_plain_callable_loss_says_it_trains_one_client_at_a_time(tmp_path, cap
     said = [r.getMessage() for r in caplog.records if "one at a time" in r.getMessage()]
     why = "a loss is a plain callable, not LossParams"
     assert said == [f"batched = 'auto' but clients train one at a time: {why}"]
+
+    # One client a round trains alone anyway: nothing to say.
+    monkeypatch.setattr(client, "_WARNED", set())
+    caplog.clear()
+    alone = {"strategy.fraction-train": 0.25, "strategy.min-train-clients": 1}
+    with caplog.at_level(logging.WARNING, logger="fedimb.client"):
+        run_experiment(
+            run.with_overrides({"num-clients": 4, **alone}), tmp_path / "b", progress=False
+        )
+    assert "one at a time" not in caplog.text

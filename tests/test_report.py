@@ -305,9 +305,15 @@ def test_the_per_class_plot_names_the_classes_a_run_recorded(tmp_path):
     from fedimb.report import _class_names
     from fedimb.results import atomic_write_json
 
-    bare, named = tmp_path / "bare", tmp_path / "named"
+    def runs(*folders):
+        return [SimpleNamespace(runs=[SimpleNamespace(path=f) for f in folders])]
+
+    bare, named, other, damaged = (tmp_path / n for n in ("bare", "named", "other", "damaged"))
     bare.mkdir()
     atomic_write_json(named / "partition.json", {"classes": ["cat", "dog"], "counts": []})
-    rows = [SimpleNamespace(runs=[SimpleNamespace(path=bare), SimpleNamespace(path=named)])]
-    assert _class_names(rows, 2) == ["cat", "dog"]
-    assert _class_names(rows, 3) is None  # another dataset's classes: plain indices
+    atomic_write_json(other / "partition.json", {"classes": ["ant", "bee"], "counts": []})
+    damaged.mkdir()
+    (damaged / "partition.json").write_text('{"classes": [')
+    assert _class_names(runs(bare, named, damaged), 2) == ["cat", "dog"]  # the bad file skipped
+    assert _class_names(runs(named), 3) is None  # not the plot's columns: plain indices
+    assert _class_names(runs(named, other), 2) is None  # two datasets' names: plain indices
