@@ -55,8 +55,12 @@ def wanted(mode: str, model: nn.Module, device: torch.device) -> bool:
     """Whether the ``batched`` setting ``mode`` (on / off / auto) vectorises ``model``'s
     clients on ``device``: the model must be vectorisable; their jobs must also
     :func:`can_batch`."""
-    if not is_vectorisable(model):
-        return False
+    return is_vectorisable(model) and asked(mode, model, device)
+
+
+def asked(mode: str, model: nn.Module, device: torch.device) -> bool:
+    """Whether the ``batched`` setting ``mode`` asks for ``model``'s clients on ``device``
+    to train together (``on``, or ``auto`` where it pays off), vectorisable or not."""
     return mode == "on" or (mode == "auto" and pays_off(model, device))
 
 

@@ -206,7 +206,8 @@ def check_runs_on(
 
     rounds = f"num-rounds {config['num-rounds']} -> {longer['num-rounds']}"
     checkpoint = run_dir / CHECKPOINT_FILE
-    if checkpoint.is_file():
+    saved = checkpoint.is_file()
+    if saved:
         done = checkpoint_round(checkpoint)
     else:
         done = int((read_json(run_dir / SUMMARY_FILE) or {}).get("rounds_completed") or 0)
@@ -214,7 +215,7 @@ def check_runs_on(
         raise ConfigError(
             f"{run_dir}: {rounds}: the run has reached round {done}; give at least that many"
         )
-    if not checkpoint.is_file():  # it runs again from round 0
+    if not saved:  # it runs again from round 0
         if done and not start_over:
             raise ConfigError(f"{run_dir}: {rounds}: no checkpoint there to continue from")
         if done:
@@ -286,10 +287,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "that takes it (partition.name, loss.name, ...) or drop the key"
         )
     once = _OncePerSweep()
+    configs: dict[str, Config] = {}
+
+    def cell_config(overrides: dict[str, Any]) -> Config:
+        # Read and checked once: the sweep asks to validate, to skip and to run a cell.
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in configs:
+            configs[key] = load_config(sweep.base, overrides, plugins=plugins)
+        return configs[key]
 
     def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         once.cell = cell_dir.name
-        config = load_config(sweep.base, overrides, plugins=plugins)
+        config = cell_config(overrides)
         prepare(config)  # data + partition too, before any cell runs
         if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
             check_same_defaults(cell_dir)
@@ -305,14 +314,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def is_done(overrides: dict[str, Any], cell_dir: Path) -> bool:
         summary = read_json(cell_dir / SUMMARY_FILE) or {}
-        wanted = load_config(sweep.base, overrides, plugins=plugins)["num-rounds"]
+        wanted = cell_config(overrides)["num-rounds"]
         return summary.get("status") == "completed" and summary.get("rounds_completed", 0) >= wanted
 
     def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
         # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
         once.cell = cell_dir.name
         run_experiment(
-            load_config(sweep.base, overrides, plugins=plugins),
+            cell_config(overrides),
             cell_dir,
             resume=(cell_dir / CHECKPOINT_FILE).exists(),
             progress=None if args.quiet else True,

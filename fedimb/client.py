@@ -331,19 +331,12 @@ def _train_group(
     order = list(jobs)
     results: dict[int, tuple[TrainResult, float]] = {}
     reason = batched.can_batch(model, [jobs[i] for i in order]) if order else "no jobs"
-    use_batch = (
-        batched_ok
-        and reason is None
-        and len(order) > 1
-        and batched.wanted(config["batched"], model, jobs[order[0]].x.device)
-    )
     mode = config["batched"]
-    meant = (  # they could have trained together, and the setting asked for it
-        batched_ok
-        and len(order) > 1
-        and (mode == "on" or (mode == "auto" and batched.pays_off(model, jobs[order[0]].x.device)))
+    asked = (  # they could train together, and the setting asks for it on this device
+        batched_ok and len(order) > 1 and batched.asked(mode, model, jobs[order[0]].x.device)
     )
-    if meant and reason is not None and reason not in _WARNED:
+    use_batch = asked and reason is None  # None: the model and losses are vectorisable
+    if asked and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round
         log.warning("batched = %r but clients train one at a time: %s", mode, reason)
     if use_batch:

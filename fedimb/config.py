@@ -286,6 +286,14 @@ class Config:
     def sampling(self) -> Component:
         return self.components["sampling"]
 
+    def raised_by(self, table: str, exc: BaseException) -> bool:
+        """Whether ``exc``, raised while component ``table`` worked, is its own complaint,
+        to report in one line: a ValueError or TypeError (a bad parameter), or any error
+        of a plug-in (the user's own code); other errors of a built-in are bugs."""
+        return isinstance(exc, ValueError | TypeError) or is_import_path(
+            self.components[table].name
+        )
+
     def component_error(self, table: str, exc: BaseException) -> ConfigError:
         """``exc``, raised by component ``table``, as one line naming it in config words
         (and the exception's type, unless a ValueError or TypeError)."""
@@ -449,11 +457,16 @@ def _tables_with_key(key: str) -> list[str]:
     """``table.key`` for each table where ``key`` is a field or a component's parameter."""
     found = [f"{t}.{key}" for t, fields in FIXED_TABLES.items() if key in fields]
     for table in COMPONENT_DEFAULTS:
-        names, defaults_of = component_catalog(table)
-        params = {snake_to_kebab(k) for n in names for k in defaults_of(n)}
-        if key in params or key in COMPONENT_OWN_KEYS.get(table, {}):
+        if key in registered_keys(table) or key in COMPONENT_OWN_KEYS.get(table, {}):
             found.append(f"{table}.{key}")
     return found
+
+
+@functools.cache  # the registries are filled at import; every config load asks
+def registered_keys(table: str) -> frozenset[str]:
+    """The config keys (kebab-case) that some registered component of ``table`` takes."""
+    names, defaults_of = component_catalog(table)
+    return frozenset(snake_to_kebab(k) for n in names for k in defaults_of(n))
 
 
 def _did_you_mean(key: str, valid: Iterable[str]) -> str:
@@ -607,7 +620,7 @@ def _build_component(table: str, body: Mapping[str, Any], plugins: Iterable[str]
         raise ConfigError(f"{table}.name = {name!r}: expected a non-empty string")
     names, defaults_of = component_catalog(table)
     others = [p for p in plugins if p != name]
-    anyone = set().union(*({snake_to_kebab(k) for k in defaults_of(n)} for n in names))
+    anyone = set(registered_keys(table))
     declared = [_declared(table, p) for p in others]
     anything = None in declared  # a plug-in with **kwargs: another cell's key may be its
     anyone |= set().union(*(d for d in declared if d is not None))

@@ -24,7 +24,6 @@ from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
 from fedimb.losses import COSINE_SCALE, initial_bias
 from fedimb.models import build_model, class_head
-from fedimb.registry import is_import_path
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
 COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
@@ -134,9 +133,7 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
             **kwargs,
         )
     except Exception as exc:
-        if not isinstance(exc, ValueError | TypeError) and not is_import_path(
-            config.partition.name
-        ):
+        if not config.raised_by("partition", exc):
             raise
         # Name the config keys (kebab-case), the split and the data it was asked of (and
         # the type of a plug-in's own error).

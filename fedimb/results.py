@@ -76,6 +76,18 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     return atomic_write_text(path, text)
 
 
+def write_partition(
+    path: str | os.PathLike[str], classes: Iterable[Any], counts: list[list[int]]
+) -> Path:
+    """Write ``partition.json`` atomically: the class names and one row of per-class
+    training counts per client, a client per line (1,000 x 100 counts stay readable)."""
+    names = json.dumps([str(c) for c in classes])
+    rows = ",\n    ".join(map(json.dumps, counts))
+    return atomic_write_text(
+        path, f'{{\n  "classes": {names},\n  "counts": [\n    {rows}\n  ]\n}}\n'
+    )
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a JSON-lines file; a missing file reads as no rows.
 

@@ -20,7 +20,6 @@ seed and the round only, so it is the same as in an uninterrupted run.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import pickle
@@ -61,6 +60,7 @@ from fedimb.results import (
     atomic_write_bytes,
     atomic_write_text,
     read_json,
+    write_partition,
 )
 from fedimb.train import evaluate_counts
 
@@ -563,13 +563,7 @@ def run_server(
     atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
     # on every resume).
-    classes, rows = list(map(str, fed.dataset.classes)), fed.counts.tolist()
-    atomic_write_text(  # JSON with one client per line (1,000 x 100 counts stay readable)
-        out_dir / PARTITION_FILE,
-        f'{{\n  "classes": {json.dumps(classes)},\n  "counts": [\n    '
-        + ",\n    ".join(map(json.dumps, rows))
-        + "\n  ]\n}\n",
-    )
+    write_partition(out_dir / PARTITION_FILE, fed.dataset.classes, fed.counts.tolist())
     recorder.summary("running", 0.0)
 
     guarded = GuardedGrid(

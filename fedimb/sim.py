@@ -33,7 +33,6 @@ from fedimb import batched
 from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_kebab
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
-from fedimb.registry import is_import_path
 from fedimb.server import RoundHook, ServerStop, SimulationEnded, root_cause, run_server
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -218,9 +217,7 @@ def _component_errors(config: Config, table: str) -> Iterator[None]:
     except ConfigError:
         raise
     except Exception as exc:
-        if not isinstance(exc, ValueError | TypeError) and not is_import_path(
-            config.components[table].name
-        ):
+        if not config.raised_by(table, exc):
             raise
         raise config.component_error(table, exc) from exc
 

@@ -12,7 +12,7 @@ Message protocol (the client side lives in ``clients/``):
 
 The client keeps its own ``c_i``, trains with ``grad + c - c_i`` and, with option II,
 sets ``c_i_new = c_i - c + (x - y_i) / (K * lr)``; with heavy-ball momentum, ``K`` is
-the effective step count ``a_i`` of ``strategies.fednova`` (K plain SGD steps otherwise).
+the effective step count ``a_i`` (``fedimb.train.effective_steps``, as FedNova's).
 """
 
 from __future__ import annotations
