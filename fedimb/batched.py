@@ -28,11 +28,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedimb.data.augment import crop_flip
-from fedimb.losses import imbalance_loss_tensors, stack_params
+from fedimb.losses import TENSOR_FIELDS, imbalance_loss_tensors, stack_params
 from fedimb.models import is_vectorisable
 from fedimb.train import ClientJob, ToFloat, TrainResult, TrainSettings, autocast
-
-LOSS_FIELDS = ("weight", "offset", "scale", "margin", "mask")
 
 
 def pays_off(model: nn.Module, device: torch.device) -> bool:
@@ -172,7 +170,7 @@ def train_clients(
     )
 
     lp = stack_params([job.loss.params for job in jobs])
-    loss_tensors = {f: getattr(lp, f).to(device) for f in LOSS_FIELDS}
+    loss_tensors = {f: getattr(lp, f).to(device) for f in TENSOR_FIELDS}
 
     def client_loss(p, b, x, y, valid, weight, offset, scale, margin, mask):
         with autocast(device, settings.bf16):

@@ -233,13 +233,13 @@ def check_runs_on(
 
 def round_fractions(config: Config) -> list[str]:
     """The config's schedules given as fractions of num-rounds (DRW, DRS, lr milestones)."""
-    from fedimb.config import sampling_defaults
     from fedimb.losses import list_losses, loss_defaults
+    from fedimb.sampling import sampler_params
 
     loss = config.loss
     loss_params = loss_defaults(loss.name) if loss.name in list_losses() else {}
     loss_params.update(loss.kwargs())
-    sampling_params = {**sampling_defaults(config.sampling.name), **config.sampling.kwargs()}
+    sampling_params = {**sampler_params(config.sampling.name), **config.sampling.kwargs()}
     found = []
     if isinstance(loss_params.get("drw_start"), float):
         found.append("loss.drw-start")
@@ -418,6 +418,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         built = build_report(args.results_dir, target_error=args.target_error)
     except ValueError as exc:  # e.g. a folder that holds no run
         raise ConfigError(str(exc)) from exc
+    print(built["md"].read_text())
     for name, path in built.items():
         print(f"{name}: {path}")
     return 0
@@ -465,7 +466,7 @@ def _list_notes(table: str) -> list[str]:
         least = COMPONENT_OWN_KEYS["strategy"]["min-train-clients"].default
         return [
             f"also strategy.min-train-clients = {least}: sets min-train-nodes and "
-            "min-available-nodes",
+            "min-available-nodes (either, set beside it, wins)",
             "fednova normalises by the clients' momentum: the run's momentum, not a setting",
         ]
     return []

@@ -34,7 +34,13 @@ from fedimb.federation import (
     use_augmentation,
 )
 from fedimb.losses import make_loss
-from fedimb.records import record_of, state_record
+from fedimb.records import (
+    NUM_STEPS_KEY,
+    SCAFFOLD_CONTROL_KEY,
+    SCAFFOLD_DELTA_KEY,
+    record_of,
+    state_record,
+)
 from fedimb.train import (
     ClientJob,
     TrainResult,
@@ -48,8 +54,6 @@ from fedimb.train import (
 
 log = logging.getLogger(__name__)
 
-SCAFFOLD_CONTROL = "scaffold-control"
-SCAFFOLD_DELTA = "scaffold-delta"
 # A train reply's metric: the client's training samples per class (static: not logged).
 CLASS_COUNTS_KEY = "class-counts"
 SCAFFOLD_STATE = "scaffold-ci"
@@ -137,7 +141,7 @@ def _scaffold_control(
     msg: Message, context: Context, params: Sequence[str], device: torch.device
 ) -> Controls | None:
     """SCAFFOLD: (c, c_i) when the server sent a control variate, else None."""
-    control = record_of(msg.content, SCAFFOLD_CONTROL, ArrayRecord)
+    control = record_of(msg.content, SCAFFOLD_CONTROL_KEY, ArrayRecord)
     if control is None:
         return None
     c = {k: v.to(device) for k, v in control.to_torch_state_dict().items()}
@@ -233,7 +237,7 @@ def make_reply(
                 {
                     "num-examples": result.num_examples,
                     "train-loss": result.loss,
-                    "num-steps": result.num_steps,
+                    NUM_STEPS_KEY: result.num_steps,
                     "partition-id": pid,
                     "train-seconds": seconds,
                     CLASS_COUNTS_KEY: [int(c) for c in class_counts],
@@ -252,7 +256,7 @@ def make_reply(
             for k in c_i  # the model's parameters
         }
         context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
-        content[SCAFFOLD_DELTA] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
+        content[SCAFFOLD_DELTA_KEY] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
     # The server keeps the latest copy for its checkpoints: under Ray, the clients'
     # contexts live in Flower's engine, out of the server's reach.
     content.update(state_entries(context.state))  # not ``array_records``: a cyclic view

@@ -4,9 +4,12 @@ A config is a TOML file with kebab-case keys, usable as it is as a Flower run co
 (``flwr run . --run-config configs/x.toml``): Flower flattens tables into dotted keys
 (``loss.name``), and :meth:`Config.from_flat` reads exactly that form back.
 
-Everything is validated here, once, before any data is loaded or Ray starts: unknown
+The config is validated here, once, before any data is loaded or Ray starts: unknown
 keys (with a did-you-mean), wrong types, out-of-range values and unknown component
 names each give one :class:`ConfigError` naming the key, the value and what is allowed.
+The loss and strategy are built here to check their parameters; what needs the data
+(the partition, the model on the data's shape, the sampler's schedule, a plug-in loss
+on real counts) is checked by :func:`fedimb.sim.prepare`, still before any engine starts.
 
 The component tables (``[loss]``, ``[strategy]``, ``[partition]``, ``[model]``,
 ``[sampling]``) hold a ``name`` plus parameters. A table may carry parameters of several
@@ -34,6 +37,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fedimb.registry import RegistryError, import_object, is_import_path
+from fedimb.schedule import switch_round
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
 
@@ -54,7 +58,6 @@ class Field:
     default: Any
     check: Callable[[Any], bool] = lambda v: True
     allowed: str = ""
-    help: str = ""
     listed: bool = False  # a comma-separated string; a number or an array of them is joined
 
 
@@ -79,8 +82,8 @@ def _device_ok(v: str) -> bool:
 
 
 TOP_LEVEL: dict[str, Field] = {
-    "dataset": Field(str, "digits", help="dataset name (fedimb datasets) or import path"),
-    "data-root": Field(str, "", help="dataset folder ('' = the dataset's default)"),
+    "dataset": Field(str, "digits"),  # a registered name or an import path
+    "data-root": Field(str, ""),  # the dataset's folder ('' = its default)
     "num-clients": Field(int, 20, _positive, "an integer >= 1"),
     "num-rounds": Field(int, 10, _positive, "an integer >= 1"),
     "local-epochs": Field(int, 1, _positive, "an integer >= 1"),
@@ -105,7 +108,7 @@ TOP_LEVEL: dict[str, Field] = {
     "max-failure-fraction": Field(float, 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "client-timeout": Field(float, 0.0, _non_negative, "seconds >= 0 (0 = no limit)"),
     "round-timeout": Field(float, 3600.0, _positive, "seconds > 0"),
-    "out-dir": Field(str, "", help="results folder ('' = a new folder under results/)"),
+    "out-dir": Field(str, ""),  # the results folder ('' = a new one under results/)
 }
 
 _IDS = 'comma-separated integers, e.g. "0,3" or [0, 3]'
@@ -116,19 +119,16 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
         "profile": Field(str, "exp", *_choice("exp", "step")),
     },
     "ray": {
-        "address": Field(str, "", help="an existing Ray cluster ('' = start a local one)"),
+        "address": Field(str, ""),  # an existing Ray cluster ('' = start a local one)
         "client-cpus": Field(float, 1.0, _positive, "a number > 0"),
         "client-gpus": Field(float, 0.0, _non_negative, "a number >= 0"),
     },
     # The clients' learning rate by round (see lr_in_round).
     "lr-schedule": {
         "decay": Field(float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = none)"),
+        # rounds (or fractions of num-rounds) where lr is multiplied by gamma
         "milestones": Field(
-            str,
-            "",
-            allowed='rounds or fractions, e.g. "0.8,0.9" or [150, 180]',
-            help="rounds (or fractions of num-rounds) where lr is multiplied by gamma",
-            listed=True,
+            str, "", allowed='rounds or fractions, e.g. "0.8,0.9" or [150, 180]', listed=True
         ),
         "gamma": Field(float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     },
@@ -138,9 +138,7 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
         "nan-clients": Field(str, "", allowed=_IDS, listed=True),
         "slow-clients": Field(str, "", allowed=_IDS, listed=True),
         "slow-s": Field(float, 0.0, _non_negative, "seconds >= 0"),
-        "rounds": Field(
-            str, "", allowed=_IDS, help="rounds where faults fire ('' = every round)", listed=True
-        ),
+        "rounds": Field(str, "", allowed=_IDS, listed=True),  # where faults fire ('' = all)
     },
 }
 
@@ -524,7 +522,7 @@ def component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, 
     if table == "sampling":
         from fedimb import sampling
 
-        return sampling.list_samplers(), sampling_defaults
+        return sampling.list_samplers(), sampling.sampler_params
     if table == "partition":
         from fedimb.data.partition import PARTITIONERS, partition_params
 
@@ -538,11 +536,6 @@ def component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, 
 
         return strategies.list_strategies(), strategies.strategy_params
     raise KeyError(table)
-
-
-def sampling_defaults(name: str) -> dict[str, Any]:
-    """Parameters of the local samplers (only DRS has one)."""
-    return {"drs_start": 0.8} if name == "drs" else {}
 
 
 def callable_params(obj: Any, skip: int = 0) -> tuple[dict[str, Any], bool]:
@@ -836,8 +829,6 @@ def _check_cross_field(config: Config) -> None:
 def lr_milestones(config: Config) -> list[int]:
     """The rounds where the learning rate drops, from ``lr-schedule.milestones``: round
     numbers, or fractions of ``num-rounds`` that run before the drop (as ``drw-start``)."""
-    from fedimb.losses import switch_round
-
     rounds = []
     for text in filter(None, (t.strip() for t in config["lr-schedule.milestones"].split(","))):
         try:

@@ -39,7 +39,7 @@ and ``ldam`` take ``drw_start`` (``None`` = off). Before the switch round they u
 class weights, from it on class-balanced weights with ``beta = drw_beta``. ``drw_start``
 is a round number (int >= 1) or the fraction of ``num_rounds`` that runs unweighted
 (float in (0, 1)): 0.8 of 200 rounds re-weights rounds 161-200, the last 20%, as the
-reference code does (see :func:`switch_round`).
+reference code does (see :func:`fedimb.schedule.switch_round`).
 
 Logit scale
 -----------
@@ -91,7 +91,7 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedimb.registry import Registry
+from fedimb.schedule import Rounds, check_rounds, is_real, switch_round
 
 __all__ = [
     "COSINE_SCALE",
@@ -112,7 +113,6 @@ __all__ = [
     "loss_defaults",
     "make_loss",
     "stack_params",
-    "switch_round",
     "validate_counts",
 ]
 
@@ -379,19 +379,6 @@ class Loss:
 # --------------------------------------------------------------------------- validation
 
 
-class _Rounds(NamedTuple):
-    server_round: int
-    num_rounds: int
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def validate_counts(class_counts: Any) -> np.ndarray:
     """``class_counts`` as a 1-D int64 array, or ValueError (negative, all zero, ...)."""
     if isinstance(class_counts, Tensor):
@@ -414,71 +401,11 @@ def validate_counts(class_counts: Any) -> np.ndarray:
     return raw.astype(np.int64)
 
 
-def _check_rounds(server_round: Any, num_rounds: Any) -> _Rounds:
-    if not _is_int(num_rounds) or num_rounds < 1:
-        raise ValueError(f"num_rounds must be an int >= 1, got {num_rounds!r}")
-    if not _is_int(server_round) or not 1 <= server_round <= num_rounds:
-        raise ValueError(
-            f"server_round must be an int in [1, num_rounds={num_rounds}], got {server_round!r}"
-        )
-    return _Rounds(int(server_round), int(num_rounds))
-
-
-def switch_round(
-    start: int | float | None, num_rounds: int, *, name: str = "drw_start"
-) -> int | None:
-    """The first round (1-based) of a deferred schedule (DRW, DRS), or None when off.
-
-    Parameters
-    ----------
-    start : int, float or None
-        An int >= 1 is the round itself; a float in (0, 1) is the fraction of
-        ``num_rounds`` that runs before the switch: round ``floor(start * num_rounds) + 1``
-        (0.8 of 200 rounds -> round 161, as LDAM-DRW's reference code switches at its
-        epoch 160 of 0-199: the last 20% are deferred).
-    num_rounds : int
-        Total number of rounds.
-    name : str
-        Parameter name for error messages.
-
-    Raises
-    ------
-    ValueError
-        For a bool, a non-number, an int < 1, a float outside (0, 1), or a round after the
-        last one.
-    """
-    if start is None:
-        return None
-    if _is_int(start):
-        if start < 1:
-            raise ValueError(
-                f"{name} must be a round number >= 1 or a fraction in (0, 1), got {start!r}"
-            )
-        first = int(start)
-    elif _is_real(start):
-        if not (math.isfinite(start) and 0 < start < 1):
-            raise ValueError(
-                f"{name} as a float is the fraction of num_rounds before the switch, in "
-                f"(0, 1), got {start!r} (use an int for a round number)"
-            )
-        first = math.floor(float(start) * num_rounds + 1e-9) + 1  # 1e-9: 0.29*100 -> 29
-    else:
-        raise ValueError(
-            f"{name} must be None, an int round number >= 1 or a fraction in (0, 1), got {start!r}"
-        )
-    if first > num_rounds:
-        raise ValueError(
-            f"{name}={start!r} starts at round {first}, after the last round "
-            f"(num_rounds={num_rounds})"
-        )
-    return first
-
-
 def _in_range(
     lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
 ) -> Callable[[str, Any], float]:
     def check(name: str, value: Any) -> float:
-        ok = _is_real(value) and math.isfinite(value)
+        ok = is_real(value) and math.isfinite(value)
         ok = ok and (value > lo if lo_open else value >= lo)
         ok = ok and (value < hi if hi_open else value <= hi)
         if not ok:
@@ -517,7 +444,7 @@ def _scale(name: str, value: Any) -> float | None:
 
 def _schedule_start(name: str, value: Any) -> int | float | None:
     # Checked against num_rounds when the loss is built (switch_round).
-    if value is None or _is_real(value):
+    if value is None or is_real(value):
         return value
     raise ValueError(f"{name} must be None, an int round or a fraction in (0, 1), got {value!r}")
 
@@ -598,7 +525,7 @@ def _keep(counts: np.ndarray, missing: str) -> np.ndarray:
 
 def _drw_weights(
     counts: np.ndarray,
-    rounds: _Rounds,
+    rounds: Rounds,
     drw_start: int | float | None,
     drw_beta: float,
     missing: str,
@@ -690,7 +617,7 @@ def _register(
 @_register("ce", missing="present", **_MISSING, **_DRW)
 def _ce(
     counts: np.ndarray,
-    rounds: _Rounds,
+    rounds: Rounds,
     *,
     missing: str,
     min_count: float,
@@ -703,7 +630,7 @@ def _ce(
 
 @_register("inverse-frequency", missing="present", **_MISSING)
 def _inverse_frequency(
-    counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
+    counts: np.ndarray, rounds: Rounds, *, missing: str, min_count: float
 ) -> LossParams:
     weight = _class_weights(counts, lambda n: 1.0 / n, missing, min_count)
     return _params(counts, weight=weight, keep=_keep(counts, missing))
@@ -711,7 +638,7 @@ def _inverse_frequency(
 
 @_register("inverse-sqrt-frequency", missing="present", **_MISSING)
 def _inverse_sqrt_frequency(
-    counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
+    counts: np.ndarray, rounds: Rounds, *, missing: str, min_count: float
 ) -> LossParams:
     weight = _class_weights(counts, lambda n: 1.0 / np.sqrt(n), missing, min_count)
     return _params(counts, weight=weight, keep=_keep(counts, missing))
@@ -728,7 +655,7 @@ def _inverse_sqrt_frequency(
 )
 def _class_balanced(
     counts: np.ndarray,
-    rounds: _Rounds,
+    rounds: Rounds,
     *,
     beta: float,
     base: str,
@@ -752,7 +679,7 @@ def _class_balanced(
 @_register("focal", gamma=1.0, missing="present", **_MISSING, **_DRW)
 def _focal(
     counts: np.ndarray,
-    rounds: _Rounds,
+    rounds: Rounds,
     *,
     gamma: float,
     missing: str,
@@ -766,7 +693,7 @@ def _focal(
 
 def _ldam(
     counts: np.ndarray,
-    rounds: _Rounds,
+    rounds: Rounds,
     *,
     max_m: float,
     missing: str,
@@ -786,7 +713,7 @@ _register("ldam-drw", **_LDAM, **{**_DRW, "drw_start": 0.8})(_ldam)
 
 @_register("balanced-softmax", missing="present", **_MISSING)
 def _balanced_softmax(
-    counts: np.ndarray, rounds: _Rounds, *, missing: str, min_count: float
+    counts: np.ndarray, rounds: Rounds, *, missing: str, min_count: float
 ) -> LossParams:
     offset = _offsets(counts, np.log, missing, min_count)
     return _params(counts, offset=offset, keep=_keep(counts, missing))
@@ -794,7 +721,7 @@ def _balanced_softmax(
 
 @_register("logit-adjusted", tau=1.0, missing="present", **_MISSING)
 def _logit_adjusted(
-    counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str, min_count: float
+    counts: np.ndarray, rounds: Rounds, *, tau: float, missing: str, min_count: float
 ) -> LossParams:
     present = counts > 0
 
@@ -808,13 +735,13 @@ def _logit_adjusted(
 
 
 @_register("fedrs", alpha=0.5)
-def _fedrs(counts: np.ndarray, rounds: _Rounds, *, alpha: float) -> LossParams:
+def _fedrs(counts: np.ndarray, rounds: Rounds, *, alpha: float) -> LossParams:
     return _params(counts, scale=np.where(counts > 0, 1.0, alpha))
 
 
 @_register("fedlc", tau=1.0, missing="clamp", **_MISSING)
 def _fedlc(
-    counts: np.ndarray, rounds: _Rounds, *, tau: float, missing: str, min_count: float
+    counts: np.ndarray, rounds: Rounds, *, tau: float, missing: str, min_count: float
 ) -> LossParams:
     offset = _offsets(counts, lambda n: -tau * np.power(n, -0.25), missing, min_count)
     return _params(counts, offset=offset, keep=_keep(counts, missing))
@@ -895,7 +822,7 @@ def make_loss(
     if not isinstance(name, str):
         raise ValueError(f"loss name must be a string, got {name!r}")
     counts = validate_counts(class_counts)
-    rounds = _check_rounds(server_round, num_rounds)
+    rounds = check_rounds(server_round, num_rounds)
     if name in _LOSSES:
         spec = _LOSSES.get(name)
         values = spec.resolve(name, params)

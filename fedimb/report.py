@@ -20,38 +20,39 @@ It accepts three kinds of folder:
 - a folder of run folders: the groups are the config keys whose values differ between
   the runs' ``config.toml`` files (ignoring ``seed`` and output paths).
 
-Run it as ``fedimb report <dir>`` or ``python -m fedimb.report <dir>``.
+Run it as ``fedimb report <dir>``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import re
-import sys
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedimb.config import flatten
 from fedimb.results import (
     CONFIG_FILE,
     METRICS_FILE,
     PARTITION_FILE,
     SUMMARY_FILE,
+    SWEEP_FILE,
     atomic_write_bytes,
     atomic_write_text,
+    check_target_error,
+    finite_or_none,
     read_json,
     read_jsonl,
 )
 
-SWEEP_FILE = "sweep.json"  # same name as fedimb.sweep.SWEEP_FILE (no import: no cycle)
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
@@ -63,23 +64,10 @@ SPLIT_PREFIXES = ("partition.",)
 HEADLINE_KEYS = ("dataset", "partition.name", "loss.name", "strategy.name")
 # Keys that differ between runs without defining a different experiment: the seed is
 # the replicate, the others are where a run was written.
-_PER_RUN_KEY = re.compile(
-    r"(^|\.)(seed|output|output-dir|out-dir|results-dir|run-dir|run-name|run-id)$"
-)
+_PER_RUN_KEY = re.compile(r"(^|\.)(seed|out-dir)$")
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables -> dotted keys (``{"loss": {"name": x}}`` -> ``{"loss.name": x}``)."""
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _hashable(value: Any) -> Any:
@@ -101,9 +89,8 @@ def _display(value: Any) -> str:
 
 def _num(value: Any) -> float:
     """A finite float, or NaN for None / non-numbers / inf (JSON writes NaN as null)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return math.nan
+    number = finite_or_none(value)
+    return math.nan if number is None else number
 
 
 @dataclass(frozen=True)
@@ -201,7 +188,7 @@ def _is_run_dir(path: Path) -> bool:
 def _read_config(path: Path) -> dict[str, Any]:
     """Flattened config.toml, or {} when missing or unreadable (a run that died early)."""
     try:
-        return _flatten(tomllib.loads((path / CONFIG_FILE).read_text()))
+        return flatten(tomllib.loads((path / CONFIG_FILE).read_text()))
     except (FileNotFoundError, tomllib.TOMLDecodeError):
         return {}
 
@@ -705,18 +692,6 @@ def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
 # --------------------------------------------------------------------------- entry points
 
 
-def _check_target(target_error: Any) -> float | None:
-    if target_error is None:
-        return None
-    if (
-        isinstance(target_error, bool)
-        or not isinstance(target_error, int | float)
-        or not (0 <= target_error <= 1)
-    ):
-        raise ValueError(f"target_error must be a number in [0, 1] or None, got {target_error!r}")
-    return float(target_error)
-
-
 def build_report(results_dir: str | Path, *, target_error: float | None = None) -> dict[str, Path]:
     """Write report.csv, report.md, curves.png and per_class.png into ``results_dir``.
 
@@ -738,10 +713,10 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
     ValueError
         If ``results_dir`` holds no run or ``target_error`` is outside [0, 1].
     """
-    target = _check_target(target_error)
+    target = check_target_error(target_error, "target_error")
     runset = load_runs(results_dir)
     if target is None:
-        target = _check_target(runset.target_error)
+        target = check_target_error(runset.target_error)
     rows = summarize(runset, target)
     keys = _label_keys(runset)
     root = runset.root
@@ -753,31 +728,3 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
         "curves": plot_curves(rows, keys, root / CURVES_PNG),
         "per_class": plot_per_class(rows, keys, root / PER_CLASS_PNG),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fedimb report <dir> [--target-error X]``: rebuild the report from disk."""
-    parser = argparse.ArgumentParser(
-        prog="fedimb report", description="Tables and plots from results folders."
-    )
-    parser.add_argument("results_dir", type=Path, help="a sweep, a run, or a folder of runs")
-    parser.add_argument(
-        "--target-error",
-        type=float,
-        default=None,
-        help="balanced error for the 'rounds to reach' column",
-    )
-    args = parser.parse_args(argv)
-    try:
-        paths = build_report(args.results_dir, target_error=args.target_error)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(paths["md"].read_text())
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

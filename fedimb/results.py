@@ -3,13 +3,19 @@
 Layout (one run)::
 
     config.toml      the resolved config (nested TOML, re-runnable with --config)
+    partition.json   the class names and each client's per-class training counts
     metrics.jsonl    one JSON object per evaluated round (round 0 = the initial model)
     clients.jsonl    per-client training metrics, one object per client and round
     summary.json     status, final/best balanced error, wall time, seed, versions
-    checkpoint.pt    global model + strategy + RNG state of the last checkpointed round
+    checkpoint.pt    global model, strategy, RNG and client state of the last
+                     checkpointed round (written by ``fedimb.server.save_checkpoint``)
 
-Every file is replaced atomically: written to a temporary file in the same folder,
-flushed to disk, then renamed over the old one (``os.replace`` is atomic on POSIX).
+A sweep folder also holds ``sweep.json`` (its cells and their status) and one run
+folder per cell.
+
+Every file but clients.jsonl is replaced atomically: written to a temporary file in the
+same folder, flushed to disk, then renamed over the old one (``os.replace`` is atomic on
+POSIX). clients.jsonl grows by one appended write per round (:func:`append_jsonl`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,23 @@ CLIENTS_FILE = "clients.jsonl"
 SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+SWEEP_FILE = "sweep.json"
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def check_target_error(value: Any, name: str = "target-error") -> float | None:
+    """A target balanced error in [0, 1] (or None: no target), as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -143,11 +166,11 @@ def package_versions() -> dict[str, str]:
 
 
 class RunRecorder:
-    """Owns a run's results directory: per-round rows, summary, checkpoints.
+    """Writes a run's per-round rows and its summary into its results directory.
 
-    Every write replaces a whole file atomically, so a run killed at any moment leaves
-    the files of its last completed write (never a half line). On resume the rows after
-    the checkpointed round are dropped: they will be recomputed identically.
+    A run killed at any moment leaves the files of its last completed write (at worst a
+    cut last line of clients.jsonl, which :func:`read_jsonl` skips). On resume the rows
+    after the checkpointed round are dropped: they will be recomputed identically.
     """
 
     def __init__(

@@ -20,7 +20,7 @@ client's labels). Counts ``n_j`` are those of the client; only present classes
     ``class-balanced`` from it on. ``drs_start`` is an int round (>= 1) or a fraction of
     ``num_rounds`` before the switch, in (0, 1) (round ``floor(drs_start * num_rounds) + 1``),
     default 0.8; see
-    :func:`fedimb.losses.switch_round`.
+    :func:`fedimb.schedule.switch_round`.
 
 A user sampler is an import path ``"pkg.mod:fn"`` called as
 ``fn(labels, rng, server_round=..., num_rounds=...)`` that returns 1-D indices into
@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from fedimb.losses import switch_round
+from fedimb.data.partition import check_labels
 from fedimb.registry import Registry
+from fedimb.schedule import check_rounds, switch_round
 
-__all__ = ["DRS_DEFAULT_START", "epoch_indices", "list_samplers"]
+__all__ = ["DRS_DEFAULT_START", "epoch_indices", "list_samplers", "sampler_params"]
 
 DRS_DEFAULT_START = 0.8
 
@@ -98,27 +99,9 @@ def list_samplers() -> list[str]:
     return _SAMPLERS.names()
 
 
-def _check_labels(labels: Any) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise ValueError(f"labels must be 1-D (one label per sample), got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"labels must be >= 0, got {int(arr.min())}")
-    return arr.astype(np.int64, copy=False)
-
-
-def _check_rounds(server_round: Any, num_rounds: Any) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-    if not is_int(num_rounds) or num_rounds < 1:
-        raise ValueError(f"num_rounds must be an int >= 1, got {num_rounds!r}")
-    if not is_int(server_round) or not 1 <= server_round <= num_rounds:
-        raise ValueError(
-            f"server_round must be an int in [1, num_rounds={num_rounds}], got {server_round!r}"
-        )
+def sampler_params(name: str) -> dict[str, Any]:
+    """A built-in sampler's parameters with their defaults (only ``drs`` has one)."""
+    return {"drs_start": DRS_DEFAULT_START} if name == "drs" else {}
 
 
 def epoch_indices(
@@ -158,8 +141,8 @@ def epoch_indices(
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if not isinstance(name, str):
         raise ValueError(f"sampler name must be a string, got {name!r}")
-    labels = _check_labels(labels)
-    _check_rounds(server_round, num_rounds)
+    labels = check_labels(labels)
+    check_rounds(server_round, num_rounds)
     if name == "drs":
         start = DRS_DEFAULT_START if drs_start is None else drs_start
         first = switch_round(start, num_rounds, name="drs_start")

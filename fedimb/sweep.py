@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import re
 import time
 import tomllib
@@ -33,11 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedimb.config import DEFAULT_CONFIG
+from fedimb.config import DEFAULT_CONFIG, flatten
 from fedimb.progress import SweepProgress
-from fedimb.results import SUMMARY_FILE, atomic_write_json, atomic_write_text, read_json
+from fedimb.results import (
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    check_target_error,
+    finite_or_none,
+    read_json,
+)
 
-SWEEP_FILE = "sweep.json"
 TRACEBACK_FILE = "traceback.txt"
 SWEEP_KEYS = ("base", "name", "target-error", "set", "grid")
 DEFAULT_RESULTS_ROOT = Path("results")
@@ -117,18 +123,6 @@ class CellResult:
 # --------------------------------------------------------------------------- loading
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables -> dotted keys, so ``loss.name = x`` and ``"loss.name" = x`` agree."""
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def _check_value(where: str, value: Any) -> None:
     """Allow only JSON-representable TOML values (no dates), so sweep.json can hold them."""
     if isinstance(value, list):
@@ -144,7 +138,7 @@ def _check_value(where: str, value: Any) -> None:
 def _parse_grid(raw: Any) -> dict[str, list[Any]]:
     if not isinstance(raw, Mapping):
         raise ValueError(f"grid must be a table of 'key = [values]', got {raw!r}")
-    grid = _flatten(raw)
+    grid = flatten(raw)
     if not grid:
         raise ValueError("grid is empty: give at least one 'key = [value, ...]' under [grid]")
     for key, values in grid.items():
@@ -157,14 +151,6 @@ def _parse_grid(raw: Any) -> dict[str, list[Any]]:
         if len(set(as_json)) != len(as_json):
             raise ValueError(f"grid key {key!r} lists the same value twice: {values!r}")
     return grid
-
-
-def _parse_target(raw: Any) -> float | None:
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
-        raise ValueError(f"target-error must be a number in [0, 1], got {raw!r}")
-    return float(raw)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -224,7 +210,7 @@ def load_sweep(path: str | Path) -> Sweep:
     fixed_raw = raw.get("set", {})
     if not isinstance(fixed_raw, Mapping):
         raise ValueError(f"set must be a table of 'key = value', got {fixed_raw!r}")
-    fixed = _flatten(fixed_raw)
+    fixed = flatten(fixed_raw)
     for key, value in fixed.items():
         _check_value(f"set key {key!r}", value)
 
@@ -238,7 +224,7 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(
         base=base,
         name=name,
-        target_error=_parse_target(raw.get("target-error")),
+        target_error=check_target_error(raw.get("target-error")),
         fixed=fixed,
         grid=grid,
     )
@@ -350,12 +336,6 @@ def _record_failure(cell_dir: Path, cell: Cell, exc: BaseException, seconds: flo
     return error
 
 
-def _float_or_none(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _result(cell: Cell, cell_dir: Path, skipped: bool, error: str | None = None) -> CellResult:
     summary = read_json(cell_dir / SUMMARY_FILE) or {}
     return CellResult(
@@ -364,8 +344,8 @@ def _result(cell: Cell, cell_dir: Path, skipped: bool, error: str | None = None)
         path=cell_dir,
         status=str(summary.get("status", "missing")),
         skipped=skipped,
-        final_balanced_error=_float_or_none(summary.get("final_balanced_error")),
-        wall_time_s=_float_or_none(summary.get("wall_time_s")),
+        final_balanced_error=finite_or_none(summary.get("final_balanced_error")),
+        wall_time_s=finite_or_none(summary.get("wall_time_s")),
         error=error if error is not None else summary.get("error"),
     )
 

@@ -22,10 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.supercore import log
 
+from fedimb.records import NUM_STEPS_KEY
 from fedimb.train import effective_steps
 from strategies.stock import FedAvg
-
-NUM_STEPS_KEY = "num-steps"
 
 
 class FedNova(FedAvg):

@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/1910.06378
 
-Message protocol (the client side lives in ``clients/``):
+Message protocol (the client side: ``fedimb.client.make_reply`` and ``fedimb.train``):
 
 - train instruction: ``"arrays"`` (global state_dict), ``"config"`` and
   ``"scaffold-control"``: an ArrayRecord with the global control variate ``c``, one
@@ -27,11 +27,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.supercore import log
 
-from fedimb.records import record_of
+from fedimb.records import SCAFFOLD_CONTROL_KEY, SCAFFOLD_DELTA_KEY, record_of
 from strategies.stock import FedAvg
-
-CONTROL_KEY = "scaffold-control"
-DELTA_KEY = "scaffold-delta"
 
 
 class Scaffold(FedAvg):
@@ -115,7 +112,7 @@ class Scaffold(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         control = ArrayRecord({k: Array(v) for k, v in self.control.items()})
         for message in messages:
-            message.content[CONTROL_KEY] = control
+            message.content[SCAFFOLD_CONTROL_KEY] = control
         return messages
 
     def _pop_deltas(self, replies: list[Message]) -> list[dict[str, np.ndarray]]:
@@ -128,12 +125,12 @@ class Scaffold(FedAvg):
         for msg in replies:
             if msg.has_error():
                 continue
-            if record_of(msg.content, DELTA_KEY, ArrayRecord) is None:
+            if record_of(msg.content, SCAFFOLD_DELTA_KEY, ArrayRecord) is None:
                 raise AggregationError(
                     f"a train reply from node {msg.metadata.src_node_id} has no "
-                    f"{DELTA_KEY!r} ArrayRecord; is the ClientApp running SCAFFOLD?"
+                    f"{SCAFFOLD_DELTA_KEY!r} ArrayRecord; is the ClientApp running SCAFFOLD?"
                 )
-            record = msg.content.pop(DELTA_KEY)
+            record = msg.content.pop(SCAFFOLD_DELTA_KEY)
             deltas.append({k: a.numpy() for k, a in record.items()})
         return deltas
 
@@ -144,7 +141,7 @@ class Scaffold(FedAvg):
         for key, c in self.control.items():
             if any(key not in d or d[key].shape != c.shape for d in deltas):
                 raise AggregationError(
-                    f"{DELTA_KEY!r} must hold {key!r} with shape {c.shape} in every reply"
+                    f"{SCAFFOLD_DELTA_KEY!r} must hold {key!r} with shape {c.shape} in every reply"
                 )
             mean_delta = np.mean([d[key] for d in deltas], axis=0)
             self.control[key] = (c + scale * mean_delta).astype(c.dtype, copy=False)

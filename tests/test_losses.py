@@ -22,9 +22,9 @@ from fedimb.losses import (
     loss_defaults,
     make_loss,
     stack_params,
-    switch_round,
 )
 from fedimb.registry import RegistryError
+from fedimb.schedule import switch_round
 
 C = 10
 B = 24

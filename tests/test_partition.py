@@ -96,7 +96,7 @@ def test_global_rng_untouched(name, params):
 @pytest.mark.parametrize("num_clients", [10, 20, 37])
 def test_label_skew_exact_classes_per_client(k, num_clients):
     labels = skewed_labels()
-    parts = label_skew(labels, num_clients, k, np.random.default_rng(3))
+    parts = label_skew(labels, num_clients, np.random.default_rng(3), classes_per_client=k)
     for i, p in enumerate(parts):
         held = set(np.unique(labels[p]).tolist())
         assert len(held) == k
@@ -106,7 +106,7 @@ def test_label_skew_exact_classes_per_client(k, num_clients):
 
 def test_label_skew_splits_each_class_evenly_among_holders():
     labels = skewed_labels()
-    parts = label_skew(labels, 25, 2, np.random.default_rng(5))
+    parts = label_skew(labels, 25, np.random.default_rng(5), classes_per_client=2)
     counts = class_counts(labels, parts, 10)
     for c in range(10):
         shares = counts[:, c][counts[:, c] > 0]
@@ -116,7 +116,7 @@ def test_label_skew_splits_each_class_evenly_among_holders():
 
 def test_label_skew_drops_undrawn_classes():
     labels = balanced_labels(num_classes=10, per_class=20)
-    parts = label_skew(labels, 3, 1, np.random.default_rng(0))
+    parts = label_skew(labels, 3, np.random.default_rng(0), classes_per_client=1)
     # k=1 with 3 clients: exactly classes 0, 1, 2 are drawn; the other 7 are left out.
     used = assert_disjoint(parts)
     np.testing.assert_array_equal(used, np.flatnonzero(labels < 3))
@@ -127,20 +127,20 @@ def test_label_skew_drops_undrawn_classes():
 def test_label_skew_uses_present_classes_only():
     # Labels 3, 7, 9 only: "class i mod K" refers to the sorted present classes.
     labels = np.repeat([3, 7, 9], 10)
-    parts = label_skew(labels, 6, 1, np.random.default_rng(0))
+    parts = label_skew(labels, 6, np.random.default_rng(0), classes_per_client=1)
     assert [int(labels[p][0]) for p in parts] == [3, 7, 9, 3, 7, 9]
 
 
 @pytest.mark.parametrize("k", [0, -1, 11])
 def test_label_skew_bad_classes_per_client(k):
     with pytest.raises(ValueError, match="classes_per_client"):
-        label_skew(balanced_labels(), 10, k, np.random.default_rng(0))
+        label_skew(balanced_labels(), 10, np.random.default_rng(0), classes_per_client=k)
 
 
 def test_label_skew_client_without_data():
     labels = np.array([0, 0, 0, 1])  # class 1 has one sample but two k=1 clients hold it
     with pytest.raises(ValueError, match="no data"):
-        label_skew(labels, 4, 1, np.random.default_rng(0))
+        label_skew(labels, 4, np.random.default_rng(0), classes_per_client=1)
 
 
 # ---------------------------------------------------------------------------- shards
@@ -149,7 +149,7 @@ def test_label_skew_client_without_data():
 def test_shards_each_client_gets_whole_single_class_shards():
     labels = balanced_labels(num_classes=10, per_class=60)
     # 20 clients x 3 shards = 60 shards of 10 samples; 60 per class -> shards never mix.
-    parts = shards(labels, 20, 3, np.random.default_rng(2))
+    parts = shards(labels, 20, np.random.default_rng(2), shards_per_client=3)
     assert_cover(parts, labels.size)
     counts = class_counts(labels, parts, 10)
     assert np.all(counts % 10 == 0), "a client holds whole shards of 10"
@@ -159,7 +159,7 @@ def test_shards_each_client_gets_whole_single_class_shards():
 
 def test_shards_uneven_sizes_still_cover():
     labels = skewed_labels()
-    parts = shards(labels, 7, 3, np.random.default_rng(0))
+    parts = shards(labels, 7, np.random.default_rng(0), shards_per_client=3)
     assert_cover(parts, labels.size)
     # 21 shards of a sorted array: each shard spans at most 2 classes when shards are
     # smaller than the smallest class, so a client holds at most 2 * 3 classes.
@@ -173,9 +173,9 @@ def test_shards_uneven_sizes_still_cover():
 def test_shards_errors():
     labels = np.arange(10) % 2
     with pytest.raises(ValueError, match="shards_per_client"):
-        shards(labels, 2, 0, np.random.default_rng(0))
+        shards(labels, 2, np.random.default_rng(0), shards_per_client=0)
     with pytest.raises(ValueError, match="shards"):
-        shards(labels, 4, 3, np.random.default_rng(0))  # 12 shards > 10 samples
+        shards(labels, 4, np.random.default_rng(0), shards_per_client=3)  # 12 shards > 10 samples
 
 
 # ------------------------------------------------------------------------- dirichlet
@@ -184,7 +184,7 @@ def test_shards_errors():
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 100.0])
 def test_dirichlet_min_size_and_cover(alpha):
     labels = skewed_labels()
-    parts = dirichlet(labels, 10, alpha, np.random.default_rng(0), min_size=20)
+    parts = dirichlet(labels, 10, np.random.default_rng(0), alpha=alpha, min_size=20)
     assert_cover(parts, labels.size)
     assert min(p.size for p in parts) >= 20
 
@@ -193,7 +193,7 @@ def test_dirichlet_alpha_controls_skew():
     labels = balanced_labels(num_classes=10, per_class=200)
 
     def mean_classes_held(alpha: float) -> float:
-        parts = dirichlet(labels, 10, alpha, np.random.default_rng(0), min_size=1)
+        parts = dirichlet(labels, 10, np.random.default_rng(0), alpha=alpha, min_size=1)
         counts = class_counts(labels, parts, 10)
         # Classes holding >= 5% of the client's data: robust to stray single samples.
         frac = counts / counts.sum(axis=1, keepdims=True)
@@ -214,7 +214,7 @@ def test_dirichlet_deals_no_class_to_a_client_holding_its_share(alpha, num_clien
 
     def dealt_beyond_share(balance: bool, seed: int) -> int:
         rng = np.random.default_rng(seed)
-        parts = dirichlet(labels, num_clients, alpha, rng, min_size=1, balance=balance)
+        parts = dirichlet(labels, num_clients, rng, alpha=alpha, min_size=1, balance=balance)
         counts = class_counts(labels, parts, 10)
         held_before = np.cumsum(counts, axis=1) - counts
         return int(((counts > 0) & (held_before >= share)).sum())
@@ -227,18 +227,18 @@ def test_dirichlet_deals_no_class_to_a_client_holding_its_share(alpha, num_clien
 def test_dirichlet_gives_up_with_clear_error():
     labels = balanced_labels(num_classes=2, per_class=50)
     with pytest.raises(ValueError, match=r"max_tries=3"):
-        dirichlet(labels, 10, 0.01, np.random.default_rng(0), min_size=10, max_tries=3)
+        dirichlet(labels, 10, np.random.default_rng(0), alpha=0.01, min_size=10, max_tries=3)
 
 
 @pytest.mark.parametrize("alpha", [0.0, -1.0])
 def test_dirichlet_bad_alpha(alpha):
     with pytest.raises(ValueError, match="alpha"):
-        dirichlet(balanced_labels(), 5, alpha, np.random.default_rng(0))
+        dirichlet(balanced_labels(), 5, np.random.default_rng(0), alpha=alpha)
 
 
 def test_dirichlet_unreachable_min_size():
     with pytest.raises(ValueError, match="min_size"):
-        dirichlet(balanced_labels(per_class=5), 10, 1.0, np.random.default_rng(0), min_size=6)
+        dirichlet(balanced_labels(per_class=5), 10, np.random.default_rng(0), alpha=1.0, min_size=6)
 
 
 # ------------------------------------------------------------------------------- iid
@@ -312,7 +312,7 @@ def test_registry_names_and_dispatch_matches_direct_call():
     assert set(PARTITIONERS.names()) >= {"label-skew", "shards", "dirichlet", "iid"}
     labels = skewed_labels()
     via = partition("label-skew", labels, 12, np.random.default_rng(9), classes_per_client=2)
-    direct = label_skew(labels, 12, 2, np.random.default_rng(9))
+    direct = label_skew(labels, 12, np.random.default_rng(9), classes_per_client=2)
     assert all(np.array_equal(a, b) for a, b in zip(via, direct, strict=True))
 
 
@@ -334,13 +334,13 @@ def test_unknown_partitioner_and_param():
 
 def test_import_path_plugin():
     labels = skewed_labels()
-    parts = partition("fedimb.data.partition:_iid_entry", labels, 4, np.random.default_rng(0))
+    parts = partition("fedimb.data.partition:iid", labels, 4, np.random.default_rng(0))
     assert_cover(parts, labels.size)
 
 
 def test_class_counts_matches_manual_count():
     labels = skewed_labels()
-    parts = dirichlet(labels, 6, 0.3, np.random.default_rng(0), min_size=5)
+    parts = dirichlet(labels, 6, np.random.default_rng(0), alpha=0.3, min_size=5)
     counts = class_counts(labels, parts, 12)
     assert counts.dtype == np.int64 and counts.shape == (6, 12)
     for i, p in enumerate(parts):
@@ -365,8 +365,8 @@ def test_non_integer_counts_rejected(params, match):
         label_skew(
             balanced_labels(),
             kwargs["num_clients"],
-            kwargs["classes_per_client"],
             np.random.default_rng(0),
+            classes_per_client=kwargs["classes_per_client"],
         )
 
 

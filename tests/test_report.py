@@ -21,7 +21,6 @@ from fedimb.report import (
     _per_class_matrix,
     build_report,
     load_runs,
-    main,
     summarize,
 )
 
@@ -72,7 +71,7 @@ def write_run(
         "strategy": {"name": "fedavg"},
     }
     if out_dir_key:
-        config["output-dir"] = str(folder)  # differs per run, must not split groups
+        config["out-dir"] = str(folder)  # differs per run, must not split groups
     (folder / "config.toml").write_text(toml_dumps(config))
     errors = curve_of(final_of(loss, cpc, seed))
     if metrics:
@@ -126,7 +125,7 @@ def runs_dir(tmp_path: Path) -> Path:
 def test_folder_of_runs_groups_by_differing_config_keys(runs_dir: Path) -> None:
     runset = load_runs(runs_dir)
     assert runset.kind == "runs"
-    # seed and output-dir differ too but are per-run, not experiment keys.
+    # seed and out-dir differ too but are per-run, not experiment keys.
     assert runset.group_keys == ["partition.classes-per-client", "loss.name"]
 
     paths = build_report(runs_dir, target_error=0.6)
@@ -280,11 +279,15 @@ def test_folder_without_runs_is_an_error(tmp_path: Path) -> None:
         load_runs(tmp_path / "missing")
 
 
-def test_cli_main(runs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([str(runs_dir), "--target-error", "0.6"]) == 0
+def test_cli_report(runs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedimb.cli import main
+
+    assert main(["report", str(runs_dir), "--target-error", "0.6"]) == 0
     out = capsys.readouterr().out
-    assert "rounds to BE ≤ 0.6" in out and "report.csv" in out
-    assert main([str(tmp_path / "nothing-here")]) == 2
+    assert "rounds to BE ≤ 0.6" in out and "report.csv" in out  # the table, then the files
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert main(["report", str(runs_dir), "--target-error", "2"]) == 2
+    assert "target_error must be a number in [0, 1], got 2.0" in capsys.readouterr().err
 
 
 def test_many_classes_heatmap(tmp_path: Path) -> None:

@@ -36,14 +36,14 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedimb.records import TensorArray, state_record
+from fedimb.records import SCAFFOLD_CONTROL_KEY, SCAFFOLD_DELTA_KEY, TensorArray, state_record
 from fedimb.registry import RegistryError
 from strategies import list_strategies, make_strategy, stock, strategy_params
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.example_custom import ServerLRFedAvg
 from strategies.fedaws import FedAwS, spreadout_grad, spreadout_loss
 from strategies.fednova import FedNova, effective_steps
-from strategies.scaffold import CONTROL_KEY, DELTA_KEY, Scaffold
+from strategies.scaffold import Scaffold
 from strategies.stock import weighted_array_mean
 
 SHAPES = {"conv.weight": (3, 2), "bn.num_batches_tracked": (), "fc.weight": (4, 3), "fc.bias": (4,)}
@@ -180,7 +180,7 @@ def test_scaffold_sends_control_and_updates_it() -> None:
     x = make_state(0)
     messages = configure(strategy, x, nodes=num_nodes)
     assert len(messages) == num_nodes
-    control = messages[0].content[CONTROL_KEY]
+    control = messages[0].content[SCAFFOLD_CONTROL_KEY]
     assert sorted(control.keys()) == sorted(PARAM_KEYS)  # buffers carry no control variate
     assert all(not a.numpy().any() for a in control.values())
 
@@ -188,7 +188,7 @@ def test_scaffold_sends_control_and_updates_it() -> None:
     ys, ns = [make_state(1), make_state(2)], [10, 30]
     deltas = [{k: rng.normal(size=SHAPES[k]).astype(np.float32) for k in PARAM_KEYS} for _ in ys]
     replies = [
-        reply(y, train_metrics(n), {DELTA_KEY: to_record(d)}, node_id=i + 1)
+        reply(y, train_metrics(n), {SCAFFOLD_DELTA_KEY: to_record(d)}, node_id=i + 1)
         for i, (y, n, d) in enumerate(zip(ys, ns, deltas, strict=True))
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -205,7 +205,9 @@ def test_scaffold_sends_control_and_updates_it() -> None:
         np.testing.assert_allclose(strategy.control[key], expected_c, rtol=1e-6)
 
     # The next round ships the updated control variate.
-    sent = configure(strategy, to_numpy(arrays), rnd=2, nodes=num_nodes)[0].content[CONTROL_KEY]
+    sent = configure(strategy, to_numpy(arrays), rnd=2, nodes=num_nodes)[0].content[
+        SCAFFOLD_CONTROL_KEY
+    ]
     np.testing.assert_allclose(sent["fc.weight"].numpy(), strategy.control["fc.weight"])
 
 
@@ -215,7 +217,7 @@ def test_scaffold_clients_control_is_their_gradient_whatever_the_momentum(moment
     # has the same gradient g, so option II's c_i+ (from c = c_i = 0) must be g itself.
     from flwr.app import Context
 
-    from fedimb.client import SCAFFOLD_DELTA, make_reply
+    from fedimb.client import make_reply
     from fedimb.train import ClientJob, TrainSettings, make_plan, train_client
 
     torch.manual_seed(0)
@@ -234,7 +236,9 @@ def test_scaffold_clients_control_is_their_gradient_whatever_the_momentum(moment
     msg = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     answer = make_reply(msg, context, (zeros, zeros), result, 0, settings, start, 0.0)
-    control = {k: torch.from_numpy(a.numpy()) for k, a in answer.content[SCAFFOLD_DELTA].items()}
+    control = {
+        k: torch.from_numpy(a.numpy()) for k, a in answer.content[SCAFFOLD_DELTA_KEY].items()
+    }
     torch.testing.assert_close(control["weight"], torch.outer(direction, x[0]))
     torch.testing.assert_close(control["bias"], direction)
 
@@ -248,13 +252,13 @@ def test_scaffold_infers_float_keys_skips_errors_and_requires_delta() -> None:
     zero = {k: np.ones_like(v) for k, v in strategy.control.items()}
     instruction = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
     failed = Message(Error(code=1, reason="client crashed"), reply_to=instruction)
-    good = reply(make_state(1), train_metrics(5), {DELTA_KEY: to_record(zero)})
+    good = reply(make_state(1), train_metrics(5), {SCAFFOLD_DELTA_KEY: to_record(zero)})
     arrays, _ = strategy.aggregate_train(1, [good, failed])
     np.testing.assert_allclose(arrays["fc.bias"].numpy(), make_state(1)["fc.bias"])
     np.testing.assert_allclose(strategy.control["fc.bias"], 0.5 * np.ones(4))  # |S|=1, N=2
 
     configure(strategy, x, rnd=2)
-    with pytest.raises(AggregationError, match=DELTA_KEY):
+    with pytest.raises(AggregationError, match=SCAFFOLD_DELTA_KEY):
         strategy.aggregate_train(2, [reply(make_state(1), train_metrics(5))])
 
 
@@ -541,7 +545,11 @@ def test_pickled_scaffold_keeps_control_variate() -> None:
     configure(strategy, make_state(0))
     deltas = {k: np.full(SHAPES[k], 2.0, dtype=np.float32) for k in PARAM_KEYS}
     strategy.aggregate_train(
-        1, [reply(make_state(i), train_metrics(1), {DELTA_KEY: to_record(deltas)}) for i in (1, 2)]
+        1,
+        [
+            reply(make_state(i), train_metrics(1), {SCAFFOLD_DELTA_KEY: to_record(deltas)})
+            for i in (1, 2)
+        ],
     )
     restored = pickle.loads(pickle.dumps(strategy))
     for key in PARAM_KEYS:
@@ -720,14 +728,14 @@ class LoopbackGrid(FakeGrid):
         replies = []
         for msg in messages:
             x = to_numpy(msg.content["arrays"])
-            control = msg.content[CONTROL_KEY]  # the client must receive c
+            control = msg.content[SCAFFOLD_CONTROL_KEY]  # the client must receive c
             y = {k: (v - 0.1).astype(v.dtype) if k in control else v for k, v in x.items()}
             delta = {k: np.ones_like(a.numpy()) for k, a in control.items()}
             content = RecordDict(
                 {
                     "arrays": to_record(y),
                     "metrics": MetricRecord(train_metrics(2)),
-                    DELTA_KEY: to_record(delta),
+                    SCAFFOLD_DELTA_KEY: to_record(delta),
                 }
             )
             replies.append(Message(content, reply_to=msg))

@@ -51,10 +51,11 @@ LONG_TAIL_PROFILES = ("exp", "step")
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
+def check_labels(labels: Any) -> np.ndarray:
+    """``labels`` as a 1-D int64 array of non-negative class indices, or ValueError."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be a 1-D array, got shape {labels.shape}")
+        raise ValueError(f"labels must be 1-D (one label per sample), got shape {labels.shape}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
@@ -97,8 +98,9 @@ def _sorted_parts(parts: list[list[np.ndarray]] | list[np.ndarray]) -> list[np.n
 # ------------------------------------------------------------------------ partitioners
 
 
+@PARTITIONERS.register("label-skew")
 def label_skew(
-    labels: np.ndarray, num_clients: int, classes_per_client: int, rng: np.random.Generator
+    labels: np.ndarray, num_clients: int, rng: np.random.Generator, *, classes_per_client: int = 2
 ) -> list[np.ndarray]:
     """Give every client exactly ``classes_per_client`` classes (NIID-Bench ``#C=k``).
 
@@ -114,10 +116,10 @@ def label_skew(
         Integer class label of each sample, shape ``[N]``.
     num_clients : int
         Number of clients.
-    classes_per_client : int
-        ``k``, the number of distinct classes each client holds (1 <= k <= K).
     rng : np.random.Generator
         Source of randomness.
+    classes_per_client : int, default 2
+        ``k``, the number of distinct classes each client holds (1 <= k <= K).
 
     Returns
     -------
@@ -130,7 +132,7 @@ def label_skew(
         If ``classes_per_client`` is outside ``[1, K]`` or a client would get no data
         (a class has fewer samples than the clients sharing it).
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     _check_num_clients(num_clients, labels.size)
     present = np.unique(labels)
     k_total = present.size
@@ -164,8 +166,9 @@ def label_skew(
     return parts
 
 
+@PARTITIONERS.register("shards")
 def shards(
-    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+    labels: np.ndarray, num_clients: int, rng: np.random.Generator, *, shards_per_client: int = 2
 ) -> list[np.ndarray]:
     """Sort by label, cut into equal shards and deal ``shards_per_client`` to each client.
 
@@ -179,10 +182,10 @@ def shards(
         Integer class label of each sample, shape ``[N]``.
     num_clients : int
         Number of clients.
-    shards_per_client : int
-        Shards per client (>= 1); there are ``num_clients * shards_per_client`` shards.
     rng : np.random.Generator
         Source of randomness.
+    shards_per_client : int, default 2
+        Shards per client (>= 1); there are ``num_clients * shards_per_client`` shards.
 
     Returns
     -------
@@ -194,7 +197,7 @@ def shards(
     ValueError
         If ``shards_per_client < 1`` or there are more shards than samples.
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     _check_num_clients(num_clients, labels.size)
     _check_int("shards_per_client", shards_per_client, 1)
     num_shards = num_clients * shards_per_client
@@ -211,11 +214,13 @@ def shards(
     return _sorted_parts([[cut[s] for s in row] for row in dealt])
 
 
+@PARTITIONERS.register("dirichlet")
 def dirichlet(
     labels: np.ndarray,
     num_clients: int,
-    alpha: float,
     rng: np.random.Generator,
+    *,
+    alpha: float = 0.5,
     min_size: int = 10,
     max_tries: int = 1000,
     balance: bool = True,
@@ -234,10 +239,10 @@ def dirichlet(
         Integer class label of each sample, shape ``[N]``.
     num_clients : int
         Number of clients.
-    alpha : float
-        Dirichlet concentration (> 0).
     rng : np.random.Generator
         Source of randomness.
+    alpha : float, default 0.5
+        Dirichlet concentration (> 0).
     min_size : int, default 10
         Minimum samples per client (>= 1, and ``num_clients * min_size <= N``).
     max_tries : int, default 1000
@@ -257,7 +262,7 @@ def dirichlet(
         If ``alpha <= 0``, ``min_size`` is unreachable, or no draw within ``max_tries``
         gives every client ``min_size`` samples.
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     _check_num_clients(num_clients, labels.size)
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
@@ -315,6 +320,7 @@ def _class_shares(
     )
 
 
+@PARTITIONERS.register("iid")
 def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Split the samples uniformly at random into ``num_clients`` near-equal parts.
 
@@ -332,7 +338,7 @@ def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[
     list of np.ndarray
         Sorted sample indices, one array per client.
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     _check_num_clients(num_clients, labels.size)
     return _sorted_parts(list(np.array_split(rng.permutation(labels.size), num_clients)))
 
@@ -370,7 +376,7 @@ def long_tail(
     ValueError
         If ``ratio < 1`` or ``profile`` is unknown.
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     if not ratio >= 1:
         raise ValueError(f"ratio must be >= 1, got {ratio}")
     if profile not in LONG_TAIL_PROFILES:
@@ -402,43 +408,6 @@ def long_tail_counts(n_max: int, num_classes: int, ratio: float, profile: str) -
 
 
 # -------------------------------------------------------------------------- registry
-# Registered entries share one call shape: (labels, num_clients, rng, **params), with
-# keyword-only params carrying defaults so configs can be validated against them.
-
-
-@PARTITIONERS.register("label-skew")
-def _label_skew_entry(
-    labels: np.ndarray, num_clients: int, rng: np.random.Generator, *, classes_per_client: int = 2
-) -> list[np.ndarray]:
-    return label_skew(labels, num_clients, classes_per_client, rng)
-
-
-@PARTITIONERS.register("shards")
-def _shards_entry(
-    labels: np.ndarray, num_clients: int, rng: np.random.Generator, *, shards_per_client: int = 2
-) -> list[np.ndarray]:
-    return shards(labels, num_clients, shards_per_client, rng)
-
-
-@PARTITIONERS.register("dirichlet")
-def _dirichlet_entry(
-    labels: np.ndarray,
-    num_clients: int,
-    rng: np.random.Generator,
-    *,
-    alpha: float = 0.5,
-    min_size: int = 10,
-    max_tries: int = 1000,
-    balance: bool = True,
-) -> list[np.ndarray]:
-    return dirichlet(
-        labels, num_clients, alpha, rng, min_size=min_size, max_tries=max_tries, balance=balance
-    )
-
-
-@PARTITIONERS.register("iid")
-def _iid_entry(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    return iid(labels, num_clients, rng)
 
 
 def partition_params(name: str) -> dict[str, Any]:
@@ -500,7 +469,7 @@ def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) 
     ValueError
         If a label is ``>= num_classes``.
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     if labels.size and labels.max() >= num_classes:
         raise ValueError(
             f"num_classes={num_classes} is too small for label {int(labels.max())}; "

@@ -1,0 +1,93 @@
+"""Round schedules shared by the losses, the samplers and the learning rate.
+
+:func:`check_rounds` validates a (round, number of rounds) pair; :func:`switch_round`
+turns a deferred schedule's start (DRW's ``drw_start``, DRS's ``drs_start``, an lr
+milestone), given as a round or as the fraction of the run before it, into its round.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+__all__ = ["Rounds", "check_rounds", "switch_round"]
+
+
+class Rounds(NamedTuple):
+    """A checked ``server_round`` (1-based) and ``num_rounds``."""
+
+    server_round: int
+    num_rounds: int
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_rounds(server_round: Any, num_rounds: Any) -> Rounds:
+    """``(server_round, num_rounds)`` as :class:`Rounds`, or ValueError: both ints,
+    ``1 <= server_round <= num_rounds``."""
+    if not is_int(num_rounds) or num_rounds < 1:
+        raise ValueError(f"num_rounds must be an int >= 1, got {num_rounds!r}")
+    if not is_int(server_round) or not 1 <= server_round <= num_rounds:
+        raise ValueError(
+            f"server_round must be an int in [1, num_rounds={num_rounds}], got {server_round!r}"
+        )
+    return Rounds(int(server_round), int(num_rounds))
+
+
+def switch_round(
+    start: int | float | None, num_rounds: int, *, name: str = "drw_start"
+) -> int | None:
+    """The first round (1-based) of a deferred schedule (DRW, DRS), or None when off.
+
+    Parameters
+    ----------
+    start : int, float or None
+        An int >= 1 is the round itself; a float in (0, 1) is the fraction of
+        ``num_rounds`` that runs before the switch: round ``floor(start * num_rounds) + 1``
+        (0.8 of 200 rounds -> round 161, as LDAM-DRW's reference code switches at its
+        epoch 160 of 0-199: the last 20% are deferred).
+    num_rounds : int
+        Total number of rounds.
+    name : str
+        Parameter name for error messages.
+
+    Raises
+    ------
+    ValueError
+        For a bool, a non-number, an int < 1, a float outside (0, 1), or a round after the
+        last one.
+    """
+    if start is None:
+        return None
+    if is_int(start):
+        if start < 1:
+            raise ValueError(
+                f"{name} must be a round number >= 1 or a fraction in (0, 1), got {start!r}"
+            )
+        first = int(start)
+    elif is_real(start):
+        if not (math.isfinite(start) and 0 < start < 1):
+            raise ValueError(
+                f"{name} as a float is the fraction of num_rounds before the switch, in "
+                f"(0, 1), got {start!r} (use an int for a round number)"
+            )
+        first = math.floor(float(start) * num_rounds + 1e-9) + 1  # 1e-9: 0.29*100 -> 29
+    else:
+        raise ValueError(
+            f"{name} must be None, an int round number >= 1 or a fraction in (0, 1), got {start!r}"
+        )
+    if first > num_rounds:
+        raise ValueError(
+            f"{name}={start!r} starts at round {first}, after the last round "
+            f"(num_rounds={num_rounds})"
+        )
+    return first
