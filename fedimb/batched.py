@@ -202,15 +202,16 @@ def train_clients(
         sel = slice(None) if members is None else members
         rows = everyone if members is None else members
         idx = plan.index[rows, t, :size]  # [G, B]: already on the device
-        # to_float normalises per channel at dim 1: give it one [G*B, ...] batch.
-        x = to_float(data_x[rows[:, None], idx].flatten(0, 1)).unflatten(0, idx.shape)
-        if plan.shift is not None:
+        # One [G*B, ...] batch: to_float normalises per channel at dim 1.
+        x = data_x[rows[:, None], idx].flatten(0, 1)
+        if plan.shift is not None:  # on the raw images, as one client's trainer does
             x = crop_flip(
-                x.flatten(0, 1),
+                x,
                 plan.shift[rows, t, :size].flatten(0, 1),
                 plan.flip[rows, t, :size].flatten(0, 1),
                 settings.padding,
-            ).reshape(x.shape)
+            )
+        x = to_float(x).unflatten(0, idx.shape)
         y = data_y[rows[:, None], idx]
         valid = plan.valid[rows, t, :size]
         p = {n: v[sel] for n, v in params.items()}

@@ -92,6 +92,9 @@ TOP_LEVEL: dict[str, Field] = {
     "momentum": Field(float, 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight-decay": Field(float, 0.0, _non_negative, "a number >= 0"),
     "seed": Field(int, 0, _non_negative, "an integer >= 0"),
+    # The long tail's subset and the partition; -1 = seed. Fixing it while seeds vary
+    # repeats training over one split (a seed's spread is then training's alone).
+    "data-seed": Field(int, -1, lambda v: v >= -1, "an integer >= 0, or -1 (= seed)"),
     "engine": Field(str, "ray", *_choice(*ENGINES)),
     "device": Field(str, "auto", _device_ok, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "augment": Field(str, "auto", *_choice(*ON_OFF_AUTO)),
@@ -117,6 +120,10 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
     "long-tail": {
         "ratio": Field(float, 1.0, lambda v: v >= 1, "a number >= 1 (1 = no long tail)"),
         "profile": Field(str, "exp", *_choice("exp", "step")),
+        # Shot groups of the metrics, by global training samples per class: many-shot
+        # above the first, few-shot below the second (Liu et al. 2019: 100, 20).
+        "many-shot-above": Field(int, 100, _non_negative, "an integer >= 0"),
+        "few-shot-below": Field(int, 20, _non_negative, "an integer >= 0"),
     },
     "ray": {
         "address": Field(str, ""),  # an existing Ray cluster ('' = start a local one)
@@ -805,6 +812,12 @@ def _check_node_minimums(config: Config, strategy: Any) -> None:
 
 def _check_cross_field(config: Config) -> None:
     """Constraints that involve several keys."""
+    many, few = config["long-tail.many-shot-above"], config["long-tail.few-shot-below"]
+    if few > many + 1:
+        raise ConfigError(
+            f"long-tail.few-shot-below = {few}: must be <= long-tail.many-shot-above + 1 "
+            f"({many + 1}), or a class would be both many-shot and few-shot"
+        )
     part = config.partition
     cpc = part.params.get("classes-per-client")
     if isinstance(cpc, int) and cpc < 1:

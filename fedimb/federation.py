@@ -29,7 +29,15 @@ from fedimb.models import build_model, class_head
 COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
 
 # Flat config keys that decide the data and the partition (the federation's cache key).
-DATA_KEYS = ("dataset", "data-root", "num-clients", "seed", "long-tail.ratio", "long-tail.profile")
+DATA_KEYS = (
+    "dataset",
+    "data-root",
+    "num-clients",
+    "seed",
+    "data-seed",
+    "long-tail.ratio",
+    "long-tail.profile",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,12 +116,17 @@ class Federation:
         return self._test_cache
 
 
+def data_seed(config: Config) -> int:
+    """The seed of the long tail's subset and the partition: ``data-seed``, or ``seed``."""
+    return config["seed"] if config["data-seed"] < 0 else config["data-seed"]
+
+
 def build_federation(config: Config, device: torch.device | None = None) -> Federation:
     """Load the dataset and partition it among ``num-clients`` clients (no caching)."""
     root = config["data-root"] or None
     data = datasets.load_dataset(config["dataset"], root)
     labels = data.y_train.numpy()
-    seed = config["seed"]
+    seed = data_seed(config)
     if config["long-tail.ratio"] > 1:
         keep = long_tail(
             labels,

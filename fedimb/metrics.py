@@ -17,8 +17,9 @@ import numpy as np
 
 # Shot groups of the long-tail literature (Liu et al. 2019, "Large-scale long-tailed
 # recognition in an open world"): many > 100 training samples, medium 20-100, few < 20.
-MANY_SHOT_MIN = 100  # a class is many-shot if it has strictly more training samples
-FEW_SHOT_MAX = 20  # a class is few-shot if it has strictly fewer training samples
+MANY_SHOT_ABOVE = 100  # a class is many-shot if it has strictly more training samples
+FEW_SHOT_BELOW = 20  # a class is few-shot if it has strictly fewer training samples
+SHOT_GROUPS = ("many_shot_error", "medium_shot_error", "few_shot_error")
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -118,7 +119,12 @@ def _group_error(errors: np.ndarray, evaluable: np.ndarray, members: np.ndarray)
 
 
 def classification_metrics(
-    correct: Any, total: Any, train_counts: Any | None = None
+    correct: Any,
+    total: Any,
+    train_counts: Any | None = None,
+    *,
+    many_shot_above: int = MANY_SHOT_ABOVE,
+    few_shot_below: int = FEW_SHOT_BELOW,
 ) -> dict[str, Any]:
     """Balanced error, accuracy and per-class errors from per-class counts.
 
@@ -129,6 +135,8 @@ def classification_metrics(
         batches beforehand).
     train_counts : array-like, optional
         ``[C]`` global per-class training counts; enables the shot-group errors.
+    many_shot_above, few_shot_below : int
+        The shot groups' bounds (``few_shot_below <= many_shot_above + 1``).
 
     Returns
     -------
@@ -141,15 +149,16 @@ def classification_metrics(
         samples (kept in place so that index == class id; no NaN, so it is JSON-safe);
         ``worst_class_error``: the largest per-class error;
         ``num_evaluated_classes``: how many classes entered the balanced error;
-        with ``train_counts``: ``many_shot_error`` (> 100 training samples),
-        ``medium_shot_error`` (20-100) and ``few_shot_error`` (< 20), each the mean
+        with ``train_counts``: ``many_shot_error`` (more than ``many_shot_above``
+        training samples, default 100), ``medium_shot_error`` (20-100) and
+        ``few_shot_error`` (fewer than ``few_shot_below``, default 20), each the mean
         per-class error of the group; a group without evaluable classes is omitted.
 
     Raises
     ------
     ValueError
         On mismatched shapes, negative counts, ``correct > total``, no test samples at
-        all, or ``train_counts`` of the wrong length.
+        all, ``train_counts`` of the wrong length, or overlapping shot groups.
     """
     correct_np, total_np = _check_counts(correct, total)
     evaluable = total_np > 0
@@ -172,12 +181,14 @@ def classification_metrics(
                 f"train_counts must have shape {total_np.shape} (one count per class), "
                 f"got {train_np.shape}"
             )
-        groups = {
-            "many_shot_error": train_np > MANY_SHOT_MIN,
-            "medium_shot_error": (train_np >= FEW_SHOT_MAX) & (train_np <= MANY_SHOT_MIN),
-            "few_shot_error": train_np < FEW_SHOT_MAX,
-        }
-        for key, members in groups.items():
+        if few_shot_below > many_shot_above + 1:
+            raise ValueError(
+                f"few_shot_below={few_shot_below} > many_shot_above={many_shot_above} + 1: "
+                "a class would be both many-shot and few-shot"
+            )
+        many, few = train_np > many_shot_above, train_np < few_shot_below
+        members_of = (many, ~many & ~few, few)
+        for key, members in zip(SHOT_GROUPS, members_of, strict=True):
             value = _group_error(errors, evaluable, members)
             if value is not None:
                 result[key] = value

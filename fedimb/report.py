@@ -5,7 +5,7 @@ into the folder it is given:
 
 - ``report.csv`` / ``report.md``: one row per group of runs that differ only by seed,
   with mean ± std over seeds of the final and best global balanced error, the final
-  model's worst-class error (and, on long tails, its few-shot error), rounds to
+  model's worst-class error (and, on long tails, its many/medium/few-shot errors), rounds to
   reach a target error, wall time and the number of failed runs; sorted by final
   balanced error, the best row of each split (the ``partition.*`` keys) marked ``*``;
 - ``curves.png``: balanced error vs round, one panel per split, one line per group
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import re
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from fedimb.config import flatten
+from fedimb.metrics import SHOT_GROUPS
 from fedimb.results import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -52,6 +54,13 @@ from fedimb.results import (
     read_json,
     read_jsonl,
 )
+
+# Column titles of the shot groups in report.md.
+SHOT_TITLES = {
+    "many_shot_error": "many-shot",
+    "medium_shot_error": "medium-shot",
+    "few_shot_error": "few-shot",
+}
 
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
@@ -303,8 +312,8 @@ class GroupStats:
     best_std: float
     worst_mean: float
     worst_std: float
-    few_shot_mean: float
-    few_shot_std: float
+    shots: dict[str, tuple[float, float]]
+    """Mean and std of the final many/medium/few-shot errors (``SHOT_GROUPS`` keys)."""
     wall_mean: float
     rounds_to_target: float
     reached_target: int
@@ -330,7 +339,10 @@ def _group_stats(
     finals = [v for v in (r.final_error() for r in done) if not math.isnan(v)]
     bests = [v for v in (r.best_error() for r in done) if not math.isnan(v)]
     worsts = [v for v in (r.final_metric("worst_class_error") for r in done) if not math.isnan(v)]
-    few = [v for v in (r.final_metric("few_shot_error") for r in done) if not math.isnan(v)]
+    shots = {}
+    for key in SHOT_GROUPS:
+        values = [v for v in (r.final_metric(key) for r in done) if not math.isnan(v)]
+        shots[key] = (_mean(values), _std(values))
     walls = [v for v in (r.wall_time() for r in done) if not math.isnan(v)]
     reached: list[float] = []
     if target is not None:
@@ -351,8 +363,7 @@ def _group_stats(
         best_std=_std(bests),
         worst_mean=_mean(worsts),
         worst_std=_std(worsts),
-        few_shot_mean=_mean(few),
-        few_shot_std=_std(few),
+        shots=shots,
         wall_mean=_mean(walls),
         rounds_to_target=_mean(reached),
         reached_target=len(reached),
@@ -420,6 +431,10 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
         "final_worst_class_error_std",
         "final_few_shot_error_mean",
         "final_few_shot_error_std",
+        "final_many_shot_error_mean",
+        "final_many_shot_error_std",
+        "final_medium_shot_error_mean",
+        "final_medium_shot_error_std",
     ]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -438,7 +453,8 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
         if target is not None:
             line += [_csv_num(r.rounds_to_target), r.reached_target]
         line += [_csv_num(r.wall_mean), int(r.best_in_split)]
-        line += [_csv_num(v) for v in (r.worst_mean, r.worst_std, r.few_shot_mean, r.few_shot_std)]
+        shots = [r.shots[k] for k in ("few_shot_error", "many_shot_error", "medium_shot_error")]
+        line += [_csv_num(v) for v in (r.worst_mean, r.worst_std, *itertools.chain(*shots))]
         writer.writerow(line)
     return atomic_write_text(path, buf.getvalue())
 
@@ -469,9 +485,10 @@ def markdown_table(
     if show_incomplete:
         header.append("incomplete")
     header += ["final BE", "best BE", "worst class"]
-    show_few_shot = any(not math.isnan(r.few_shot_mean) for r in rows)
-    if show_few_shot:
-        header.append("few-shot")
+    # Shot groups only on a long tail: with balanced data every class is many-shot.
+    shown = [k for k in SHOT_GROUPS if any(not math.isnan(r.shots[k][0]) for r in rows)]
+    shown = shown if shown != ["many_shot_error"] else []
+    header += [SHOT_TITLES[k] for k in shown]
     if target is not None:
         header.append(f"rounds to BE ≤ {target:g}")
     header.append("wall time (s)")
@@ -489,8 +506,7 @@ def markdown_table(
             cells.append(str(r.incomplete))
         cells += [_pm(r.final_mean, r.final_std), _pm(r.best_mean, r.best_std)]
         cells.append(_pm(r.worst_mean, r.worst_std))
-        if show_few_shot:
-            cells.append(_pm(r.few_shot_mean, r.few_shot_std))
+        cells += [_pm(*r.shots[k]) for k in shown]
         if target is not None:
             cells.append(_rounds_cell(r))
         cells.append("-" if math.isnan(r.wall_mean) else f"{r.wall_mean:.1f}")
@@ -500,9 +516,12 @@ def markdown_table(
     lines += [
         "",
         "BE = global balanced error (mean per-class error on the balanced test set); "
-        "mean ± sample std (ddof=1) over the completed seeds. Worst class, few-shot: "
-        "the final model's largest per-class error and mean error over classes with "
-        "fewer than 20 training samples (long tails).",
+        "mean ± sample std (ddof=1) over the completed seeds. Best BE: the lowest over "
+        "the evaluated rounds, picked on that same test set (no validation split), so an "
+        "optimistic figure; final BE is the one to compare. Worst class: the final "
+        "model's largest per-class error. Many/medium/few-shot (long tails): its mean "
+        "error over the classes with more than long-tail.many-shot-above (100), between, "
+        "and fewer than long-tail.few-shot-below (20) training samples.",
         f"`*` = lowest mean final BE within {within}.",
     ]
     bad = [run for r in rows for run in r.runs if not run.completed]

@@ -247,7 +247,9 @@ class RunRecorder:
 # 3: dirichlet caps a client's share as NIID-Bench does (partition.balance = true); with
 # local momentum, SCAFFOLD's c_i divides by the effective steps and FedNova takes the
 # clients' momentum (it assumed plain SGD unless strategy.momentum was set).
-DEFAULTS_VERSION = 3
+# 4: augmentation crops the raw image (its padding is black, as torchvision's RandomCrop
+# before Normalize), not the normalised one (padded with the channel mean).
+DEFAULTS_VERSION = 4
 
 
 def new_run_dir(config: Any, root: str | os.PathLike[str] = "results") -> Path:

@@ -604,7 +604,15 @@ def run_server(
                 fed.dataset.to_float,
                 config["eval-batch-size"],
             )
-            row.update(classification_metrics(correct, total, train_counts=fed.global_counts))
+            row.update(
+                classification_metrics(
+                    correct,
+                    total,
+                    train_counts=fed.global_counts,
+                    many_shot_above=config["long-tail.many-shot-above"],
+                    few_shot_below=config["long-tail.few-shot-below"],
+                )
+            )
         if server_round > 0:
             row["lr"] = lr_in_round(config, server_round)
             row["train_loss"] = guarded.train_loss.get(server_round)

@@ -136,11 +136,12 @@ def batch_inputs(
     """Inputs and targets of one step of one client, augmented on the device."""
     device = job.x.device
     idx = torch.as_tensor(job.plan.batches[step], device=device)
-    x = to_float(job.x[idx])
-    if job.plan.shift is not None:
+    x = job.x[idx]
+    if job.plan.shift is not None:  # on the raw images: the padding is black, as torchvision's
         shift = torch.as_tensor(job.plan.shift[step], device=device)
         flip = torch.as_tensor(job.plan.flip[step], device=device)
         x = crop_flip(x, shift, flip, settings.padding)
+    x = to_float(x)
     if settings.channels_last and device.type == "cuda" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, job.y[idx]

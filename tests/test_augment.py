@@ -114,3 +114,33 @@ def test_cuda_matches_cpu_with_cpu_generator():
 )
 def test_default_augment(name, shape, expected):
     assert default_augment(name, shape) is expected
+
+
+def test_trainer_crops_like_torchvision_randomcrop_then_normalize():
+    """fedimb's trainer pads the raw image with black, as torchvision's
+    ``RandomCrop(padding=4)`` on an image before ``Normalize`` (not with the channel mean)."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+
+    from fedimb.data.datasets import make_dataset
+    from fedimb.train import ClientJob, ClientPlan, TrainSettings, batch_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (6, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(6) % 2
+    ds = make_dataset("t", images, labels, images, labels, ["a", "b"], 255.0)
+    shift = np.array([[0, 0], [8, 8], [3, 5], [4, 4], [0, 8], [7, 1]])
+    flip = np.array([False, True, False, True, True, False])
+    plan = ClientPlan([np.arange(6)], [shift], [flip])
+    job = ClientJob(images, labels, loss=lambda z, y: z.sum(), plan=plan)
+    x, _ = batch_inputs(job, 0, ds.to_float, TrainSettings(augment=True, padding=4))
+    for i in range(6):
+        dy, dx = shift[i].tolist()
+        ref = TF.crop(TF.pad(images[i], [4]), dy, dx, 32, 32)
+        if flip[i]:
+            ref = TF.hflip(ref)
+        ref = TF.normalize(ref.float() / 255, list(ds.mean), list(ds.std))
+        torch.testing.assert_close(x[i], ref)
+    assert x[0, :, 0, 0].tolist() == pytest.approx(
+        [-m / s for m, s in zip(ds.mean, ds.std, strict=True)]
+    )

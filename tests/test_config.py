@@ -96,6 +96,10 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"strategy.min-train-clients": 50}, "must be <= num-clients"),
         ({"partition.name": "dirichlet", "partition.alpha": 0.0}, None),  # checked with the data
         ({"long-tail.ratio": 0.5}, "long-tail.ratio = 0.5: must be a number >= 1"),
+        (
+            {"long-tail.many-shot-above": 50, "long-tail.few-shot-below": 60},
+            "long-tail.few-shot-below = 60: must be <= long-tail.many-shot-above + 1 (51)",
+        ),
         ({"model.name": "vgg"}, "unknown model 'vgg'"),
         ({"loss": 3}, "'loss' is a table"),
         ({"faults.raise-clients": "a,b"}, "comma-separated integers"),

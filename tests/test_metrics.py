@@ -74,6 +74,16 @@ def test_shot_groups() -> None:
     m = classification_metrics(correct[:2], total[:2], train_counts=train[:2])
     assert "medium_shot_error" not in m and "few_shot_error" not in m
 
+    # CIFAR-10-LT's 3/4/3 split of classes: bounds of the config's [long-tail] table.
+    m = classification_metrics(
+        correct, total, train_counts=train, many_shot_above=200, few_shot_below=101
+    )
+    assert m["many_shot_error"] == pytest.approx(0.1)
+    assert m["medium_shot_error"] == pytest.approx(0.5)  # class 1 (101 samples)
+    assert m["few_shot_error"] == pytest.approx(np.mean([0.5, 0.5]))  # 100 and 19 samples
+    with pytest.raises(ValueError, match="both many-shot and few-shot"):
+        classification_metrics(correct, total, train, many_shot_above=10, few_shot_below=12)
+
 
 def test_metrics_have_no_nan() -> None:
     m = classification_metrics([0, 3, 0], [0, 4, 0], train_counts=[1, 200, 50])

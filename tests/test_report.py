@@ -82,7 +82,10 @@ def write_run(
                 "accuracy": 1 - e,
                 "per_class_error": [e - 0.2, e, e + 0.2],
                 "worst_class_error": e + 0.2,
-                # A long tail's few-shot classes (here: ldam's runs only; else no such class).
+                # A long tail's shot groups (here: ldam's runs only; else every class is
+                # many-shot).
+                "many_shot_error": e - 0.1 if loss == "ldam" else e,
+                "medium_shot_error": e if loss == "ldam" else None,
                 "few_shot_error": e + 0.1 if loss == "ldam" else None,
                 "train_loss": None if r == 0 else 1.0,
                 "elapsed_s": 3.0 * r,
@@ -167,7 +170,7 @@ def test_folder_of_runs_groups_by_differing_config_keys(runs_dir: Path) -> None:
 
     md = paths["md"].read_text()
     assert md.count("| * |") == 2
-    assert "| final BE | best BE | worst class | few-shot |" in md
+    assert "| final BE | best BE | worst class | many-shot | medium-shot | few-shot |" in md
     assert md.count(" | - | ") == 2  # ce's rows: no few-shot class
     assert "within its split (partition.classes-per-client)" in md
     for key in ("curves", "per_class"):
@@ -320,3 +323,12 @@ def test_the_per_class_plot_names_the_classes_a_run_recorded(tmp_path):
     assert _class_names(runs(bare, named, damaged), 2) == ["cat", "dog"]  # the bad file skipped
     assert _class_names(runs(named), 3) is None  # not the plot's columns: plain indices
     assert _class_names(runs(named, other), 2) is None  # two datasets' names: plain indices
+
+
+def test_shot_columns_only_on_a_long_tail(tmp_path: Path) -> None:
+    # ce's runs here: every class many-shot (balanced data), so no shot column at all.
+    for seed in (0, 1):
+        write_run(tmp_path / f"ce-s{seed}", "ce", seed=seed)
+    md = build_report(tmp_path)["md"].read_text()
+    assert "| final BE | best BE | worst class | wall time (s) |" in md
+    assert "many-shot |" not in md

@@ -193,3 +193,23 @@ def test_a_partition_error_names_config_keys_even_those_left_at_their_default():
     overrides = {"num-clients": 30, "long-tail.ratio": 50, "partition.name": "dirichlet"}
     with pytest.raises(ConfigError, match=r"min-size=10 .* lower min-size or num-clients"):
         load_federation(load_config(overrides=overrides))
+
+
+def test_data_seed_fixes_the_split_while_the_seed_varies():
+    from fedimb.federation import build_federation
+
+    base = {"num-clients": 10, "long-tail.ratio": 10, "partition.name": "dirichlet"}
+
+    def split(**overrides):
+        fed = build_federation(load_config(overrides={**base, **overrides}))
+        return fed.train_index, fed.counts
+
+    for a, b in zip(
+        split(seed=1, **{"data-seed": 7}), split(seed=2, **{"data-seed": 7}), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # one split for every training seed
+    for a, b in zip(split(seed=7), split(seed=3, **{"data-seed": 7}), strict=True):
+        np.testing.assert_array_equal(a, b)  # -1 (the default) means: seed draws it
+    assert not np.array_equal(split(seed=1)[1], split(seed=2)[1])  # as before: seed draws it
+    with pytest.raises(ConfigError, match=r"data-seed = -2: .*-1 \(= seed\)"):
+        load_config(overrides={"data-seed": -2})

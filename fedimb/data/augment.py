@@ -30,7 +30,8 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     ----------
     x : torch.Tensor
         Batch ``[N, C, H, W]`` of any dtype, on any device. Zero padding means black for
-        raw images and the channel mean for normalised ones.
+        raw images (as torchvision pads a PIL image) and the channel mean for normalised
+        ones: fedimb's trainers crop the raw images, before normalising.
     generator : torch.Generator
         Source of the offsets and flips; may live on another device than ``x``.
     padding : int, default 4
