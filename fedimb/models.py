@@ -2,6 +2,7 @@
 
 - ``mlp``: one hidden layer, for digits and feature data.
 - ``cnn``: the 2-conv CNN of McMahan et al. (2017), for 28x28/32x32 images (any size works).
+- ``simple-cnn``: NIID-Bench's small LeNet-style CNN (Li et al. 2022), for 32x32 images.
 - ``resnet32``: the CIFAR ResNet-32 of He et al. as used by Cao et al. (LDAM-DRW), with
   GroupNorm by default (vectorisable, and recommended under label skew; Hsieh et al. 2020)
   or BatchNorm (``norm="batch"``, trained one client at a time).
@@ -118,6 +119,38 @@ def cnn(
         nn.Linear(flat, hidden),
         nn.ReLU(),
         classifier(hidden, num_classes, cosine_head),
+    )
+
+
+@MODELS.register("simple-cnn")
+def simple_cnn(
+    input_shape: tuple[int, ...], num_classes: int, *, cosine_head: bool = False
+) -> nn.Module:
+    """NIID-Bench's ``simple-cnn`` (Li et al. 2022; LeNet-5 style): 5x5 conv (6), ReLU,
+    2x2 max-pool, 5x5 conv (16), ReLU, 2x2 max-pool, FC 120, ReLU, FC 84, ReLU, classifier."""
+    if len(input_shape) != 3:
+        raise ValueError(f"model 'simple-cnn' needs image input (C, H, W), got shape {input_shape}")
+    channels, height, width = input_shape
+    if min(height, width) < 16:
+        raise ValueError(f"model 'simple-cnn' needs images of at least 16x16, got {input_shape}")
+
+    def side(n: int) -> int:  # after two unpadded 5x5 convolutions, each pooled by 2
+        return ((n - 4) // 2 - 4) // 2
+
+    flat = 16 * side(height) * side(width)
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        classifier(84, num_classes, cosine_head),
     )
 
 

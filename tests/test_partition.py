@@ -375,3 +375,34 @@ def test_bad_labels_rejected():
         iid(np.array([0.5, 1.0]), 2, np.random.default_rng(0))
     with pytest.raises(ValueError, match="labels"):
         iid(np.array([[0, 1]]), 1, np.random.default_rng(0))
+
+
+def test_dirichlet_equal_gives_equal_clients_with_dirichlet_skew():
+    labels = balanced_labels(num_classes=10, per_class=300)
+    parts = partition("dirichlet-equal", labels, 23, np.random.default_rng(0), alpha=0.1)
+    assert_cover(parts, labels.size)
+    sizes = [p.size for p in parts]
+    assert max(sizes) - min(sizes) <= 1  # 3,000 / 23: 130 or 131 each
+    held = (class_counts(labels, parts, 10) > 0).sum(axis=1)
+    iid_held = (class_counts(labels, iid(labels, 23, np.random.default_rng(0)), 10) > 0).sum(1)
+    assert held.mean() < 6 and iid_held.min() == 10  # skewed, unlike an IID split
+    again = partition("dirichlet-equal", labels, 23, np.random.default_rng(0), alpha=0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    small_groups = partition(
+        "dirichlet-equal", labels, 23, np.random.default_rng(0), alpha=0.1, group_size=5
+    )
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, small_groups, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"group_size": 0}, "group_size must be >= 1"),
+        ({"min_share": 1.0}, r"min_share must be a number in \[0, 1\)"),
+        ({"alpha": 0.0}, "alpha must be > 0"),
+        ({"alpha": 1e-3, "min_share": 0.99, "max_tries": 2}, "group 1 of 3 "),
+    ],
+)
+def test_dirichlet_equal_rejects_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        partition("dirichlet-equal", balanced_labels(), 25, np.random.default_rng(0), **params)

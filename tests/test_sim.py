@@ -213,3 +213,16 @@ def test_data_seed_fixes_the_split_while_the_seed_varies():
     assert not np.array_equal(split(seed=1)[1], split(seed=2)[1])  # as before: seed draws it
     with pytest.raises(ConfigError, match=r"data-seed = -2: .*-1 \(= seed\)"):
         load_config(overrides={"data-seed": -2})
+
+
+def test_simple_cnn_is_niid_benchs_network():
+    from fedimb.models import build_model
+
+    model = build_model("simple-cnn", (3, 32, 32), 10)
+    # NIID-Bench's SimpleCNN on CIFAR-10: 456 + 2,416 + 48,120 + 10,164 + 850 parameters.
+    assert sum(p.numel() for p in model.parameters()) == 62_006
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    mnist = build_model("simple-cnn", (1, 28, 28), 10)
+    assert mnist(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ConfigError, match=r"\[model\] simple-cnn: .*at least 16x16"):
+        prepare(load_config(overrides={"dataset": "digits", "model.name": "simple-cnn"}))
