@@ -36,7 +36,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from fedimb.registry import RegistryError, import_object, is_import_path
+from fedimb.registry import (
+    REQUIRED,
+    RegistryError,
+    callable_params,
+    import_object,
+    is_import_path,
+)
 from fedimb.schedule import switch_round
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
@@ -544,21 +550,6 @@ def component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, 
         return strategies.list_strategies(), strategies.strategy_params
     raise KeyError(table)
 
-
-def callable_params(obj: Any, skip: int = 0) -> tuple[dict[str, Any], bool]:
-    """Defaults of a factory's keyword parameters after its first ``skip`` (``REQUIRED``
-    where it has none), and whether it takes ``**kwargs``."""
-    params = list(inspect.signature(obj).parameters.values())
-    defaults = {
-        p.name: p.default
-        for p in params[skip:]
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
-    return defaults, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-#: Marks a parameter without a default.
-REQUIRED = inspect.Parameter.empty
 
 # What fedimb itself passes to a plug-in of each table, not config keys: how many leading
 # positional arguments (the counts, the data shape, the labels ...) and which keywords.

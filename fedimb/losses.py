@@ -85,7 +85,6 @@ A user loss is an import path ``"pkg.mod:factory"``, called as
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -98,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedimb.registry import Registry
+from fedimb.registry import REQUIRED, Registry, callable_params
 from fedimb.schedule import Rounds, check_rounds, is_real, switch_round
 
 __all__ = [
@@ -764,11 +763,9 @@ def loss_defaults(name: str) -> dict[str, Any]:
     if name in _LOSSES:
         return dict(_LOSSES.get(name).defaults)
     factory = _LOSSES.get(name)  # imports a path, or raises listing the valid names
-    out: dict[str, Any] = {}
-    for pname, param in inspect.signature(factory).parameters.items():
-        if pname not in ("server_round", "num_rounds") and param.default is not param.empty:
-            out[pname] = param.default
-    return out
+    params, _ = callable_params(factory)
+    supplied = ("server_round", "num_rounds")
+    return {k: v for k, v in params.items() if k not in supplied and v is not REQUIRED}
 
 
 def initial_bias(name: str, num_classes: int, **params: Any) -> float | None:

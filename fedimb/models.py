@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedimb.config import callable_params
-from fedimb.registry import Registry
+from fedimb.registry import Registry, callable_params
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 

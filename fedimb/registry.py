@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -54,6 +55,22 @@ def import_object(path: str) -> Any:
             f"module {module_name!r} has no attribute {attr!r} (from {path!r})"
         ) from exc
     return obj
+
+
+#: Marks a parameter without a default.
+REQUIRED = inspect.Parameter.empty
+
+
+def callable_params(obj: Any, skip: int = 0) -> tuple[dict[str, Any], bool]:
+    """Defaults of a factory's keyword parameters after its first ``skip`` (``REQUIRED``
+    where it has none), and whether it takes ``**kwargs``."""
+    params = list(inspect.signature(obj).parameters.values())
+    defaults = {
+        p.name: p.default
+        for p in params[skip:]
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    return defaults, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def is_import_path(name: str) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, QFedAvg, Strategy
 
-from fedimb.registry import Registry, RegistryError
+from fedimb.registry import REQUIRED, Registry, RegistryError
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.fedaws import FedAwS
 from strategies.fednova import FedNova
@@ -50,9 +50,6 @@ for _name, _cls in {
     "fedaws": FedAwS,
 }.items():
     STRATEGIES.register(_name)(_cls)
-
-#: Marks a constructor parameter without a default in ``strategy_params``.
-REQUIRED = inspect.Parameter.empty
 
 # Our defaults, overriding the class's where it has the parameter (see module doc).
 _TOOL_DEFAULTS: dict[str, Any] = {"fraction_evaluate": 0.0, "train_loss_key": "train-loss"}

@@ -21,7 +21,6 @@ keyed by dataset name, resolved root, parameters and a fingerprint of the source
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedimb.registry import Registry
+from fedimb.registry import Registry, callable_params
 
 __all__ = [
     "DATASETS",
@@ -179,9 +178,8 @@ def load_dataset(
         If the source files are missing and cannot be fetched.
     """
     loader = DATASETS.get(name)
-    sig = inspect.signature(loader).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
-        valid = [n for n, p in sig.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    valid, takes_any = callable_params(loader, skip=2)  # after root and cache_dir
+    if not takes_any:
         unknown = sorted(set(params) - set(valid))
         if unknown:
             raise ValueError(

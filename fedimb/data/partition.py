@@ -22,13 +22,12 @@ Partitioners (names in :data:`PARTITIONERS`):
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fedimb.registry import Registry
+from fedimb.registry import Registry, callable_params
 
 __all__ = [
     "PARTITIONERS",
@@ -493,13 +492,9 @@ def long_tail_counts(n_max: int, num_classes: int, ratio: float, profile: str) -
 def partition_params(name: str) -> dict[str, Any]:
     """Parameters of partitioner ``name`` with their defaults (for config validation).
 
-    Parameters without a default (possible in plug-ins) map to ``inspect.Parameter.empty``.
+    Parameters without a default (possible in plug-ins) map to ``REQUIRED``.
     """
-    fn = PARTITIONERS.get(name)
-    params = list(inspect.signature(fn).parameters.values())[3:]  # skip labels, clients, rng
-    return {
-        p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
+    return callable_params(PARTITIONERS.get(name), skip=3)[0]  # skip labels, clients, rng
 
 
 def partition(
@@ -528,10 +523,7 @@ def partition(
         For an unknown name (listing valid ones) or parameter.
     """
     fn = PARTITIONERS.get(name)
-    valid = partition_params(name)
-    takes_any = any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()
-    )
+    valid, takes_any = callable_params(fn, skip=3)
     unknown = sorted(set(params) - set(valid))
     if unknown and not takes_any:
         raise ValueError(
