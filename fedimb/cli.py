@@ -131,8 +131,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, new_run_dir
-    from fedimb.server import checkpoint_round
+    from fedimb.results import CONFIG_FILE, claimed, new_run_dir
     from fedimb.sim import run_experiment
 
     extra: dict[str, Any] = {}
@@ -147,31 +146,74 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         if args.out and args.out.resolve() != args.resume.resolve():
             raise ConfigError(f"--resume continues in {args.resume} itself; drop --out {args.out}")
-        config, out = _resumed_config(args, extra), args.resume
-        checkpoint = out / CHECKPOINT_FILE
-        done = checkpoint_round(checkpoint) if checkpoint.is_file() else None
-        if done is not None and done < config["num-rounds"]:  # a finished run says so itself
-            print(f"continuing {out} after round {done}, its checkpoint")
+        config, out, new = _resumed_config(args, extra), args.resume, False
     else:
         config = _load(args, extra)
-        out = args.out or (Path(config["out-dir"]) if config["out-dir"] else new_run_dir(config))
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out}: a file is there, not a folder")
-        if (out / SUMMARY_FILE).exists():
-            raise ConfigError(
-                f"{out} already holds a run: continue it with --resume {out}, "
-                "or choose another --out"
-            )
-    args.run_dir = out  # for the advice if the run is interrupted
-    summary = run_experiment(
-        config, out, resume=args.resume is not None, progress=not args.quiet, verbose=args.verbose
-    )
+        out = args.out or (Path(config["out-dir"]) if config["out-dir"] else None)
+        new = out is None
+        out = out or new_run_dir(config)
+    with claimed(out, new=new):  # checked and written by this process alone
+        if args.resume is not None:
+            _say_where_it_continues(out, config)
+        else:
+            _check_fresh_folder(out)
+        args.run_dir = out  # for the advice if the run is interrupted
+        summary = run_experiment(
+            config,
+            out,
+            resume=args.resume is not None,
+            progress=not args.quiet,
+            verbose=args.verbose,
+        )
     print(
         f"done: final balanced error {summary['final_balanced_error']:.4f} "
         f"(best {summary['best_balanced_error']:.4f} at round {summary['best_round']}), "
         f"{summary['wall_time_s']:.1f} s; results in {out}"
     )
     return 0
+
+
+def _say_where_it_continues(out: Path, config: Config) -> None:
+    from fedimb.results import CHECKPOINT_FILE
+    from fedimb.server import checkpoint_round
+    from fedimb.sim import check_same_defaults
+
+    check_same_defaults(out)  # before saying it continues
+    checkpoint = out / CHECKPOINT_FILE
+    done = checkpoint_round(checkpoint) if checkpoint.is_file() else None
+    if done is not None and done < config["num-rounds"]:  # a finished run says so itself
+        print(f"continuing {out} after round {done}, its checkpoint")
+
+
+def _check_fresh_folder(out: Path) -> None:
+    """A new run may write into an empty folder, or one of an earlier attempt that ended
+    before its summary (it starts over); not over a run, nor over other files."""
+    from fedimb.results import CONFIG_FILE, RUN_FILES, SUMMARY_FILE
+
+    if (out / SUMMARY_FILE).exists():
+        raise ConfigError(
+            f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
+        )
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if not p.name.startswith(".")  # an interrupted atomic write's temporary file
+        and (p.name not in RUN_FILES or (p.name == CONFIG_FILE and not _written_by_us(p)))
+    )
+    if foreign:
+        raise ConfigError(
+            f"--out {out} holds files that are not a fedimb run's ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new folder"
+        )
+
+
+def _written_by_us(config_file: Path) -> bool:
+    """Whether ``config_file`` is a config.toml as fedimb writes it (a user's own, with its
+    comments and order, would not survive the round trip)."""
+    try:
+        return config_file.read_text() == load_config(config_file).to_toml()
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
 
 
 def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
@@ -258,14 +300,17 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     warn_about_ignored_keys(config, ["partition"])  # alpha on a label-skew split, say
     fed = load_federation(config)
     print(format_counts(fed.counts, fed.dataset.classes))
-    path = plot_counts_heatmap(fed.counts, fed.dataset.classes, args.png)
+    try:
+        path = plot_counts_heatmap(fed.counts, fed.dataset.classes, args.png)
+    except OSError as exc:  # a folder there, a read-only disk, ...
+        raise ConfigError(f"--png {args.png}: cannot write the heatmap there ({exc})") from None
     print(f"heatmap: {path}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, read_json
-    from fedimb.sim import check_same_defaults, prepare, run_experiment
+    from fedimb.sim import check_same_defaults, late_interrupt, prepare, run_experiment
     from fedimb.sweep import load_sweep, run_sweep
 
     try:
@@ -327,6 +372,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=None if args.quiet else True,
             label=cell_dir.name,
         )
+        if late_interrupt():  # Ctrl-C while Ray shut down: this cell is done, stop here
+            raise KeyboardInterrupt
 
     try:
         with once.installed_on(logging.getLogger("fedimb.sim")), once.installed_on(log):
@@ -532,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the command; known failures end in one line and an exit code."""
-    from fedimb.server import SimulationEnded, TooManyFailures
+    from fedimb.server import NonFiniteModel, SimulationEnded, TooManyFailures
 
     try:
         return COMMANDS[args.command](args)
@@ -542,7 +589,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"fedimb: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
-    except (TooManyFailures, SimulationEnded) as exc:  # summary.json says so too
+    except (TooManyFailures, SimulationEnded, NonFiniteModel) as exc:  # summary.json says so
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:

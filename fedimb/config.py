@@ -816,11 +816,22 @@ def _check_cross_field(config: Config) -> None:
     for key in ("raise-clients", "nan-clients", "slow-clients", "rounds"):
         text = config[f"faults.{key}"]
         try:
-            parse_id_list(text)
+            ids = parse_id_list(text)
         except ValueError:
             raise ConfigError(
                 f"faults.{key} = {text!r}: expected comma-separated integers, e.g. '0,3'"
             ) from None
+        # A fault that can never fire would let a robustness test pass unexercised.
+        first, last = (
+            (1, config["num-rounds"]) if key == "rounds" else (0, config["num-clients"] - 1)
+        )
+        outside = sorted(i for i in ids if not first <= i <= last)
+        if outside:
+            what = "rounds" if key == "rounds" else "client ids (partition ids)"
+            raise ConfigError(
+                f"faults.{key} = {text!r}: {outside[0]} is outside {first}..{last}, "
+                f"the run's {what}"
+            )
     try:
         lr_milestones(config)
     except ValueError as exc:

@@ -29,10 +29,11 @@ import csv
 import io
 import itertools
 import json
+import logging
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from fedimb.results import (
     PARTITION_FILE,
     SUMMARY_FILE,
     SWEEP_FILE,
+    DamagedFile,
     atomic_write_bytes,
     atomic_write_text,
     check_target_error,
@@ -54,6 +56,8 @@ from fedimb.results import (
     read_json,
     read_jsonl,
 )
+
+log = logging.getLogger(__name__)
 
 # Column titles of the shot groups in report.md.
 SHOT_TITLES = {
@@ -194,6 +198,16 @@ def _is_run_dir(path: Path) -> bool:
     return any((path / f).is_file() for f in (SUMMARY_FILE, METRICS_FILE, CONFIG_FILE))
 
 
+def _readable(read: Callable[[Path], Any], path: Path, empty: Any) -> Any:
+    """``read(path)``, or ``empty`` for a missing file, and for a damaged one (said in a
+    warning: one run's file must not stop a report of many)."""
+    try:
+        return read(path) or empty
+    except DamagedFile as exc:
+        log.warning("%s: the report leaves it out", exc)
+        return empty
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     """Flattened config.toml, or {} when missing or unreadable (a run that died early)."""
     try:
@@ -204,11 +218,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _read_run(path: Path, params: dict[str, Any] | None = None) -> RunRecord:
     config = _read_config(path)
-    summary = read_json(path / SUMMARY_FILE) or {}
-    try:
-        metrics = read_jsonl(path / METRICS_FILE)
-    except json.JSONDecodeError:
-        metrics = []  # a torn last line from a killed writer: treat as no metrics
+    summary = _readable(read_json, path / SUMMARY_FILE, {})
+    metrics = _readable(read_jsonl, path / METRICS_FILE, [])
     metrics = sorted((m for m in metrics if "round" in m), key=lambda m: m["round"])
     if summary.get("status"):
         status = str(summary["status"])

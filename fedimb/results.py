@@ -20,13 +20,17 @@ POSIX). clients.jsonl grows by one appended write per round (:func:`append_jsonl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from fedimb.config import ConfigError
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +39,17 @@ SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 SWEEP_FILE = "sweep.json"
+# What a run writes into its folder (a new run may start over in a folder holding these).
+RUN_FILES = frozenset(
+    {CONFIG_FILE, METRICS_FILE, CLIENTS_FILE, SUMMARY_FILE, PARTITION_FILE, CHECKPOINT_FILE}
+)
+
+# Results files are readable by all, as open() makes them under the usual umask 022.
+_FILE_MODE = 0o644
+
+
+class DamagedFile(ConfigError):
+    """A results file that cannot be read: cut short, edited, or not fedimb's."""
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -53,12 +68,56 @@ def check_target_error(value: Any, name: str = "target-error") -> float | None:
     return float(value)
 
 
+@contextlib.contextmanager
+def claimed(path: str | os.PathLike[str], *, new: bool = False) -> Iterator[Path]:
+    """Hold the results folder ``path`` (created if missing) for this process alone
+    while a run or a sweep writes there.
+
+    A second fedimb process that claims it gets a ConfigError instead of mixing its rows
+    into this one's. The claim is an advisory ``flock`` on the folder itself (no lock
+    file), released when the process ends, however it ends. A folder this call created
+    (or the caller, for this work: ``new``) and the work left empty (it failed before
+    writing anything) is removed again.
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` is a file, cannot be created or written, or is claimed already.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: a file is there, not a folder")
+    created = new or not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the results folder {path}: {exc}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"cannot write in the results folder {path} (read-only)")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{path} is being written by another fedimb process: wait for it to end, "
+                "or choose another folder"
+            ) from None
+        yield path
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # only while it is still empty
+                path.rmdir()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -120,13 +179,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = [json.loads(line) for line in lines[:-1]]
-    if lines:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(lines[-1]))
-        except json.JSONDecodeError:
-            pass
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise DamagedFile(f"{path} is damaged at line {number} ({exc})") from None
     return rows
 
 
@@ -146,9 +206,20 @@ def append_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Read a JSON file, or None when it does not exist."""
+    """Read a JSON file, or None when it does not exist.
+
+    Raises
+    ------
+    DamagedFile
+        If it is not JSON (cut short or edited by hand).
+    """
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise DamagedFile(f"{path} is damaged ({exc})") from None
 
 
 def package_versions() -> dict[str, str]:
@@ -253,13 +324,18 @@ DEFAULTS_VERSION = 4
 
 
 def new_run_dir(config: Any, root: str | os.PathLike[str] = "results") -> Path:
-    """A new, unused folder ``results/<time>-<loss>-<strategy>-s<seed>`` for a run."""
+    """A new folder ``results/<time>-<loss>-<strategy>-s<seed>`` for a run, created here
+    so that runs started in the same second each get their own (``-2``, ``-3``, ...)."""
     import time
 
     stem = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stem}-{config.loss.name}-{config.strategy.name}-s{config['seed']}".replace(":", "_")
-    path, n = Path(root) / name, 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{name}-{n}"
-    return path
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = Path(root) / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"no free folder name {name}-N under {root}")

@@ -19,6 +19,7 @@ seed and the round only, so it is the same as in an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -26,7 +27,7 @@ import pickle
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from fedimb.results import (
     CONFIG_FILE,
     PARTITION_FILE,
     SUMMARY_FILE,
+    DamagedFile,
     RunRecorder,
     atomic_write_bytes,
     atomic_write_text,
@@ -76,6 +78,11 @@ PULL_INTERVAL = 0.02
 
 class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
+
+
+class NonFiniteModel(RuntimeError):
+    """The strategy returned a global model with NaN or inf weights (from finite replies:
+    the guarded grid leaves out non-finite ones)."""
 
 
 class SimulationEnded(RuntimeError):
@@ -493,15 +500,30 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state["strategy"] = pickle.loads(state["strategy"])
-    return state
+    """Read a checkpoint written by :func:`save_checkpoint` (``DamagedFile`` if it cannot)."""
+    with _checkpoint_errors(path):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state["strategy"] = pickle.loads(state["strategy"])
+        return state
 
 
 def checkpoint_round(path: Path) -> int:
     """The round a checkpoint was saved after, without reading its tensors (memory-mapped)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+    with _checkpoint_errors(path):
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(path: Path) -> Iterator[None]:
+    """A checkpoint cut short or not fedimb's, as one line that says what to do."""
+    try:
+        yield
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DamagedFile(
+            f"{path} is damaged ({reason}): delete it to start the run over from round 0 "
+            "(with --resume), or run it again in another folder"
+        ) from None
 
 
 def run_server(
@@ -594,8 +616,17 @@ def run_server(
             return None  # the checkpointed model was evaluated before the interruption
         last = server_round == num_rounds
         row: dict[str, Any] = {"round": server_round}
+        state = current.to_torch_state_dict()
+        if server_round > 0 and not all(
+            torch.isfinite(t).all() for t in state.values() if t.is_floating_point()
+        ):
+            raise NonFiniteModel(
+                f"round {server_round}: strategy {config.strategy.name!r} made a global model "
+                "with non-finite weights (NaN or inf) from finite replies; check its "
+                "parameters (a server learning rate, say)"
+            )
         if server_round % every == 0 or last or server_round == 0:
-            model.load_state_dict(current.to_torch_state_dict())
+            model.load_state_dict(state)
             correct, total = evaluate_counts(
                 model,
                 x_test,

@@ -31,6 +31,7 @@ from torch import nn
 
 from fedimb import batched
 from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_kebab
+from fedimb.data.datasets import BUNDLED_DATASETS
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
 from fedimb.server import RoundHook, ServerStop, SimulationEnded, root_cause, run_server
@@ -103,6 +104,8 @@ def warn_about_settings(config: Config) -> None:
     gamma_default = FIXED_TABLES["lr-schedule"]["gamma"].default
     if not drops and config["lr-schedule.gamma"] != gamma_default:
         log.warning("lr-schedule.gamma is ignored: lr-schedule.milestones is empty")
+    if config["data-root"] and config["dataset"] in BUNDLED_DATASETS:
+        log.warning("data-root is ignored: dataset %r needs no files", config["dataset"])
     if (decays or drops) and config.strategy.name == "qfedavg":
         log.warning(  # it rescales the updates by its own constant lr
             "strategy 'qfedavg' keeps its client-learning-rate while [lr-schedule] changes "
@@ -224,9 +227,18 @@ def _component_errors(config: Config, table: str) -> Iterator[None]:
 
 def check_same_defaults(out_dir: str | Path) -> None:
     """Refuse to continue a run that began under other defaults (``DEFAULTS_VERSION``)."""
-    from fedimb.results import DEFAULTS_VERSION, SUMMARY_FILE, read_json
+    from fedimb.results import CHECKPOINT_FILE, DEFAULTS_VERSION, SUMMARY_FILE, read_json
 
-    began = (read_json(Path(out_dir) / SUMMARY_FILE) or {}).get("defaults", 1)
+    summary = read_json(Path(out_dir) / SUMMARY_FILE)
+    if summary is None:  # written before round 1: gone since, or the run never began
+        if (Path(out_dir) / CHECKPOINT_FILE).exists():
+            raise ConfigError(
+                f"{out_dir} has a checkpoint but no {SUMMARY_FILE}, so the fedimb defaults "
+                "it began under are unknown: run it again in another folder (or delete its "
+                f"{CHECKPOINT_FILE} to start it over)"
+            )
+        return
+    began = summary.get("defaults", 1)
     if began != DEFAULTS_VERSION:
         raise ConfigError(
             f"{out_dir} began under fedimb's defaults {began}, this version has "
@@ -340,9 +352,24 @@ class RayInterruption:
             signal.signal(signal.SIGINT, self.handle)
 
     def raise_if_stopped(self, summary: dict[str, Any]) -> None:
-        # A signal after the last round (Ray shutting down) leaves a completed run as it is.
+        # A signal after the last round (Ray shutting down) leaves a completed run as it
+        # is; a sweep then stops before its next cell (late_interrupt).
         if self.signalled and summary.get("status") != "completed":
             raise KeyboardInterrupt
+        if self.signalled:
+            _LATE_INTERRUPT.set()
+
+
+# Set by a Ctrl-C or SIGTERM that reached a Ray run after its last round.
+_LATE_INTERRUPT = threading.Event()
+
+
+def late_interrupt() -> bool:
+    """Whether a Ray run since the last call was signalled to stop after its last round
+    (it completed): a caller with more runs to go should stop. Clears the flag."""
+    was = _LATE_INTERRUPT.is_set()
+    _LATE_INTERRUPT.clear()
+    return was
 
 
 def _run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from fedimb.results import (
     atomic_write_json,
     atomic_write_text,
     check_target_error,
+    claimed,
     finite_or_none,
     read_json,
 )
@@ -414,13 +415,23 @@ def run_sweep(
     ValueError
         If ``validate_cell`` rejects any cell (the message names each bad cell).
     """
-    from fedimb.report import build_report  # report imports matplotlib; load it only here
-
     cells = expand(sweep)
     out_dir = default_out_dir(sweep) if out_dir is None else Path(out_dir)
     if validate_cell is not None:
         _validate_all(cells, validate_cell, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with claimed(out_dir):  # one sweep at a time in a folder
+        return _run_cells(sweep, cells, out_dir, run_cell, is_done, progress)
+
+
+def _run_cells(
+    sweep: Sweep,
+    cells: list[Cell],
+    out_dir: Path,
+    run_cell: RunCell,
+    is_done: IsDone,
+    progress: bool,
+) -> list[CellResult]:
+    from fedimb.report import build_report  # report imports matplotlib; load it only here
 
     status = {}
     for cell in cells:
@@ -438,7 +449,8 @@ def run_sweep(
                 status[cell.name] = "running"
                 _write_sweep_json(out_dir, sweep, cells, status)
                 try:
-                    result = _run_one(cell, cell_dir, run_cell)
+                    with claimed(cell_dir):  # nor a run of its own there
+                        result = _run_one(cell, cell_dir, run_cell)
                 except BaseException:
                     # Ctrl-C (or a crash of the sweep itself): say so, then stop; a
                     # re-run resumes from this cell.

@@ -200,6 +200,8 @@ def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys, caplog)
     out = capsys.readouterr().out
     assert "classes per client: min 1" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["partitions", "--png", str(tmp_path)]) == 2  # a folder is there
+    assert "cannot write the heatmap there" in capsys.readouterr().err
     # Dirichlet's alpha on the default label-skew split changes nothing: said.
     with caplog.at_level("WARNING", logger="fedimb.sim"):
         assert main(["partitions", "--set", "partition.alpha=0.1", "--png", str(png)]) == 0
@@ -328,3 +330,111 @@ def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "afile"), "--set", "num-rounds=1"]) == 2
     assert "a file is there" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_signal_after_a_ray_runs_last_round_stops_a_sweep_before_its_next_cell(
+    tmp_path, monkeypatch
+):
+    from fedimb import sim
+
+    interruption = sim.RayInterruption()
+    interruption.signalled = True
+    interruption.raise_if_stopped({"status": "completed"})  # the run itself stays completed
+    assert sim.late_interrupt() and not sim.late_interrupt()  # said once
+    with pytest.raises(KeyboardInterrupt):
+        interruption.raise_if_stopped({"status": "running"})
+
+    calls = iter([True])
+    monkeypatch.setattr(sim, "late_interrupt", lambda: next(calls, False))
+    sweep = rounds_sweep(tmp_path, 1, 'loss.name = "ce"', "seed = [0, 1]")
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out), "-q", "--set", "num-clients=4"]) == 130
+    assert read_json(out / "seed=0" / "summary.json")["status"] == "completed"
+    assert not (out / "seed=1").exists()  # the next cell never started
+
+
+def test_a_results_folder_has_one_writer(tmp_path, capsys):
+    from fedimb.results import claimed
+
+    run = ["run", "--engine", "inprocess", "--set", "num-rounds=1", "-q"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with claimed(busy):  # as another fedimb process holds it
+        assert main([*run, "--out", str(busy)]) == 2
+        assert "being written by another fedimb process" in capsys.readouterr().err
+        sweep = rounds_sweep(tmp_path, 1, 'loss.name = "ce"', "seed = [0]")
+        assert main(["sweep", str(sweep), "--out", str(busy), "-q"]) == 2
+    assert list(busy.iterdir()) == []  # neither wrote anything
+    assert main([*run, "--out", str(busy)]) == 0  # free again
+
+    # Runs started in the same second get a folder each (no --out: results/<time>-...).
+    from fedimb.config import load_config
+    from fedimb.results import new_run_dir
+
+    config = load_config()
+    first, second = new_run_dir(config, tmp_path / "r"), new_run_dir(config, tmp_path / "r")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_a_new_run_neither_overwrites_other_files_nor_leaves_an_empty_folder(tmp_path, capsys):
+    run = ["run", "--engine", "inprocess", "--set", "num-rounds=1", "-q", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("# my notes\nnum-rounds = 2\n")
+    assert main([*run, str(mine)]) == 2
+    assert "holds files that are not a fedimb run's (config.toml)" in capsys.readouterr().err
+    assert (mine / "config.toml").read_text().startswith("# my notes")
+    (mine / "config.toml").unlink()
+    (mine / "notes.txt").write_text("x")
+    assert main([*run, str(mine)]) == 2 and "(notes.txt)" in capsys.readouterr().err
+
+    # A run that fails on its data, before writing, leaves no folder behind.
+    new = tmp_path / "new" / "run"
+    assert main([*run, str(new), "--set", "num-clients=5000"]) == 2
+    assert not new.exists()
+    (tmp_path / "afile").write_text("")
+    assert main([*run, str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot create the results folder" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # Flower's FedAvgM
+def test_a_strategy_that_makes_a_non_finite_model_fails_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--engine", "inprocess", "--set", "num-rounds=2", "-q", "--out", str(out)]
+    huge = ["--set", "strategy.name=fedavgm", "--set", "strategy.server-learning-rate=1e39"]
+    assert main([*args, *huge]) == cli.EXIT_FAILED
+    assert "round 1: strategy 'fedavgm' made a global model with non-finite weights" in (
+        capsys.readouterr().err
+    )
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 0
+
+
+def test_damaged_results_files_are_named_in_one_line(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    run = ["run", "--engine", "inprocess", "--set", "num-rounds=2", "-q", "--out", str(out)]
+    assert main(run) == 0
+    assert (out / "summary.json").stat().st_mode & 0o777 == 0o644  # readable by all
+    more = ["run", "--resume", str(out), "--set", "num-rounds=3", "-q"]
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    for damaged in (checkpoint[:1000], b""):
+        (out / "checkpoint.pt").write_bytes(damaged)
+        assert main(more) == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'checkpoint.pt'} is damaged (" in err and "delete it" in err
+        assert "Traceback" not in err
+    (out / "checkpoint.pt").write_bytes(checkpoint)
+    summary = (out / "summary.json").read_text()
+    (out / "summary.json").unlink()
+    assert main(more) == 2
+    assert "has a checkpoint but no summary.json" in capsys.readouterr().err
+    (out / "summary.json").write_text(summary[:20])
+    assert main(more) == 2
+    assert f"{out / 'summary.json'} is damaged (" in capsys.readouterr().err
+
+    # A report of many runs goes on without a damaged file, and says so.
+    (out / "summary.json").write_text(summary)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0][:9], *lines[1:]]) + "\n")
+    assert main(["report", str(out)]) == 0
+    assert "metrics.jsonl is damaged at line 1" in caplog.text

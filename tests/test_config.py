@@ -103,6 +103,8 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"model.name": "vgg"}, "unknown model 'vgg'"),
         ({"loss": 3}, "'loss' is a table"),
         ({"faults.raise-clients": "a,b"}, "comma-separated integers"),
+        ({"faults.raise-clients": "99"}, "99 is outside 0..19, the run's client ids"),
+        ({"faults.rounds": "0,2"}, "faults.rounds = '0,2': 0 is outside 1..20, the run's rounds"),
         ({"loss.name": "ldam-drw", "loss.drw-start": 50}, "drw"),
         ({"strategy.name": "no_such_pkg.mod:Strategy"}, "cannot import module 'no_such_pkg.mod'"),
         ({"loss.name": "no_such_mod:factory"}, "is its folder on PYTHONPATH (PYTHONPATH=. for"),

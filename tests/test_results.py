@@ -6,6 +6,7 @@ import os
 import pytest
 
 from fedimb.results import (
+    DamagedFile,
     RunRecorder,
     append_jsonl,
     atomic_write_json,
@@ -41,8 +42,11 @@ def test_a_line_cut_by_a_crash_is_skipped_only_at_the_end(tmp_path):
         f.write('{"round": 3, "loss"')  # a kill in the middle of an append
     assert read_jsonl(path) == [{"round": 1}, {"round": 2}]
     path.write_text('{"round": 1\n{"round": 2}\n')
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(DamagedFile, match=r"clients.jsonl is damaged at line 1 \("):
         read_jsonl(path)
+    (tmp_path / "summary.json").write_text('{"status": "interr')
+    with pytest.raises(DamagedFile, match=r"summary.json is damaged \("):
+        read_json(tmp_path / "summary.json")
 
 
 def test_resume_drops_what_came_after_the_checkpoint(tmp_path):

@@ -88,6 +88,7 @@ def test_classes_that_no_client_holds_are_named_before_the_run(caplog):
             "'qfedavg' keeps its client-learning-rate while [lr-schedule]",
         ),
         ({"strategy.name": "qfedavg", "strategy.client-learning-rate": 0.05}, None),
+        ({"data-root": "/data"}, "data-root is ignored: dataset 'digits' needs no files"),
     ],
 )
 def test_settings_that_change_nothing_are_named_before_the_run(caplog, overrides, said):

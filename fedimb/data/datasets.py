@@ -131,6 +131,10 @@ DATASETS: Registry[LoaderFn] = Registry("dataset")
 """Dataset loaders, called as ``loader(root: Path | None, cache_dir: Path, **params)``."""
 
 
+# Datasets made in memory (bundled with scikit-learn, or drawn): data-root means nothing.
+BUNDLED_DATASETS = frozenset({"digits", "synthetic"})
+
+
 def list_datasets() -> list[str]:
     """Names of the registered datasets."""
     return DATASETS.names()
