@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -118,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument(
         "table",
         nargs="?",
-        choices=sorted(LIST_TABLES),
-        help="show each one's parameters and their defaults, as config keys",
+        choices=sorted([*LIST_TABLES, "datasets"]),
+        help="show each one's parameters and their defaults, as config keys (datasets: "
+        "what each is)",
     )
     return parser
 
@@ -487,6 +489,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from fedimb.data import datasets
     from fedimb.data.partition import PARTITIONERS
 
+    if args.table == "datasets":
+        print(dataset_listing())
+        return 0
     if args.table:
         print(component_parameters(LIST_TABLES[args.table]))
         return 0
@@ -501,6 +506,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{title}: {', '.join(names)}")
     print("each also takes your own as an import path 'package.module:attribute' (README)")
     return 0
+
+
+def dataset_listing() -> str:
+    """Each registered dataset with the first line of its loader's docstring."""
+    from fedimb.data import datasets
+
+    lines = ["dataset = one of the following, or an import path 'package.module:loader':"]
+    for name in datasets.list_datasets():
+        doc = (datasets.DATASETS.get(name).__doc__ or "").strip().splitlines()
+        text = doc[0].replace("``root", "``data-root").replace("``", "") if doc else ""
+        lines.append(f"  {name}: {text}".rstrip())
+    return "\n".join(lines)
 
 
 def _list_notes(table: str) -> list[str]:
@@ -589,6 +606,9 @@ def _run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"fedimb: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedimb list | head`: the reader has gone, as for `ls | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
     except (TooManyFailures, SimulationEnded, NonFiniteModel) as exc:  # summary.json says so
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -213,6 +213,9 @@ def test_list_names_every_registry(capsys):
     out = capsys.readouterr().out
     for word in ("digits", "label-skew", "ldam-drw", "drs", "resnet32", "scaffold"):
         assert word in out
+    assert main(["list", "datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "  imagefolder: Images in data-root/train/<class>/* and data-root/test/" in out
 
 
 @pytest.mark.parametrize(
