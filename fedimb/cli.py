@@ -133,7 +133,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedimb.results import CONFIG_FILE, claimed, new_run_dir
+    from fedimb.results import CONFIG_FILE, check_fresh_folder, claimed, new_run_dir
     from fedimb.sim import run_experiment
 
     extra: dict[str, Any] = {}
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.resume is not None:
             _say_where_it_continues(out, config)
         else:
-            _check_fresh_folder(out)
+            check_fresh_folder(out)
         args.run_dir = out  # for the advice if the run is interrupted
         summary = run_experiment(
             config,
@@ -185,37 +185,6 @@ def _say_where_it_continues(out: Path, config: Config) -> None:
     done = checkpoint_round(checkpoint) if checkpoint.is_file() else None
     if done is not None and done < config["num-rounds"]:  # a finished run says so itself
         print(f"continuing {out} after round {done}, its checkpoint")
-
-
-def _check_fresh_folder(out: Path) -> None:
-    """A new run may write into an empty folder, or one of an earlier attempt that ended
-    before its summary (it starts over); not over a run, nor over other files."""
-    from fedimb.results import CONFIG_FILE, RUN_FILES, SUMMARY_FILE
-
-    if (out / SUMMARY_FILE).exists():
-        raise ConfigError(
-            f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
-        )
-    foreign = sorted(
-        p.name
-        for p in out.iterdir()
-        if not p.name.startswith(".")  # an interrupted atomic write's temporary file
-        and (p.name not in RUN_FILES or (p.name == CONFIG_FILE and not _written_by_us(p)))
-    )
-    if foreign:
-        raise ConfigError(
-            f"--out {out} holds files that are not a fedimb run's ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new folder"
-        )
-
-
-def _written_by_us(config_file: Path) -> bool:
-    """Whether ``config_file`` is a config.toml as fedimb writes it (a user's own, with its
-    comments and order, would not survive the round trip)."""
-    try:
-        return config_file.read_text() == load_config(config_file).to_toml()
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
 
 
 def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
@@ -374,9 +343,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=None if args.quiet else True,
             label=cell_dir.name,
         )
-        if late_interrupt():  # Ctrl-C while Ray shut down: this cell is done, stop here
-            raise KeyboardInterrupt
 
+    late_interrupt()  # forget one that reached an earlier Ray run of this process
     try:
         with once.installed_on(logging.getLogger("fedimb.sim")), once.installed_on(log):
             results = run_sweep(
@@ -386,6 +354,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 validate_cell=validate_cell,
                 is_done=is_done,
                 progress=not args.quiet,
+                stop_requested=late_interrupt,  # Ctrl-C while Ray shut a cell's run down
             )
     except ValueError as exc:
         if isinstance(exc, ConfigError) or "cell" in str(exc):

@@ -150,8 +150,9 @@ def classification_metrics(
         ``worst_class_error``: the largest per-class error;
         ``num_evaluated_classes``: how many classes entered the balanced error;
         with ``train_counts``: ``many_shot_error`` (more than ``many_shot_above``
-        training samples, default 100), ``medium_shot_error`` (20-100) and
-        ``few_shot_error`` (fewer than ``few_shot_below``, default 20), each the mean
+        training samples, default 100), ``medium_shot_error`` (the classes between, 20-100
+        by default) and ``few_shot_error`` (fewer than ``few_shot_below``, default 20),
+        each the mean
         per-class error of the group; a group without evaluable classes is omitted.
 
     Raises

@@ -531,8 +531,9 @@ def markdown_table(
         "the evaluated rounds, picked on that same test set (no validation split), so an "
         "optimistic figure; final BE is the one to compare. Worst class: the final "
         "model's largest per-class error. Many/medium/few-shot (long tails): its mean "
-        "error over the classes with more than long-tail.many-shot-above (100), between, "
-        "and fewer than long-tail.few-shot-below (20) training samples.",
+        "error over the classes with more than long-tail.many-shot-above training "
+        "samples, between, and fewer than long-tail.few-shot-below (100 and 20 unless "
+        "the runs' configs say otherwise).",
         f"`*` = lowest mean final BE within {within}.",
     ]
     bad = [run for r in rows for run in r.runs if not run.completed]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +33,8 @@ from typing import Any
 
 from fedimb.config import ConfigError
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CLIENTS_FILE = "clients.jsonl"
@@ -39,13 +42,20 @@ SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 SWEEP_FILE = "sweep.json"
+# config.toml's first line: a run's folder tells fedimb's own config from a user's file.
+CONFIG_HEADER = (
+    "# The resolved config of this run, written by fedimb (re-runnable with --config).\n"
+)
 # What a run writes into its folder (a new run may start over in a folder holding these).
 RUN_FILES = frozenset(
     {CONFIG_FILE, METRICS_FILE, CLIENTS_FILE, SUMMARY_FILE, PARTITION_FILE, CHECKPOINT_FILE}
 )
 
-# Results files are readable by all, as open() makes them under the usual umask 022.
-_FILE_MODE = 0o644
+# Results files get the mode open() would give them (mkstemp's is 0600): 0644 under the
+# usual umask 022. The umask can only be read by setting it: once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 class DamagedFile(ConfigError):
@@ -103,12 +113,45 @@ def claimed(path: str | os.PathLike[str], *, new: bool = False) -> Iterator[Path
                 f"{path} is being written by another fedimb process: wait for it to end, "
                 "or choose another folder"
             ) from None
+        except OSError as exc:  # NFS, Lustre: no flock on a folder; the run still runs
+            log.warning("cannot lock %s (%s): a second writer there is not stopped", path, exc)
         yield path
     finally:
-        os.close(fd)
-        if created:
+        if created:  # before the lock goes: another process must not claim it meanwhile
             with contextlib.suppress(OSError):  # only while it is still empty
                 path.rmdir()
+        os.close(fd)
+
+
+def check_fresh_folder(out: Path) -> None:
+    """A new run may write into an empty folder, or one of an earlier attempt that ended
+    before its summary (it starts over); not over a run, nor over other files."""
+    if (out / SUMMARY_FILE).exists():
+        raise ConfigError(
+            f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
+        )
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if not p.name.startswith(".")  # an interrupted atomic write's temporary file
+        and (p.name not in RUN_FILES or (p.name == CONFIG_FILE and not _written_by_us(p)))
+    )
+    if foreign:
+        raise ConfigError(
+            f"--out {out} holds files that are not a fedimb run's ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new folder"
+        )
+
+
+def _written_by_us(config_file: Path) -> bool:
+    """Whether ``config_file`` is a config.toml that fedimb wrote: its first line says so,
+    or (from a fedimb before that line) the run's partition.json lies beside it."""
+    try:
+        with config_file.open(errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    return first == CONFIG_HEADER or (config_file.parent / PARTITION_FILE).exists()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

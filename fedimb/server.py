@@ -55,6 +55,7 @@ from fedimb.records import TensorArray, array_nbytes, record_of, values_view
 from fedimb.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    CONFIG_HEADER,
     PARTITION_FILE,
     SUMMARY_FILE,
     DamagedFile,
@@ -178,10 +179,19 @@ def _reply_fault(reply: Message, client_timeout: float) -> str | None:
     for key, array in reply.content["arrays"].items():
         if isinstance(array, TensorArray) and array.known_finite:
             continue  # checked on the training device
-        values = _float_view(array)
-        if values is not None and not np.isfinite(values).all():
+        if not _finite(array):
             return f"non-finite weights in {key!r}"
     return None
+
+
+def _finite(array: Array) -> bool:
+    """Whether a float Array's values are all finite (other dtypes always are), read in
+    place; a sum is finite only if every term is, and it is the cheaper pass."""
+    values = _float_view(array)
+    if values is None:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum()) or np.isfinite(values).all())
 
 
 def _client_order(partition_id: int | None, node_id: int) -> tuple[bool, int, int]:
@@ -582,7 +592,7 @@ def run_server(
         arrays = ArrayRecord(model.state_dict())
         random.seed(config["seed"])  # for other draws; client samples: RoundDriver
         client_state = None
-    atomic_write_text(out_dir / CONFIG_FILE, config.to_toml())
+    atomic_write_text(out_dir / CONFIG_FILE, CONFIG_HEADER + config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
     # on every resume).
     write_partition(out_dir / PARTITION_FILE, fed.dataset.classes, fed.counts.tolist())
@@ -616,17 +626,14 @@ def run_server(
             return None  # the checkpointed model was evaluated before the interruption
         last = server_round == num_rounds
         row: dict[str, Any] = {"round": server_round}
-        state = current.to_torch_state_dict()
-        if server_round > 0 and not all(
-            torch.isfinite(t).all() for t in state.values() if t.is_floating_point()
-        ):
+        if server_round > 0 and not all(map(_finite, current.values())):
             raise NonFiniteModel(
                 f"round {server_round}: strategy {config.strategy.name!r} made a global model "
                 "with non-finite weights (NaN or inf) from finite replies; check its "
                 "parameters (a server learning rate, say)"
             )
         if server_round % every == 0 or last or server_round == 0:
-            model.load_state_dict(state)
+            model.load_state_dict(current.to_torch_state_dict())
             correct, total = evaluate_counts(
                 model,
                 x_test,

@@ -4,11 +4,13 @@
 (see :mod:`fedimb.sim`), so both paths run identical server code.
 """
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedimb.config import Config
-from fedimb.results import new_run_dir
+from fedimb.results import check_fresh_folder, claimed, new_run_dir
 from fedimb.server import run_server
 
 app = ServerApp()
@@ -18,4 +20,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config, then train and evaluate; results go to ``out-dir``."""
     config = Config.from_flat(context.run_config)
-    run_server(grid, config, config["out-dir"] or new_run_dir(config), progress=False)
+    given = Path(config["out-dir"]) if config["out-dir"] else None
+    out = given or new_run_dir(config)
+    with claimed(out, new=given is None):  # as `fedimb run` does
+        check_fresh_folder(out)
+        run_server(grid, config, out, progress=False)

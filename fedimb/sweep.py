@@ -355,7 +355,6 @@ def _run_one(cell: Cell, cell_dir: Path, run_cell: RunCell) -> CellResult:
     """Run one cell; an exception becomes a recorded failure, not the end of the sweep."""
     # A stale traceback from an earlier failed attempt would contradict a success now.
     (cell_dir / TRACEBACK_FILE).unlink(missing_ok=True)
-    cell_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
         run_cell(dict(cell.overrides), cell_dir)
@@ -378,6 +377,7 @@ def run_sweep(
     validate_cell: ValidateCell | None = None,
     is_done: IsDone = _is_completed,
     progress: bool = True,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> list[CellResult]:
     """Run every cell of ``sweep`` (skipping completed ones), then build the report.
 
@@ -404,6 +404,9 @@ def run_sweep(
         rounds says when it has reached them).
     progress : bool
         True: a progress bar over cells (on a terminal). False: one plain line per cell.
+    stop_requested : callable, optional
+        Asked after each cell that ran: True stops the sweep there (KeyboardInterrupt),
+        for a Ctrl-C that the cell's run finished despite.
 
     Returns
     -------
@@ -417,10 +420,10 @@ def run_sweep(
     """
     cells = expand(sweep)
     out_dir = default_out_dir(sweep) if out_dir is None else Path(out_dir)
-    if validate_cell is not None:
-        _validate_all(cells, validate_cell, out_dir)
     with claimed(out_dir):  # one sweep at a time in a folder
-        return _run_cells(sweep, cells, out_dir, run_cell, is_done, progress)
+        if validate_cell is not None:
+            _validate_all(cells, validate_cell, out_dir)
+        return _run_cells(sweep, cells, out_dir, run_cell, is_done, progress, stop_requested)
 
 
 def _run_cells(
@@ -430,6 +433,7 @@ def _run_cells(
     run_cell: RunCell,
     is_done: IsDone,
     progress: bool,
+    stop_requested: Callable[[], bool] | None,
 ) -> list[CellResult]:
     from fedimb.report import build_report  # report imports matplotlib; load it only here
 
@@ -462,6 +466,8 @@ def _run_cells(
             results.append(result)
             shown = "skipped (done)" if result.skipped else result.status
             bar.update(done, cell.name, shown, result.final_balanced_error, result.wall_time_s)
+            if not result.skipped and stop_requested is not None and stop_requested():
+                raise KeyboardInterrupt
 
     build_report(out_dir, target_error=sweep.target_error)
     return results

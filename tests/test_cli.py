@@ -1,6 +1,7 @@
 """The command line: sweeps end to end, partitions, listings, and advice on resource errors."""
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -347,13 +348,15 @@ def test_a_signal_after_a_ray_runs_last_round_stops_a_sweep_before_its_next_cell
     with pytest.raises(KeyboardInterrupt):
         interruption.raise_if_stopped({"status": "running"})
 
-    calls = iter([True])
+    calls = iter([False, True])  # the sweep first forgets an old one, then asks per cell
     monkeypatch.setattr(sim, "late_interrupt", lambda: next(calls, False))
     sweep = rounds_sweep(tmp_path, 1, 'loss.name = "ce"', "seed = [0, 1]")
     out = tmp_path / "out"
     assert main(["sweep", str(sweep), "--out", str(out), "-q", "--set", "num-clients=4"]) == 130
     assert read_json(out / "seed=0" / "summary.json")["status"] == "completed"
     assert not (out / "seed=1").exists()  # the next cell never started
+    cells = read_json(out / "sweep.json")["cells"]
+    assert [c["status"] for c in cells] == ["completed", "pending"]
 
 
 def test_a_results_folder_has_one_writer(tmp_path, capsys):
@@ -391,6 +394,14 @@ def test_a_new_run_neither_overwrites_other_files_nor_leaves_an_empty_folder(tmp
     (mine / "notes.txt").write_text("x")
     assert main([*run, str(mine)]) == 2 and "(notes.txt)" in capsys.readouterr().err
 
+    # An earlier attempt's own files (it died before its summary): the run starts over.
+    (mine / "notes.txt").unlink()
+    assert main([*run, str(mine), "--set", "num-clients=5000"]) == 2  # fails on its data
+    assert main([*run, str(mine), "--set", "num-rounds=2"]) == 0  # (its first attempt's)
+    (mine / "summary.json").unlink()
+    assert main([*run, str(mine)]) == 0
+    assert read_json(mine / "summary.json")["num_rounds"] == 1
+
     # A run that fails on its data, before writing, leaves no folder behind.
     new = tmp_path / "new" / "run"
     assert main([*run, str(new), "--set", "num-clients=5000"]) == 2
@@ -417,7 +428,9 @@ def test_damaged_results_files_are_named_in_one_line(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     run = ["run", "--engine", "inprocess", "--set", "num-rounds=2", "-q", "--out", str(out)]
     assert main(run) == 0
-    assert (out / "summary.json").stat().st_mode & 0o777 == 0o644  # readable by all
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes
     more = ["run", "--resume", str(out), "--set", "num-rounds=3", "-q"]
     checkpoint = (out / "checkpoint.pt").read_bytes()
     for damaged in (checkpoint[:1000], b""):
@@ -441,3 +454,18 @@ def test_damaged_results_files_are_named_in_one_line(tmp_path, capsys, caplog):
     (out / "metrics.jsonl").write_text("\n".join([lines[0][:9], *lines[1:]]) + "\n")
     assert main(["report", str(out)]) == 0
     assert "metrics.jsonl is damaged at line 1" in caplog.text
+
+
+def test_a_folder_that_cannot_be_locked_still_runs_and_says_so(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_flock(fd, operation):  # NFS: no exclusive flock on a folder opened read-only
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "nfs"
+    assert (
+        main(["run", "--engine", "inprocess", "--set", "num-rounds=1", "-q", "--out", str(out)])
+        == 0
+    )
+    assert f"cannot lock {out} ([Errno 9] Bad file descriptor)" in caplog.text

@@ -406,3 +406,24 @@ def test_dirichlet_equal_gives_equal_clients_with_dirichlet_skew():
 def test_dirichlet_equal_rejects_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         partition("dirichlet-equal", balanced_labels(), 25, np.random.default_rng(0), **params)
+
+
+def test_dirichlet_equal_draws_per_group_of_clients(monkeypatch):
+    import importlib
+
+    part = importlib.import_module("fedimb.data.partition")  # the package's `partition` is
+    # the function
+
+    draws, real = [], part.dirichlet
+
+    def recording(labels, num_clients, rng, **params):
+        draws.append((labels.size, num_clients, params["min_size"]))
+        return real(labels, num_clients, rng, **params)
+
+    monkeypatch.setattr(part, "dirichlet", recording)
+    labels = balanced_labels(num_classes=10, per_class=250)  # 2,500 samples
+    parts = part.dirichlet_equal(labels, 25, np.random.default_rng(0), alpha=1.0)
+    # FedDF's groups: 10 + 10 + 5 clients; chunks of 10/25 of the data, the rest to the last;
+    # each client of a group at least half the group's mean.
+    assert draws == [(1000, 10, 50), (1000, 10, 50), (500, 5, 50)]
+    assert sorted({p.size for p in parts}) == [100]
