@@ -176,9 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _say_where_it_continues(out: Path, config: Config) -> None:
+    from fedimb.preflight import check_same_defaults
     from fedimb.results import CHECKPOINT_FILE
     from fedimb.server import checkpoint_round
-    from fedimb.sim import check_same_defaults
 
     check_same_defaults(out)  # before saying it continues
     checkpoint = out / CHECKPOINT_FILE
@@ -265,7 +265,7 @@ def round_fractions(config: Config) -> list[str]:
 
 def cmd_partitions(args: argparse.Namespace) -> int:
     from fedimb.data.inspect import format_counts, plot_counts_heatmap
-    from fedimb.sim import load_federation, warn_about_ignored_keys
+    from fedimb.preflight import load_federation, warn_about_ignored_keys
 
     config = _load(args)
     warn_about_ignored_keys(config, ["partition"])  # alpha on a label-skew split, say
@@ -280,8 +280,10 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedimb.preflight import check_same_defaults, prepare
+    from fedimb.ray_engine import late_interrupt
     from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, read_json
-    from fedimb.sim import check_same_defaults, late_interrupt, prepare, run_experiment
+    from fedimb.sim import run_experiment
     from fedimb.sweep import load_sweep, run_sweep
 
     try:
@@ -346,7 +348,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     late_interrupt()  # forget one that reached an earlier Ray run of this process
     try:
-        with once.installed_on(logging.getLogger("fedimb.sim")), once.installed_on(log):
+        with once.installed_on(logging.getLogger("fedimb.preflight")), once.installed_on(log):
             results = run_sweep(
                 sweep,
                 out,
@@ -553,7 +555,8 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedimb.sim import interrupt_handlers_kept, quiet_flower
+    from fedimb.ray_engine import interrupt_handlers_kept
+    from fedimb.sim import quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))
     with interrupt_handlers_kept():

@@ -9,7 +9,7 @@ keys (with a did-you-mean), wrong types, out-of-range values and unknown compone
 names each give one :class:`ConfigError` naming the key, the value and what is allowed.
 The loss and strategy are built here to check their parameters; what needs the data
 (the partition, the model on the data's shape, the sampler's schedule, a plug-in loss
-on real counts) is checked by :func:`fedimb.sim.prepare`, still before any engine starts.
+on real counts) is checked by :func:`fedimb.preflight.prepare`, still before any engine starts.
 
 The component tables (``[loss]``, ``[strategy]``, ``[partition]``, ``[model]``,
 ``[sampling]``) hold a ``name`` plus parameters. A table may carry parameters of several
@@ -738,7 +738,7 @@ def _check_component_params(config: Config) -> None:
     """Let the loss and the strategy check their own parameters by building them.
 
     (The partition, dataset and model are checked with the data, before any engine
-    starts: :func:`fedimb.sim.prepare`.)
+    starts: :func:`fedimb.preflight.prepare`.)
     """
     import strategies
     from fedimb import losses
@@ -751,7 +751,7 @@ def _check_component_params(config: Config) -> None:
             f"{config['momentum']!r}: FedNova normalises by the clients' momentum, which "
             "it takes from momentum; drop strategy.momentum"
         )
-    try:  # a plug-in is built on real counts, with the data (fedimb.sim.prepare)
+    try:  # a plug-in is built on real counts, with the data (fedimb.preflight.prepare)
         if not is_import_path(loss.name):
             losses.make_loss(
                 loss.name,

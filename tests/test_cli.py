@@ -166,7 +166,7 @@ def test_a_sweep_says_each_cells_partition_warning_once_and_names_the_cell(tmp_p
         "seed = [0, 1]\n"
         '"loss.name" = ["ce", "focal"]\n'
     )
-    with caplog.at_level("WARNING", logger="fedimb.sim"):
+    with caplog.at_level("WARNING", logger="fedimb.preflight"):
         assert main(["sweep", str(sweep), "--out", str(tmp_path / "out"), "-q"]) == 0
     said = [r.getMessage() for r in caplog.records if "fewer than 2 classes" in r.getMessage()]
     assert len(said) == 2, said  # one per partition (seed), not per cell and phase
@@ -204,7 +204,7 @@ def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys, caplog)
     assert main(["partitions", "--png", str(tmp_path)]) == 2  # a folder is there
     assert "cannot write the heatmap there" in capsys.readouterr().err
     # Dirichlet's alpha on the default label-skew split changes nothing: said.
-    with caplog.at_level("WARNING", logger="fedimb.sim"):
+    with caplog.at_level("WARNING", logger="fedimb.preflight"):
         assert main(["partitions", "--set", "partition.alpha=0.1", "--png", str(png)]) == 0
     assert "partition.alpha is ignored: partition 'label-skew' does not take it" in caplog.text
 
@@ -339,7 +339,7 @@ def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
 def test_a_signal_after_a_ray_runs_last_round_stops_a_sweep_before_its_next_cell(
     tmp_path, monkeypatch
 ):
-    from fedimb import sim
+    from fedimb import ray_engine as sim
 
     interruption = sim.RayInterruption()
     interruption.signalled = True

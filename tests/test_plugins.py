@@ -12,7 +12,7 @@ from torch import nn
 from fedimb.cli import sweep_plugins
 from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config
 from fedimb.federation import loss_kwargs, model_kwargs
-from fedimb.sim import prepare, warn_about_settings
+from fedimb.preflight import prepare, warn_about_settings
 from fedimb.sweep import Sweep
 from strategies.stock import FedAvg
 
@@ -130,7 +130,7 @@ def test_a_plugin_loss_is_built_on_the_datas_counts_and_its_errors_are_one_line(
 
 
 def test_a_cosine_head_scales_a_plugins_logits_when_it_takes_s(caplog):
-    with caplog.at_level(logging.WARNING, logger="fedimb.sim"):
+    with caplog.at_level(logging.WARNING, logger="fedimb.preflight"):
         scaled = config(loss__name=f"{HERE}:scaled_ce", model__cosine_head=True)
         assert loss_kwargs(scaled) == {"s": 30.0}
         warn_about_settings(scaled)
@@ -145,7 +145,7 @@ def test_ldam_turns_on_only_a_cosine_head_the_model_has(caplog):
     headless = config(loss__name="ldam", model__name=f"{HERE}:small_net")
     assert "cosine_head" not in model_kwargs(headless)  # it would be a TypeError
     assert model_kwargs(config(loss__name="ldam"))["cosine_head"] is True
-    with caplog.at_level(logging.WARNING, logger="fedimb.sim"):
+    with caplog.at_level(logging.WARNING, logger="fedimb.preflight"):
         warn_about_settings(headless)
     assert "takes no cosine_head" in caplog.text
 

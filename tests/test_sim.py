@@ -9,16 +9,9 @@ import torch
 
 from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config
 from fedimb.models import build_model
-from fedimb.sim import (
-    RayInterruption,
-    check_ray_address,
-    interrupt_handlers_kept,
-    load_federation,
-    prepare,
-    thread_count,
-    torch_threads,
-    warn_about_settings,
-)
+from fedimb.preflight import load_federation, prepare, warn_about_settings
+from fedimb.ray_engine import RayInterruption, check_ray_address, interrupt_handlers_kept
+from fedimb.sim import thread_count, torch_threads
 
 
 def test_a_model_that_does_not_fit_the_data_is_a_config_error():

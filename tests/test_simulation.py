@@ -316,7 +316,7 @@ def test_the_clients_losses_get_the_heads_logit_scale(tmp_path, monkeypatch, hea
 
 
 def test_the_run_folder_says_who_holds_what(tmp_path):
-    from fedimb.sim import load_federation
+    from fedimb.preflight import load_federation
 
     config = small(**{"num-rounds": 1, "partition.classes-per-client": 1})
     run_experiment(config, tmp_path, progress=False)
@@ -330,7 +330,7 @@ def test_the_run_folder_says_who_holds_what(tmp_path):
 
 
 def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
-    from fedimb import sim
+    from fedimb import preflight, ray_engine
     from fedimb.server import SimulationEnded
 
     # Checked before Ray starts against this machine, and once Ray is up against the
@@ -338,17 +338,15 @@ def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch)
     cfg = small(engine="ray", **{"ray.client-cpus": 1000})
     with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: this machine has \d+ CPU"):
         run_experiment(cfg, tmp_path / "checked", progress=False)
-    real = sim.check_ray_resources
-    monkeypatch.setattr(
-        sim, "check_ray_resources", lambda config, local=False: None if local else real(config)
-    )
+    # Not checked before Ray starts: then against the cluster, once Ray is up.
+    monkeypatch.setattr(preflight, "check_ray_resources", lambda config, local=False: None)
     with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: the Ray cluster has \d+ CPU"):
         run_experiment(cfg, tmp_path / "checked", progress=False)
     assert not (tmp_path / "checked").exists()
 
     # Unchecked, Flower's engine stops after the server's round 0 ("ActorPool is empty").
     # The run is recorded as failed, with that cause; before, it said "interrupted".
-    monkeypatch.setattr(sim, "check_ray_resources", lambda config, local=False: None)
+    monkeypatch.setattr(ray_engine, "check_ray_resources", lambda config, local=False: None)
     with pytest.raises(SimulationEnded, match="ActorPool is empty"):
         run_experiment(cfg, tmp_path / "crashed", progress=False)
     summary = read_json(tmp_path / "crashed" / "summary.json")
