@@ -536,6 +536,35 @@ def _checkpoint_errors(path: Path) -> Iterator[None]:
         ) from None
 
 
+def _starting_state(
+    config: Config, model: torch.nn.Module, recorder: RunRecorder, checkpoint: Path | None
+) -> tuple[int, Strategy, ArrayRecord, dict[str, Any] | None]:
+    """Round, strategy, global model and clients' state to start from: ``checkpoint``'s
+    (a resume: the recorder keeps what came before it), or a fresh run's."""
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        random.setstate(state["random_state"])
+        recorder.resume_from(int(state["round"]))
+        client_state = state.get("client_state")
+        if client_state is None and config.strategy.name == "scaffold":
+            log.warning(  # an older checkpoint, from a Ray run: it had none
+                "no client-side state in this checkpoint: SCAFFOLD's client control "
+                "variates restart from zero"
+            )
+        return (
+            int(state["round"]),
+            state["strategy"],
+            ArrayRecord(state["state_dict"]),
+            client_state,
+        )
+    if checkpoint is not None:
+        log.warning("no checkpoint in %s: starting from round 0", checkpoint.parent)
+    recorder.start_fresh()
+    strategy = build_strategy(config, [name for name, _ in model.named_parameters()])
+    random.seed(config["seed"])  # for other draws; client samples: RoundDriver
+    return 0, strategy, ArrayRecord(model.state_dict()), None
+
+
 def run_server(
     grid: Grid,
     config: Config,
@@ -571,27 +600,9 @@ def run_server(
         if finished.get("rounds_completed") == num_rounds:
             log.warning("%s completed all %d rounds: nothing to resume", out_dir, num_rounds)
             return finished  # and nothing it wrote is touched
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        start_round, strategy = int(state["round"]), state["strategy"]
-        arrays = ArrayRecord(state["state_dict"])
-        random.setstate(state["random_state"])
-        recorder.resume_from(start_round)
-        client_state = state.get("client_state")
-        if client_state is None and config.strategy.name == "scaffold":
-            log.warning(  # an older checkpoint, from a Ray run: it had none
-                "no client-side state in this checkpoint: SCAFFOLD's client control "
-                "variates restart from zero"
-            )
-    else:
-        if resume:
-            log.warning("no checkpoint in %s: starting from round 0", out_dir)
-        recorder.start_fresh()
-        param_keys = [name for name, _ in model.named_parameters()]
-        start_round, strategy = 0, build_strategy(config, param_keys)
-        arrays = ArrayRecord(model.state_dict())
-        random.seed(config["seed"])  # for other draws; client samples: RoundDriver
-        client_state = None
+    start_round, strategy, arrays, client_state = _starting_state(
+        config, model, recorder, checkpoint_path if resume else None
+    )
     atomic_write_text(out_dir / CONFIG_FILE, CONFIG_HEADER + config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
     # on every resume).
