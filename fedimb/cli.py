@@ -348,7 +348,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     late_interrupt()  # forget one that reached an earlier Ray run of this process
     try:
-        with once.installed_on(logging.getLogger("fedimb.preflight")), once.installed_on(log):
+        with (
+            once.installed_on(logging.getLogger("fedimb.preflight")),
+            once.installed_on(logging.getLogger("fedimb.ray_engine")),
+            once.installed_on(log),
+        ):
             results = run_sweep(
                 sweep,
                 out,

@@ -543,20 +543,16 @@ def _starting_state(
     (a resume: the recorder keeps what came before it), or a fresh run's."""
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        random.setstate(state["random_state"])
-        recorder.resume_from(int(state["round"]))
+        start_round, arrays = int(state["round"]), ArrayRecord(state["state_dict"])
+        random.setstate(state["random_state"])  # then the files: nothing above failed
+        recorder.resume_from(start_round)
         client_state = state.get("client_state")
         if client_state is None and config.strategy.name == "scaffold":
             log.warning(  # an older checkpoint, from a Ray run: it had none
                 "no client-side state in this checkpoint: SCAFFOLD's client control "
                 "variates restart from zero"
             )
-        return (
-            int(state["round"]),
-            state["strategy"],
-            ArrayRecord(state["state_dict"]),
-            client_state,
-        )
+        return start_round, state["strategy"], arrays, client_state
     if checkpoint is not None:
         log.warning("no checkpoint in %s: starting from round 0", checkpoint.parent)
     recorder.start_fresh()

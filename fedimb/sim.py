@@ -26,8 +26,6 @@ from fedimb.preflight import check_same_defaults, prepare
 from fedimb.ray_engine import run_ray
 from fedimb.server import RoundHook, run_server
 
-log = logging.getLogger(__name__)
-
 
 def quiet_flower(verbose: bool = False) -> None:
     """Keep Flower's per-round INFO logs out of the user's terminal unless asked for."""
