@@ -152,23 +152,25 @@ def test_bf16_off_cuda_is_named_as_fp32(caplog):
 
 def test_interrupt_handlers_are_fedimbs_during_a_ray_run_and_restored_after():
     interruption = RayInterruption()
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    with interrupt_handlers_kept():
-        signal.signal(signal.SIGTERM, lambda *_: None)  # as ray.init does
-        interruption.install()
-        assert signal.getsignal(signal.SIGTERM) == interruption.handle
-        assert signal.getsignal(signal.SIGINT) == interruption.handle
-    assert {sig: signal.getsignal(sig) for sig in before} == before
-
-    # A process started in the background ignores Ctrl-C: so does its run.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    outside = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest itself runs in the background
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        with interrupt_handlers_kept():
+            signal.signal(signal.SIGTERM, lambda *_: None)  # as ray.init does
+            interruption.install()
+            assert signal.getsignal(signal.SIGTERM) == interruption.handle
+            assert signal.getsignal(signal.SIGINT) == interruption.handle
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+
+        # A process started in the background ignores Ctrl-C: so does its run.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with interrupt_handlers_kept():
             interruption.install()
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
     finally:
-        signal.signal(signal.SIGINT, before[signal.SIGINT])
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_the_first_signal_stops_the_server_and_a_second_raises_at_once():
