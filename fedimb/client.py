@@ -334,11 +334,11 @@ def _train_group(
 
     order = list(jobs)
     results: dict[int, tuple[TrainResult, float]] = {}
-    reason = batched.can_batch(model, [jobs[i] for i in order]) if order else "no jobs"
     mode = config["batched"]
     asked = (  # they could train together, and the setting asks for it on this device
         batched_ok and len(order) > 1 and batched.asked(mode, model, jobs[order[0]].x.device)
     )
+    reason = batched.can_batch(model, [jobs[i] for i in order]) if asked else None
     use_batch = asked and reason is None  # None: the model and losses are vectorisable
     if asked and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import inspect
 import json
 import math
 import pickle
@@ -657,7 +656,7 @@ def _check_param(table: str, key: str, value: Any, default: Any, *, plugin: bool
     default 1); a parameter without a default, or with None, takes any value.
     """
     where = f"{table}.{key} = {value!r}"
-    if (table == "loss" and not plugin) or default is None or default is inspect.Parameter.empty:
+    if (table == "loss" and not plugin) or default is None or default is REQUIRED:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):

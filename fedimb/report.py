@@ -192,6 +192,8 @@ class RunSet:
     runs: list[RunRecord]
     group_keys: list[str]
     target_error: float | None = None
+    name: str | None = None
+    """A sweep's name (sweep.json), for the report's title."""
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -273,7 +275,7 @@ def load_runs(results_dir: str | Path) -> RunSet:
         ]
         group_keys = [k for k in definition.get("grid", {}) if not _PER_RUN_KEY.search(k)]
         target = definition.get("target_error")
-        return RunSet(root, "sweep", runs, group_keys, target)
+        return RunSet(root, "sweep", runs, group_keys, target, definition.get("name"))
     if _is_run_dir(root):
         return RunSet(root, "single", [_read_run(root)], [])
     runs = [_read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and _is_run_dir(p)]
@@ -751,8 +753,7 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
     rows = summarize(runset, target)
     keys = _label_keys(runset)
     root = runset.root
-    sweep_name = ((read_json(root / SWEEP_FILE) or {}).get("sweep") or {}).get("name")
-    title = f"Report: {sweep_name or root.resolve().name}"
+    title = f"Report: {runset.name or root.resolve().name}"
     return {
         "csv": _write_csv(root / REPORT_CSV, rows, keys, target),
         "md": atomic_write_text(root / REPORT_MD, markdown_table(rows, keys, target, title)),

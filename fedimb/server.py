@@ -422,7 +422,8 @@ class GuardedGrid(Grid):
             for m in messages
             if m.metadata.dst_node_id not in answered
         ]
-        good, rows = [], []
+        accepted: dict[int, Message] = {}  # node -> its reply, fit to aggregate
+        rows = []
         for reply in replies:
             node = reply.metadata.src_node_id
             reason = _reply_fault(reply, self.client_timeout)
@@ -436,7 +437,7 @@ class GuardedGrid(Grid):
             row = {"round": server_round, "node": node, **metrics}
             row.pop(CLASS_COUNTS_KEY, None)  # static: partition.json holds them once
             if reason is None:
-                good.append(reply)
+                accepted[node] = reply
             else:
                 faults.append(
                     {"node": node, "partition-id": metrics["partition-id"], "reason": reason}
@@ -451,6 +452,9 @@ class GuardedGrid(Grid):
             )
             log.warning("round %d: client %s left out: %s", server_round, who, fault["reason"])
         rows.sort(key=lambda row: _client_order(row["partition-id"], row["node"]))
+        # In partition order, not arrival order (random under Ray): the strategy's float
+        # sums then add in the same order under either engine, run after run.
+        good = [accepted[row["node"]] for row in rows if "fault" not in row]
         self.recorder.add_clients(rows)
         self.failures[server_round] = faults
         self.aggregated[server_round] = len(good)
@@ -467,14 +471,7 @@ class GuardedGrid(Grid):
                 f"round {server_round}: {len(faults)} of {len(messages)} clients failed, more than "
                 f"max-failure-fraction = {self.max_failure_fraction}; first: {faults[0]['reason']}"
             )
-        # In partition order, not arrival order (random under Ray): the strategy's float
-        # sums then add in the same order under either engine, run after run.
-        return sorted(
-            good,
-            key=lambda r: _client_order(
-                self.partition_of.get(r.metadata.src_node_id), r.metadata.src_node_id
-            ),
-        )
+        return good
 
 
 def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
