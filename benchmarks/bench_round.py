@@ -103,6 +103,9 @@ class Workload:
     precision : str
         ``"fp32"`` or ``"bf16"`` (autocast) for ``fedimb``, ``vmap`` and ``bigbatch``;
         the stock settings (``flower``, ``loop``) train in fp32, as the quickstart does.
+    cudnn_benchmark : bool
+        cuDNN autotuning for ``fedimb``, ``vmap`` and ``bigbatch`` (fedimb's
+        ``cudnn-benchmark`` key); the stock settings keep PyTorch's default (off).
     stock_data : str
         How the stock settings feed their ``DataLoader``: ``"tensors"`` (each client's
         samples normalised once, a lower bound) or ``"quickstart"`` (PIL images, each
@@ -125,6 +128,7 @@ class Workload:
     threads: str = "default"
     group_size: int = 0
     precision: str = "fp32"
+    cudnn_benchmark: bool = False
     stock_data: str = "tensors"
 
     def source(self) -> tuple[str, str | None]:
@@ -420,6 +424,7 @@ def fedimb_overrides(w: Workload) -> dict[str, Any]:
         "group-size": w.group_size,
         "augment": "off",  # the stock baseline does not augment either
         "precision": w.precision,
+        "cudnn-benchmark": w.cudnn_benchmark,
         "threads": torch.get_num_threads(),  # as apply_threads left it, like the others
         "eval-every": w.rounds,  # evaluate at round 0 and the last round, as the others do
         "checkpoint-every": 0,
@@ -679,7 +684,11 @@ def run_vmap(w: Workload) -> dict[str, Any]:
     fed = load_federation(w, w.device)
     model = make_model(w, fed).to(device)
     settings = TrainSettings(
-        epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, bf16=w.precision == "bf16"
+        epochs=w.epochs,
+        batch_size=w.batch_size,
+        lr=w.lr,
+        bf16=w.precision == "bf16",
+        cudnn_benchmark=w.cudnn_benchmark,
     )
     for pid in range(w.clients):
         fed.client_tensors(pid)  # data resident on the device before round 1, as in fedimb
@@ -708,7 +717,7 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from fedimb.train import autocast
+    from fedimb.train import autocast, cudnn_autotuning
 
     apply_threads(w)
     device = torch.device(w.device)
@@ -721,16 +730,18 @@ def run_bigbatch(w: Workload) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=w.lr)
     final = evaluate_model(model, fed, device)
     stamps = [stamp(device)]
+    bf16 = w.precision == "bf16"
     for server_round in range(1, w.rounds + 1):
         model.train()
         for _ in range(w.epochs):
             order = torch.randperm(len(y), generator=gen, device=device)
             for batch in order.split(w.big_batch):
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(device, w.precision == "bf16"):
-                    logits = model(fed.dataset.to_float(x[batch]))
-                loss = F.cross_entropy(logits.float(), y[batch])
-                loss.backward()
+                with cudnn_autotuning(w.cudnn_benchmark):
+                    with autocast(device, bf16):
+                        logits = model(fed.dataset.to_float(x[batch]))
+                    loss = F.cross_entropy(logits.float(), y[batch])
+                    loss.backward()
                 optimizer.step()
         if server_round == w.rounds:
             final = evaluate_model(model, fed, device)
@@ -1040,6 +1051,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="bf16 autocast for fedimb, vmap and bigbatch (flower and loop stay fp32)",
     )
     p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="cuDNN autotuning for fedimb, vmap and bigbatch (fedimb's cudnn-benchmark key)",
+    )
+    p.add_argument(
         "--stock-data",
         choices=("tensors", "quickstart"),
         default="tensors",
@@ -1112,6 +1128,7 @@ def workloads(args: argparse.Namespace, device: str) -> list[Workload]:
             threads=t,
             group_size=group,
             precision=args.precision,
+            cudnn_benchmark=args.cudnn_benchmark,
             stock_data=args.stock_data,
         )
         for model in models.split(",")

@@ -91,9 +91,10 @@ def profile_training(
         ]
 
     for name, bf16, tune, group in _variants(device.type == "cuda", group_sizes):
-        settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, bf16=bf16)
+        settings = TrainSettings(
+            epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, bf16=bf16, cudnn_benchmark=tune
+        )
         jobs = bench.client_jobs(w, fed, 1, settings)
-        torch.backends.cudnn.benchmark = tune
         first, seconds, res = _timed(
             lambda j=jobs, s=settings, g=group: one_round(j, s, g), device, repeats
         )
@@ -101,7 +102,6 @@ def profile_training(
         out[name] = round(seconds, 4)
         out[f"{name} first"] = round(first, 4)
         print(f"  train {name:22} {seconds:.4f} s/round (first {first:.2f} s)", flush=True)
-    torch.backends.cudnn.benchmark = False
     table = ""
     if trace:
         settings = TrainSettings(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr)

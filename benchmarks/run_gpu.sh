@@ -2,11 +2,11 @@
 # The GPU checks of a short device session: the CUDA tests, a probe of the vectorised
 # convolution kernels (benchmarks/conv_kernels.py), the profile of a vectorised round
 # (with a torch.profiler table and group sizes 50 and 25), the round benchmark in fp32
-# (every setting) per model, then bf16 for the fast settings, then the stock loop fed as
-# Flower's quickstart feeds it (PIL images, transformed per sample), and the server's
-# FedAvg mean on the host's cores (Flower's and fedimb's). Each step has its own
-# time limit and writes its JSON as it goes, so a session cut short keeps what it
-# measured. All steps take about 15 minutes on an H200: pick some with STEPS, e.g.
+# (every setting) per model, then bf16 with cuDNN autotuning for the fast settings,
+# then the stock loop fed as Flower's quickstart feeds it (PIL images, transformed per
+# sample), and the server's FedAvg mean on the host's cores (Flower's and fedimb's). Each
+# step has its own time limit and writes its JSON as it goes, so a session cut short keeps
+# what it measured. All steps take about 15 minutes on an H200: pick some with STEPS, e.g.
 # STEPS="tests profile" then STEPS="bench bf16" in a second call.
 #
 #   DATA=path/to/cifar10-jpeg OUT=results-dir bash benchmarks/run_gpu.sh
@@ -60,9 +60,9 @@ if [[ $STEPS == *" bench "* ]]; then
 fi
 if [[ $STEPS == *" bf16 "* ]]; then
   for m in $MODELS; do
-    echo "== bench $m bf16"
-    timeout 150 $B --model "$m" --precision bf16 --settings fedimb,vmap,bigbatch --timeout 100 \
-      --out "$OUT/gpu-$m-bf16.json" 2>&1 | grep -v "^running "
+    echo "== bench $m bf16, cuDNN autotuning"
+    timeout 200 $B --model "$m" --precision bf16 --cudnn-benchmark --settings fedimb,vmap,bigbatch \
+      --timeout 120 --out "$OUT/gpu-$m-bf16-autotune.json" 2>&1 | grep -v "^running "
   done
 fi
 if [[ $STEPS == *" quickstart "* ]]; then

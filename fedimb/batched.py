@@ -30,7 +30,14 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedimb.data.augment import crop_flip
 from fedimb.losses import TENSOR_FIELDS, imbalance_loss_tensors, stack_params
 from fedimb.models import is_vectorisable
-from fedimb.train import ClientJob, ToFloat, TrainResult, TrainSettings, autocast
+from fedimb.train import (
+    ClientJob,
+    ToFloat,
+    TrainResult,
+    TrainSettings,
+    autocast,
+    cudnn_autotuning,
+)
 
 
 def pays_off(model: nn.Module, device: torch.device) -> bool:
@@ -216,7 +223,8 @@ def train_clients(
         valid = plan.valid[rows, t, :size]
         p = {n: v[sel] for n, v in params.items()}
         bufs = {n: v[sel] for n, v in buffers.items()}
-        grads, loss = step_fn(p, bufs, x, y, valid, *(v[sel] for v in loss_tensors.values()))
+        with cudnn_autotuning(settings.cudnn_benchmark):
+            grads, loss = step_fn(p, bufs, x, y, valid, *(v[sel] for v in loss_tensors.values()))
         loss_sum[sel] += loss.detach().float()
         with torch.no_grad():
             _sgd_update(

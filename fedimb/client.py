@@ -108,6 +108,7 @@ def train_settings(config: Config, fed: Federation, server_round: int) -> TrainS
         augment=use_augmentation(config, fed),
         bf16=config["precision"] == "bf16",
         channels_last=config["channels-last"],
+        cudnn_benchmark=config["cudnn-benchmark"],
     )
 
 

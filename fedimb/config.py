@@ -110,6 +110,7 @@ TOP_LEVEL: dict[str, Field] = {
     ),
     "precision": Field(str, "fp32", *_choice(*PRECISIONS)),
     "channels-last": Field(bool, False),
+    "cudnn-benchmark": Field(bool, False),
     "eval-every": Field(int, 1, _positive, "an integer >= 1"),
     "eval-batch-size": Field(int, 1024, _positive, "an integer >= 1"),
     "checkpoint-every": Field(int, 1, _non_negative, "an integer >= 0 (0 = never)"),
@@ -484,6 +485,9 @@ def _did_you_mean(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _coerce(key: str, value: Any, field: Field) -> Any:
     """Check the type of ``value`` (an int is accepted where a float is expected)."""
     if field.listed and _numbers(value):  # `--set faults.rounds=3`, `milestones = [0.8, 0.9]`
@@ -494,7 +498,7 @@ def _coerce(key: str, value: Any, field: Field) -> Any:
         value = int(value)
     if not isinstance(value, field.type) or (field.type is not bool and isinstance(value, bool)):
         raise ConfigError(
-            f"{key} = {value!r}: expected {field.type.__name__}"
+            f"{key} = {value!r}: expected {_TYPE_WORDS[field.type]}"
             + (f" ({field.allowed})" if field.allowed else "")
         )
     if not field.check(value):

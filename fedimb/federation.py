@@ -43,9 +43,8 @@ DATA_KEYS = (
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when there is a GPU, else CPU.
 
-    cuDNN autotuning (``torch.backends.cudnn.benchmark``) stays off: on an H200 it
-    changed a steady vectorised round by -9% (CNN) to +6..12% (ResNet-32), first rounds
-    with it were long, and it makes runs less reproducible (benchmarks/README.md).
+    cuDNN autotuning is not set here but around each training step, by the
+    ``cudnn-benchmark`` key (``TrainSettings.cudnn_benchmark``).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

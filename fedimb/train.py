@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,9 @@ class TrainSettings:
     padding: int = 4
     bf16: bool = False
     channels_last: bool = False
+    cudnn_benchmark: bool = False
+    """cuDNN autotuning (``torch.backends.cudnn.benchmark``) while training on CUDA:
+    each new input shape is timed once, then its fastest kernels are used."""
 
 
 @dataclasses.dataclass
@@ -154,6 +157,21 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def cudnn_autotuning(on: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = on`` inside the block, as it was after it.
+
+    Scoped to training, so a run's setting neither leaks into the caller's code nor
+    depends on it (the flag is global to the process).
+    """
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def effective_steps(num_steps: float, momentum: float) -> float:
     """Effective step count ``a_i`` of ``num_steps`` SGD steps with heavy-ball momentum.
 
@@ -194,9 +212,10 @@ def train_client(
     for step in range(job.plan.num_steps):
         x, y = batch_inputs(job, step, to_float, settings)
         opt.zero_grad(set_to_none=True)
-        with autocast(device, settings.bf16):
-            loss = job.loss(model(x), y)
-        loss.backward()
+        with cudnn_autotuning(settings.cudnn_benchmark):
+            with autocast(device, settings.bf16):
+                loss = job.loss(model(x), y)
+            loss.backward()
         with torch.no_grad():
             for name, p in params.items():
                 if anchor is not None:

@@ -208,3 +208,43 @@ def test_finiteness_check_flags_exactly_the_non_finite_clients():
     # A non-finite tensor shared by every client (e.g. a buffer) fails them all.
     shared["scale"] = torch.tensor([1.0, float("inf")])
     assert _all_finite(stacks, shared) == [False] * 5
+
+
+class _FlagRecorder(torch.nn.Module):
+    """Records ``torch.backends.cudnn.benchmark`` in every forward and backward."""
+
+    def __init__(self, inner: torch.nn.Module, seen: list[tuple[str, bool]]) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(("forward", torch.backends.cudnn.benchmark))
+        out = self.inner(x)
+        if not torch._C._functorch.is_functorch_wrapped_tensor(out):  # eager: hook backward
+            out.register_hook(
+                lambda g: self.seen.append(("backward", torch.backends.cudnn.benchmark))
+            )
+        return out
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+@pytest.mark.parametrize("autotune", [True, False])
+def test_training_steps_run_with_the_settings_cudnn_autotuning_and_restore_it(vectorised, autotune):
+    """cuDNN autotuning is global to the process: training sets it for its own steps
+    (forward and backward), whatever the caller had, and puts the caller's back."""
+    seen: list[tuple[str, bool]] = []
+    model = _FlagRecorder(build_model("mlp", (12,), 4, hidden=16), seen)
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.1, cudnn_benchmark=autotune)
+    jobs = _jobs(model, settings, "ce", (12,), [19, 7])
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not autotune
+    try:
+        if vectorised:
+            train_clients(model, model.state_dict(), jobs, identity, settings)
+        else:
+            _sequential(model, model.state_dict(), jobs, settings)
+        assert torch.backends.cudnn.benchmark is (not autotune)
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert {kind for kind, _ in seen} == ({"forward"} if vectorised else {"forward", "backward"})
+    assert len(seen) >= 3 and all(flag is autotune for _, flag in seen)

@@ -80,7 +80,7 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"alpha": 0.1}, "did you mean 'partition.alpha' or 'loss.alpha'?"),
         ({"ratio": 10}, "did you mean 'long-tail.ratio'?"),
         ({"num-rounds": 0}, "num-rounds = 0: must be an integer >= 1"),
-        ({"num-rounds": "ten"}, "expected int"),
+        ({"num-rounds": "ten"}, "expected an integer"),
         ({"lr": -1}, "lr = -1.0: must be a number > 0"),
         ({"engine": "spark"}, "one of 'ray', 'inprocess'"),
         ({"loss.name": "ldma"}, "unknown loss 'ldma'"),
@@ -269,3 +269,19 @@ def test_fednova_takes_the_clients_momentum_from_the_run():
     with pytest.raises(ConfigError, match=r"strategy.momentum = 0.5, but .* momentum = 0.9"):
         load_config(None, {**fednova, "strategy.momentum": 0.5})
     assert "momentum" not in load_config(None, {"momentum": 0.9}).strategy_kwargs()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "autotune"), [({}, False), ({"cudnn-benchmark": True}, True)]
+)
+def test_cudnn_benchmark_reaches_the_training_settings(overrides, autotune):
+    from fedimb.client import train_settings
+    from fedimb.federation import get_federation
+
+    config = load_config(None, {"device": "cpu", **overrides})
+    assert train_settings(config, get_federation(config), 1).cudnn_benchmark is autotune
+
+
+def test_a_switch_given_as_text_is_refused_with_its_spelling():
+    with pytest.raises(ConfigError, match="cudnn-benchmark = 'yes': expected true or false"):
+        load_config(None, {"cudnn-benchmark": "yes"})

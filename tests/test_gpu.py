@@ -41,12 +41,14 @@ def full_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_cuda_vectorised_training_matches_cpu(bf16, full_fp32):
+@pytest.mark.parametrize(("bf16", "autotune"), [(False, False), (True, False), (True, True)])
+def test_cuda_vectorised_training_matches_cpu(bf16, autotune, full_fp32):
     torch.manual_seed(0)
     model = build_model("cnn", (3, 32, 32), 10, cosine_head=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = TrainSettings(batch_size=8, lr=0.05, momentum=0.9, augment=True, bf16=bf16)
+    settings = TrainSettings(
+        batch_size=8, lr=0.05, momentum=0.9, augment=True, bf16=bf16, cudnn_benchmark=autotune
+    )
     cpu = train_clients(model, state, _jobs("cpu", settings), _to_float, settings)
     gpu = train_clients(model.cuda(), state, _jobs("cuda", settings), _to_float, settings)
     tol = 5e-2 if bf16 else 1e-3
