@@ -141,8 +141,13 @@ def prepare(config: Config) -> None:
         check_ray_resources(config, local=True)  # the cluster's own check waits for Ray
     warn_about_settings(config)
     fed = load_federation(config)
-    if config["precision"] != "fp32" and fed.device.type != "cuda":
-        log.warning("precision = %r applies on CUDA only: this run is fp32", config["precision"])
+    if fed.device.type != "cuda":
+        if config["precision"] != "fp32":
+            log.warning(
+                "precision = %r applies on CUDA only: this run is fp32", config["precision"]
+            )
+        if config["cudnn-benchmark"]:
+            log.warning("cudnn-benchmark applies on CUDA only: it changes nothing here")
 
     with _component_errors(config, "model"):  # a model that does not fit the data
         model_for(config, fed)

@@ -145,9 +145,12 @@ def test_an_unreachable_ray_address_fails_fast():
         check_ray_address(f"[::1]:{server6.getsockname()[1]}")
 
 
-def test_bf16_off_cuda_is_named_as_fp32(caplog):
+def test_cuda_only_settings_are_named_off_cuda(caplog):
     prepare(load_config(overrides={"device": "cpu", "precision": "bf16"}))
     assert "applies on CUDA only: this run is fp32" in caplog.text
+    assert "cudnn-benchmark" not in caplog.text
+    prepare(load_config(overrides={"device": "cpu", "cudnn-benchmark": True}))
+    assert "cudnn-benchmark applies on CUDA only: it changes nothing here" in caplog.text
 
 
 def test_interrupt_handlers_are_fedimbs_during_a_ray_run_and_restored_after():
