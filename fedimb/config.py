@@ -498,7 +498,7 @@ def _coerce(key: str, value: Any, field: Field) -> Any:
         value = int(value)
     if not isinstance(value, field.type) or (field.type is not bool and isinstance(value, bool)):
         raise ConfigError(
-            f"{key} = {value!r}: expected {_TYPE_WORDS[field.type]}"
+            f"{key} = {value!r}: expected {_TYPE_WORDS.get(field.type, field.type.__name__)}"
             + (f" ({field.allowed})" if field.allowed else "")
         )
     if not field.check(value):
@@ -871,13 +871,15 @@ def lr_in_round(config: Config, server_round: int) -> float:
 
 
 # Keys that change how a run executes, not its results (the engines, batched or not,
-# and any thread count give the same metrics on CPU: tested).
+# and any thread count give the same metrics on CPU: tested; cuDNN's kernel choice
+# changes only the rounding, as batched training does on a GPU).
 EXECUTION_KEYS = frozenset(
     {
         "engine",
         "threads",
         "batched",
         "group-size",
+        "cudnn-benchmark",
         "checkpoint-every",
         "round-timeout",
         "out-dir",

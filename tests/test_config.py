@@ -203,7 +203,13 @@ def test_config_changes_name_what_changes_results_only():
     from fedimb.config import config_changes
 
     base = load_config()
-    assert config_changes(base, base.with_overrides({"engine": "inprocess", "threads": 1})) == ""
+    assert (
+        config_changes(
+            base,
+            base.with_overrides({"engine": "inprocess", "threads": 1, "cudnn-benchmark": True}),
+        )
+        == ""
+    )
     changed = config_changes(base, base.with_overrides({"num-rounds": 3, "engine": "inprocess"}))
     assert changed == "num-rounds 20 -> 3"
     # Evaluation off: its minimum does not matter.
