@@ -159,7 +159,7 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 @contextlib.contextmanager
 def cudnn_autotuning(on: bool) -> Iterator[None]:
-    """``torch.backends.cudnn.benchmark = on`` inside the block, as it was after it.
+    """``torch.backends.cudnn.benchmark`` set to ``on`` inside the block, restored after it.
 
     Scoped to training, so a run's setting neither leaks into the caller's code nor
     depends on it (the flag is global to the process).

@@ -60,3 +60,28 @@ def test_aggregate_benchmark_reports_both_means_and_their_equality(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["replies"], r["threads"]) for r in rows] == [("in-process", 1), ("plain", 1)]
     assert all(r["bit_equal"] and r["flower_s"] > 0 and r["torch_s"] > 0 for r in rows)
+
+
+def test_step_shapes_are_the_vectorised_trainers_steps():
+    """benchmarks/step_shapes.py counts the (clients, batch length) the trainer runs."""
+    import numpy as np
+
+    from fedimb.batched import _StackedPlan
+    from fedimb.losses import make_loss
+    from fedimb.train import ClientJob, TrainSettings, client_rng, make_plan
+
+    step_shapes = pytest.importorskip("step_shapes")
+    settings = TrainSettings(batch_size=8)
+    jobs = []
+    for pid, n in enumerate([19, 24, 7, 16, 3]):
+        y = np.arange(n) % 2
+        plan = make_plan(y, settings, client_rng(0, 1, pid))
+        x = torch.zeros(n, 2)
+        jobs.append(ClientJob(x, torch.as_tensor(y), make_loss("ce", np.bincount(y)), plan))
+    stacked = _StackedPlan(jobs, settings.batch_size, torch.device("cpu"))
+    trained = {
+        (len(jobs) if members is None else len(members), size)
+        for members, size in zip(stacked.members, stacked.sizes, strict=True)
+    }
+    assert trained == {(5, 8), (3, 8), (2, 8)}  # 19: 8,8,3; 24: 8,8,8; 7; 16: 8,8; 3
+    assert step_shapes.step_shapes([job.plan for job in jobs]) == trained
