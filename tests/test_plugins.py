@@ -235,3 +235,24 @@ def test_a_plain_callable_loss_says_it_trains_one_client_at_a_time(tmp_path, cap
             run.with_overrides({"num-clients": 4, **alone}), tmp_path / "b", progress=False
         )
     assert "one at a time" not in caplog.text
+
+
+class SamplesItsOwnWay(FedAvg):
+    """A plug-in whose constructor takes no sampling argument: FedAvg's stay."""
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        super().__init__()
+        self.max_norm = max_norm
+
+
+def test_sampling_keys_a_plugin_strategy_cannot_take_are_refused_not_dropped():
+    name = f"{HERE}:SamplesItsOwnWay"
+    with pytest.raises(
+        ConfigError, match=r"fraction-train = 0.5 cannot apply.*keeps fraction_train = 1.0"
+    ):
+        prepare(load_config(None, {"strategy.name": name, "strategy.fraction-train": 0.5}))
+    with pytest.raises(
+        ConfigError, match=r"min-train-clients = 3 cannot apply.*keeps min_train_nodes = 2"
+    ):
+        prepare(load_config(None, {"strategy.name": name, "strategy.min-train-clients": 3}))
+    prepare(load_config(None, {"strategy.name": name}))  # the config's defaults are FedAvg's
