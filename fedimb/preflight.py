@@ -13,8 +13,10 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_kebab
 from fedimb.data.datasets import BUNDLED_DATASETS
@@ -150,15 +152,17 @@ def prepare(config: Config) -> None:
             log.warning("cudnn-benchmark applies on CUDA only: it changes nothing here")
 
     with _component_errors(config, "model"):  # a model that does not fit the data
-        model_for(config, fed)
+        logits, labels = _sample_logits(model_for(config, fed), fed)
     with _component_errors(config, "loss"):  # a parameter that fails on the real counts
-        make_loss(
+        loss = make_loss(
             config.loss.name,
             fed.counts[0],
             server_round=1,
             num_rounds=config["num-rounds"],
             **loss_kwargs(config),
         )
+        if len(labels):
+            _check_loss_value(loss(logits, labels))
     with _component_errors(config, "sampling"):  # e.g. a drs-start after the last round
         epoch_indices(
             config.sampling.name,
@@ -167,6 +171,41 @@ def prepare(config: Config) -> None:
             server_round=1,
             num_rounds=config["num-rounds"],
             **config.sampling.kwargs(),
+        )
+
+
+def _sample_logits(model: torch.nn.Module, fed: Federation) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits for two of client 0's samples (in eval mode, no gradient) and
+    their labels, checked to be ``[batch, num_classes]``: a wrong head fails here, in
+    one line, not inside every client's first step."""
+    x, y = (t[:2] for t in fed.client_tensors(0))
+    if not len(y):
+        return torch.empty(0), y
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(fed.dataset.to_float(x))
+    finally:
+        model.train(training)
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
+    if shape != (len(y), fed.num_classes):
+        got = f"shape {list(shape)}" if shape is not None else f"a {type(logits).__name__}"
+        raise ValueError(
+            f"it returned {got} for {len(y)} samples of {fed.num_classes} classes; a model "
+            f"must return logits of shape [batch, num_classes] = [{len(y)}, {fed.num_classes}]"
+        )
+    return logits.float(), y
+
+
+def _check_loss_value(value: Any) -> None:
+    """A loss must return the batch's loss as one number in a tensor (to backpropagate)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"it returned a {type(value).__name__}; a loss must return a tensor")
+    if value.numel() != 1:
+        raise ValueError(
+            f"it returned a tensor of shape {list(value.shape)}; a loss must return one "
+            "number (e.g. the batch's mean), not one per sample"
         )
 
 

@@ -256,3 +256,37 @@ def test_sampling_keys_a_plugin_strategy_cannot_take_are_refused_not_dropped():
     ):
         prepare(load_config(None, {"strategy.name": name, "strategy.min-train-clients": 3}))
     prepare(load_config(None, {"strategy.name": name}))  # the config's defaults are FedAvg's
+
+
+def three_extra_logits(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes + 3))
+
+
+def per_sample_ce(class_counts, *, server_round=1, num_rounds=1):
+    return lambda z, y: nn.functional.cross_entropy(z, y, reduction="none")
+
+
+def float_ce(class_counts, *, server_round=1, num_rounds=1):
+    return lambda z, y: float(nn.functional.cross_entropy(z, y))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"model.name": f"{HERE}:three_extra_logits"},
+            r"^\[model\] .*: it returned shape \[2, 13\] for 2 samples of 10 classes; a model "
+            r"must return logits of shape \[batch, num_classes\]",
+        ),
+        (
+            {"loss.name": f"{HERE}:per_sample_ce"},
+            r"^\[loss\] .*: it returned a tensor of shape \[2\]; a loss must return one number",
+        ),
+        ({"loss.name": f"{HERE}:float_ce"}, r"^\[loss\] .*: it returned a float; a loss must"),
+    ],
+)
+def test_a_plugin_that_cannot_train_fails_before_the_run_in_one_line(overrides, message):
+    """Checked on one batch of client 0 before any round: otherwise every client fails
+    its first step (or, vectorised, the whole round raises a shape error)."""
+    with pytest.raises(ConfigError, match=message):
+        prepare(load_config(None, {"engine": "inprocess", **overrides}))
