@@ -72,7 +72,7 @@ def asked(mode: str, model: nn.Module, device: torch.device) -> bool:
 def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
     """None if these jobs can train together, else the reason they cannot."""
     if not is_vectorisable(model):
-        return "the model has BatchNorm (use GroupNorm, e.g. model.norm = 'group')"
+        return "the model has BatchNorm (use GroupNorm; for resnet32, model.norm = 'group')"
     if any(getattr(job.loss, "params", None) is None for job in jobs):
         return "a loss is a plain callable, not LossParams"
     first = jobs[0].loss.params

@@ -572,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the command; known failures end in one line and an exit code."""
-    from fedimb.server import NonFiniteModel, SimulationEnded, TooManyFailures
+    from fedimb.server import BadGlobalModel, SimulationEnded, TooManyFailures
 
     try:
         return COMMANDS[args.command](args)
@@ -585,7 +585,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `fedimb list | head`: the reader has gone, as for `ls | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
-    except (TooManyFailures, SimulationEnded, NonFiniteModel) as exc:  # summary.json says so
+    except (TooManyFailures, SimulationEnded, BadGlobalModel) as exc:  # summary.json says so
         print(f"fedimb: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:

@@ -40,7 +40,13 @@ def model_params(name: str) -> dict[str, object]:
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **params) -> nn.Module:
     """Build a model by registered name or import path."""
     factory = MODELS.get(name)
-    return factory(tuple(input_shape), num_classes, **params)
+    model = factory(tuple(input_shape), num_classes, **params)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model {name!r} returned a {type(model).__name__}; a model factory must return "
+            "a torch.nn.Module"
+        )
+    return model
 
 
 class CosineLinear(nn.Module):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fedimb.data.partition import check_labels
+from fedimb.data.partition import check_labels, checked_indices
 from fedimb.registry import Registry
 from fedimb.schedule import check_rounds, switch_round
 
@@ -153,25 +153,13 @@ def epoch_indices(
         )
     sampler = _SAMPLERS.get(name)  # raises listing the valid names, or imports a path
     if name not in _SAMPLERS:
-        return _check_user_indices(
-            name,
+        return checked_indices(
             sampler(labels, rng, server_round=server_round, num_rounds=num_rounds, **params),
             len(labels),
+            f"sampler {name!r}'s epoch",
         )
     if params:
         raise ValueError(f"sampler {name!r} takes no parameter(s) {sorted(params)}")
     if labels.size == 0:
         return np.zeros(0, dtype=np.int64)
     return sampler(labels, rng).astype(np.int64, copy=False)
-
-
-def _check_user_indices(name: str, out: Any, n: int) -> np.ndarray:
-    idx = np.asarray(out)
-    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-        raise ValueError(
-            f"sampler {name!r} must return 1-D integer indices, got "
-            f"shape {idx.shape} dtype {idx.dtype}"
-        )
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"sampler {name!r} returned indices outside [0, {n})")
-    return idx.astype(np.int64, copy=False)

@@ -81,9 +81,27 @@ class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
 
 
-class NonFiniteModel(RuntimeError):
+class BadGlobalModel(RuntimeError):
+    """The strategy returned a global model the run cannot use."""
+
+
+class NonFiniteModel(BadGlobalModel):
     """The strategy returned a global model with NaN or inf weights (from finite replies:
     the guarded grid leaves out non-finite ones)."""
+
+
+def misfit(arrays: ArrayRecord, model: torch.nn.Module) -> str:
+    """How ``arrays`` fails to fit ``model``'s state (names and shapes); '' if it fits."""
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    got = {k: list(a.shape) for k, a in arrays.items()}
+    problems = [f"missing {k!r}" for k in own if k not in got]
+    problems += [f"unexpected {k!r}" for k in got if k not in own]
+    problems += [
+        f"{k!r} has shape {got[k]}, the model's {own[k]}"
+        for k in own
+        if k in got and got[k] != own[k]
+    ]
+    return "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
 
 
 class SimulationEnded(RuntimeError):
@@ -138,6 +156,8 @@ class RoundDriver(Strategy):
     def __init__(self, inner: Strategy, offset: int, *, seed: int) -> None:
         self.inner, self.offset, self.seed = inner, offset, seed
         self.federated: dict[int, MetricRecord] = {}
+        self.strategy_metrics: dict[int, dict[str, float]] = {}
+        self.kept_model_said = False
 
     def _seed_sample(self, grid: GuardedGrid, server_round: int, stage: str) -> None:
         grid.seed_next_sample(f"fedimb-sample:{self.seed}:{server_round}:{stage}")
@@ -147,7 +167,19 @@ class RoundDriver(Strategy):
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
-        return self.inner.aggregate_train(server_round + self.offset, replies)
+        replies = list(replies)
+        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
+        answered = sum(reply.has_content() for reply in replies)
+        self.strategy_metrics[server_round + self.offset] = _own_metrics(metrics, replies)
+        if arrays is None and answered and not self.kept_model_said:
+            self.kept_model_said = True  # once a run: a strategy may do so by design
+            log.warning(
+                "round %d: the strategy returned no global model from %d replies, so the "
+                "model stays as it was (said once)",
+                server_round + self.offset,
+                answered,
+            )
+        return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         self._seed_sample(grid, server_round + self.offset, "evaluate")
@@ -161,6 +193,20 @@ class RoundDriver(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+def _own_metrics(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, float]:
+    """The numbers a strategy's ``aggregate_train`` reports besides its averages of the
+    clients' own metrics (e.g. the norm of its update), as ``strategy_<key>`` columns."""
+    clients = set()
+    for reply in replies:
+        if reply.has_content() and (m := record_of(reply.content, "metrics", MetricRecord)):
+            clients.update(m.keys())
+    return {
+        "strategy_" + key.replace("-", "_"): float(value)
+        for key, value in (metrics or {}).items()
+        if key not in clients and isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 def _reply_fault(reply: Message, client_timeout: float) -> str | None:
@@ -630,6 +676,11 @@ def run_server(
             return None  # the checkpointed model was evaluated before the interruption
         last = server_round == num_rounds
         row: dict[str, Any] = {"round": server_round}
+        if server_round > 0 and (problem := misfit(current, model)):
+            raise BadGlobalModel(
+                f"round {server_round}: strategy {config.strategy.name!r} returned a global "
+                f"model that does not fit model {config.model.name!r}: {problem}"
+            )
         if server_round > 0 and not all(map(_finite, current.values())):
             raise NonFiniteModel(
                 f"round {server_round}: strategy {config.strategy.name!r} made a global model "
@@ -660,6 +711,7 @@ def run_server(
             row["train_loss"] = guarded.train_loss.get(server_round)
             row["clients"] = guarded.aggregated.get(server_round, 0)
             row["failures"] = len(guarded.failures.get(server_round, []))
+            row.update(driver.strategy_metrics.get(server_round, {}))
             federated = driver.federated.get(server_round)
             if federated is not None and "balanced-error" in federated:
                 # Summed per-class counts over the clients' own test shares.

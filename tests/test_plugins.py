@@ -290,3 +290,129 @@ def test_a_plugin_that_cannot_train_fails_before_the_run_in_one_line(overrides, 
     its first step (or, vectorised, the whole round raises a shape error)."""
     with pytest.raises(ConfigError, match=message):
         prepare(load_config(None, {"engine": "inprocess", **overrides}))
+
+
+def one_part_short(labels, num_clients, rng):
+    return np.array_split(np.arange(len(labels)), num_clients - 1)
+
+
+def last_client_empty(labels, num_clients, rng):
+    return [*np.array_split(np.arange(len(labels)), num_clients - 1), np.array([], dtype=int)]
+
+
+def index_past_the_end(labels, num_clients, rng):
+    parts = np.array_split(np.arange(len(labels)), num_clients)
+    return [*parts[:-1], np.append(parts[-1], len(labels))]
+
+
+def float_indices(labels, num_clients, rng):
+    return [p.astype(float) for p in np.array_split(np.arange(len(labels)), num_clients)]
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("one_part_short", r"returned 19 parts for num-clients = 20; it must return a list"),
+        ("last_client_empty", r"client\(s\) 19 would get no data: partitioner .* must give"),
+        ("index_past_the_end", r"client 19's part holds index 1497, outside the 1497 samples"),
+        ("float_indices", r"client 0's part has dtype float64 .* 1-D array of integer"),
+    ],
+)
+def test_a_plugin_partition_is_checked_before_the_run(fn, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(load_config(None, {"partition.name": f"{HERE}:{fn}", "engine": "inprocess"}))
+
+
+def not_a_model(input_shape, num_classes):
+    return "mlp"
+
+
+def not_a_dataset(root, cache_dir):
+    return np.zeros((4, 2)), np.arange(4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"model.name": f"{HERE}:not_a_model"},
+            r"^\[model\] .*: model .* returned a str; a model factory must return a torch",
+        ),
+        (
+            {"dataset": f"{HERE}:not_a_dataset"},
+            r"dataset .* returned a tuple; a dataset loader must return a fedimb",
+        ),
+    ],
+)
+def test_a_plugin_factory_returning_the_wrong_kind_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(load_config(None, {"engine": "inprocess", **overrides}))
+
+
+class DropsALayer(FedAvg):
+    """Aggregates as FedAvg, then loses the model's first array."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        del arrays[next(iter(arrays.keys()))]
+        return arrays, metrics
+
+
+def test_a_global_model_that_does_not_fit_the_model_fails_the_run_in_one_line(tmp_path, capsys):
+    from fedimb import cli
+    from fedimb.results import read_json
+
+    out = tmp_path / "run"
+    args = ["run", "--engine", "inprocess", "--set", "num-rounds=2", "-q", "--out", str(out)]
+    assert cli.main([*args, "--set", f"strategy.name={HERE}:DropsALayer"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"round 1: strategy '{HERE}:DropsALayer' returned a global model that does not " in err
+    assert "fit model 'mlp': missing '1.weight'" in err and "Traceback" not in err
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "failed" and "missing '1.weight'" in summary["error"]
+
+
+class NeverAggregates(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        return None, None
+
+
+def test_a_strategy_that_returns_no_model_from_replies_is_named_once(tmp_path, caplog):
+    from fedimb.sim import run_experiment
+
+    config = load_config(
+        None,
+        {"engine": "inprocess", "num-rounds": 3, "strategy.name": f"{HERE}:NeverAggregates"},
+    )
+    with caplog.at_level(logging.WARNING, logger="fedimb.server"):
+        run_experiment(config, tmp_path / "run", progress=False)
+    said = [r.message for r in caplog.records if "returned no global model" in r.message]
+    assert said == [
+        "round 1: the strategy returned no global model from 20 replies, so the model stays "
+        "as it was (said once)"
+    ]
+
+
+class ReportsItsStep(FedAvg):
+    """FedAvg that also reports a number of its own, as a user's strategy may."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        metrics["step-size"] = 0.5 * server_round
+        return arrays, metrics
+
+
+@pytest.mark.parametrize(("strategy", "extra"), [("ReportsItsStep", True), ("fedavg", False)])
+def test_what_a_strategy_reports_of_its_own_is_in_the_metrics(tmp_path, strategy, extra):
+    from fedimb.results import read_jsonl
+    from fedimb.sim import run_experiment
+
+    name = f"{HERE}:{strategy}" if extra else strategy
+    config = load_config(None, {"engine": "inprocess", "num-rounds": 2, "strategy.name": name})
+    run_experiment(config, tmp_path / "run", progress=False)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    own = [{k: v for k, v in row.items() if k.startswith("strategy_")} for row in rows]
+    # The clients' own metrics, which FedAvg averages, are not repeated as the strategy's.
+    assert own == (
+        [{}, {"strategy_step_size": 0.5}, {"strategy_step_size": 1.0}] if extra else [{}] * 3
+    )

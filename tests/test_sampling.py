@@ -151,7 +151,9 @@ def test_user_sampler_by_import_path():
         num_rounds=3,
     )
     np.testing.assert_array_equal(order, [9, 8, 7, 6])
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(
+        ValueError, match=r"sampler .*bad_sampler.* epoch holds index 10, outside the 10 samples"
+    ):
         epoch_indices(f"{__name__}:bad_sampler", np.arange(10) % 3, np.random.default_rng(0))
 
 

@@ -191,7 +191,13 @@ def load_dataset(
             )
     root_path = Path(root).expanduser() if root is not None else None
     cache_path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return loader(root_path, cache_path, **params)
+    dataset = loader(root_path, cache_path, **params)
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"dataset {name!r} returned a {type(dataset).__name__}; a dataset loader must "
+            "return a fedimb.data.datasets.Dataset"
+        )
+    return dataset
 
 
 # ------------------------------------------------------------------------ statistics

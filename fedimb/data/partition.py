@@ -530,7 +530,39 @@ def partition(
             f"unknown parameter(s) {unknown} for partitioner {name!r}; "
             f"valid: {sorted(valid) or 'none'}"
         )
-    return fn(labels, num_clients, rng, **params)
+    return _checked_parts(fn(labels, num_clients, rng, **params), len(labels), num_clients, name)
+
+
+def _checked_parts(parts: Any, num_samples: int, num_clients: int, name: str) -> list[np.ndarray]:
+    """A partitioner's output as int64 index arrays, after checking what a plug-in may get
+    wrong: one non-empty 1-D array of integer sample indices per client."""
+    if not isinstance(parts, list | tuple) or len(parts) != num_clients:
+        got = f"{len(parts)} parts" if isinstance(parts, list | tuple) else type(parts).__name__
+        raise ValueError(
+            f"partitioner {name!r} returned {got} for num-clients = {num_clients}; it must "
+            "return a list of one index array per client"
+        )
+    out = [
+        checked_indices(part, num_samples, f"partitioner {name!r}: client {i}'s part")
+        for i, part in enumerate(parts)
+    ]
+    _check_no_empty(out, f"partitioner {name!r} must give every client at least one sample")
+    return out
+
+
+def checked_indices(values: Any, n: int, what: str) -> np.ndarray:
+    """``values`` as int64 indices into ``n`` samples, or a ValueError that names ``what``
+    (a plug-in's output) and says what was wrong."""
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(
+            f"{what} has dtype {arr.dtype} and shape {list(arr.shape)}; it must be a 1-D "
+            "array of integer sample indices"
+        )
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        bad = int(arr.min() if arr.min() < 0 else arr.max())
+        raise ValueError(f"{what} holds index {bad}, outside the {n} samples (0..{n - 1})")
+    return arr.astype(np.int64, copy=False)
 
 
 def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
