@@ -498,8 +498,8 @@ def _coerce(key: str, value: Any, field: Field) -> Any:
         value = int(value)
     if not isinstance(value, field.type) or (field.type is not bool and isinstance(value, bool)):
         raise ConfigError(
-            f"{key} = {value!r}: expected {_TYPE_WORDS.get(field.type, field.type.__name__)}"
-            + (f" ({field.allowed})" if field.allowed else "")
+            f"{key} = {value!r}: expected "
+            + (field.allowed or _TYPE_WORDS.get(field.type, field.type.__name__))
         )
     if not field.check(value):
         raise ConfigError(f"{key} = {value!r}: must be {field.allowed}")
@@ -779,6 +779,25 @@ def _check_component_params(config: Config) -> None:
             "lambdas, local functions, open files or locks)"
         ) from exc
     _check_node_minimums(config, built)
+    _check_sampling_applies(config, built)
+
+
+def _check_sampling_applies(config: Config, strategy: Any) -> None:
+    """Refuse a client sampling the strategy will not do: a plug-in that does not pass
+    ``fraction_train`` / ``min_train_nodes`` on to Flower's class keeps its own. Only a
+    value the config changes from its default is checked: a plug-in may fix its own."""
+    fields = COMPONENT_OWN_KEYS["strategy"]
+    for attr, key in (
+        ("fraction_train", "fraction-train"),
+        ("min_train_nodes", "min-train-clients"),
+    ):
+        own, wanted = getattr(strategy, attr, None), config.strategy_options[key]
+        if own is not None and own != wanted and wanted != fields[key].default:
+            raise ConfigError(
+                f"[strategy] {config.strategy.name}: strategy.{key} = {wanted} cannot apply, "
+                f"the strategy keeps {attr} = {own}; pass {attr} on to Flower's class in its "
+                f"__init__ (or drop strategy.{key})"
+            )
 
 
 def _check_node_minimums(config: Config, strategy: Any) -> None:

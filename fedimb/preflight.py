@@ -161,8 +161,7 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **loss_kwargs(config),
         )
-        if len(labels):
-            _check_loss_value(loss(logits, labels))
+        _check_loss_value(loss(logits, labels))
     with _component_errors(config, "sampling"):  # e.g. a drs-start after the last round
         epoch_indices(
             config.sampling.name,
@@ -178,9 +177,7 @@ def _sample_logits(model: torch.nn.Module, fed: Federation) -> tuple[torch.Tenso
     """The model's logits for two of client 0's samples (in eval mode, no gradient) and
     their labels, checked to be ``[batch, num_classes]``: a wrong head fails here, in
     one line, not inside every client's first step."""
-    x, y = (t[:2] for t in fed.client_tensors(0))
-    if not len(y):
-        return torch.empty(0), y
+    x, y = (t[:2] for t in fed.client_tensors(0))  # the partition gave it samples
     training = model.training
     model.eval()
     try:

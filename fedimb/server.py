@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import Strategy
 
 import strategies
 from fedimb.client import CLASS_COUNTS_KEY, carried_state, experiment_record, state_entries
-from fedimb.config import Config, lr_in_round
+from fedimb.config import Config, ConfigError, lr_in_round
 from fedimb.federation import get_federation, init_model
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
@@ -587,6 +587,11 @@ def _starting_state(
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
         start_round, arrays = int(state["round"]), ArrayRecord(state["state_dict"])
+        if problem := misfit(arrays, model):  # the model's code or parameters changed since
+            raise ConfigError(
+                f"{checkpoint}: its model does not fit model {config.model.name!r} ({problem}); "
+                "continue it with the model it began with, or start a new run"
+            )
         random.setstate(state["random_state"])  # then the files: nothing above failed
         recorder.resume_from(start_round)
         client_state = state.get("client_state")

@@ -226,32 +226,7 @@ def make_strategy(
         keys = ", ".join(f"strategy.{k.replace('_', '-')}" for k in missing)
         raise ValueError(f"strategy {name!r} requires {keys} (no default)")
     try:
-        strategy = cls(**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:  # a plug-in that chokes on a value: name the user's keys only
         given = ", ".join(f"strategy.{k.replace('_', '-')}" for k in sorted(user)) or "none"
         raise ValueError(f"cannot build strategy {name!r} (keys given: {given}): {exc}") from exc
-    sampling = {k: defaults[k] for k in _SAMPLING_KEYS if k not in kwargs}
-    _check_sampling_applies(name, strategy, sampling)
-    return strategy
-
-
-# Client sampling: each constructor argument and the config key that sets it.
-_SAMPLING_KEYS = {
-    "fraction_train": "fraction-train",
-    "min_train_nodes": "min-train-clients",
-    "min_available_nodes": "min-train-clients",
-}
-
-
-def _check_sampling_applies(name: str, strategy: Strategy, dropped: dict[str, Any]) -> None:
-    """A strategy whose constructor takes no sampling argument keeps its own value: if
-    that differs from the config's, the run would not sample as its config says."""
-    for attr, wanted in dropped.items():
-        own = getattr(strategy, attr, None)
-        if own is not None and own != wanted:
-            raise ValueError(
-                f"strategy.{_SAMPLING_KEYS[attr]} = {wanted} cannot apply: strategy {name!r} "
-                f"takes no {attr} argument and keeps {attr} = {own}; accept {attr} (or "
-                f"**kwargs) in its __init__ and pass it on, or set strategy."
-                f"{_SAMPLING_KEYS[attr]} = {own}"
-            )

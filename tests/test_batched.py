@@ -213,14 +213,14 @@ def test_finiteness_check_flags_exactly_the_non_finite_clients():
 class _FlagRecorder(torch.nn.Module):
     """Records ``torch.backends.cudnn.benchmark`` in every forward and backward."""
 
-    def __init__(self, inner: torch.nn.Module, seen: list[tuple[str, bool]]) -> None:
+    def __init__(self, inner: torch.nn.Module, seen: list[tuple[str, bool]], eager: bool) -> None:
         super().__init__()
-        self.inner, self.seen = inner, seen
+        self.inner, self.seen, self.eager = inner, seen, eager
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.append(("forward", torch.backends.cudnn.benchmark))
         out = self.inner(x)
-        if not torch._C._functorch.is_functorch_wrapped_tensor(out):  # eager: hook backward
+        if self.eager:  # torch.func's transforms take no tensor hooks
             out.register_hook(
                 lambda g: self.seen.append(("backward", torch.backends.cudnn.benchmark))
             )
@@ -233,7 +233,7 @@ def test_training_steps_run_with_the_settings_cudnn_autotuning_and_restore_it(ve
     """cuDNN autotuning is global to the process: training sets it for its own steps
     (forward and backward), whatever the caller had, and puts the caller's back."""
     seen: list[tuple[str, bool]] = []
-    model = _FlagRecorder(build_model("mlp", (12,), 4, hidden=16), seen)
+    model = _FlagRecorder(build_model("mlp", (12,), 4, hidden=16), seen, eager=not vectorised)
     settings = TrainSettings(epochs=1, batch_size=8, lr=0.1, cudnn_benchmark=autotune)
     jobs = _jobs(model, settings, "ce", (12,), [19, 7])
     before = torch.backends.cudnn.benchmark

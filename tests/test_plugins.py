@@ -245,17 +245,34 @@ class SamplesItsOwnWay(FedAvg):
         self.max_norm = max_norm
 
 
-def test_sampling_keys_a_plugin_strategy_cannot_take_are_refused_not_dropped():
-    name = f"{HERE}:SamplesItsOwnWay"
+class SwallowsItsKwargs(FedAvg):
+    """Takes any key (``**kwargs``) but passes none on."""
+
+    def __init__(self, max_norm: float = 1.0, **kwargs) -> None:
+        super().__init__()
+
+
+class FixesItsOwnFraction(FedAvg):
+    def __init__(self) -> None:
+        super().__init__(fraction_train=0.5)
+
+
+@pytest.mark.parametrize("cls", ["SamplesItsOwnWay", "SwallowsItsKwargs"])
+def test_sampling_a_plugin_strategy_would_not_do_is_refused_not_dropped(cls):
+    name = f"{HERE}:{cls}"
     with pytest.raises(
-        ConfigError, match=r"fraction-train = 0.5 cannot apply.*keeps fraction_train = 1.0"
+        ConfigError,
+        match=r"fraction-train = 0.5 cannot apply, the strategy keeps fraction_train = 1.0",
     ):
-        prepare(load_config(None, {"strategy.name": name, "strategy.fraction-train": 0.5}))
+        load_config(None, {"strategy.name": name, "strategy.fraction-train": 0.5})
     with pytest.raises(
-        ConfigError, match=r"min-train-clients = 3 cannot apply.*keeps min_train_nodes = 2"
+        ConfigError,
+        match=r"min-train-clients = 3 cannot apply, the strategy keeps min_train_nodes = 2",
     ):
-        prepare(load_config(None, {"strategy.name": name, "strategy.min-train-clients": 3}))
-    prepare(load_config(None, {"strategy.name": name}))  # the config's defaults are FedAvg's
+        load_config(None, {"strategy.name": name, "strategy.min-train-clients": 3})
+    load_config(None, {"strategy.name": name})  # the config's defaults are FedAvg's
+    # A plug-in may fix its own sampling where the config keeps the default.
+    assert load_config(None, {"strategy.name": f"{HERE}:FixesItsOwnFraction"})
 
 
 def three_extra_logits(input_shape, num_classes):
@@ -305,6 +322,15 @@ def index_past_the_end(labels, num_clients, rng):
     return [*parts[:-1], np.append(parts[-1], len(labels))]
 
 
+def rows_of_a_matrix(labels, num_clients, rng):
+    n = len(labels) // num_clients * num_clients
+    return rng.permutation(n).reshape(num_clients, -1)
+
+
+def all_in_one_array(labels, num_clients, rng):
+    return np.arange(len(labels))
+
+
 def float_indices(labels, num_clients, rng):
     return [p.astype(float) for p in np.array_split(np.arange(len(labels)), num_clients)]
 
@@ -312,7 +338,8 @@ def float_indices(labels, num_clients, rng):
 @pytest.mark.parametrize(
     ("fn", "message"),
     [
-        ("one_part_short", r"returned 19 parts for num-clients = 20; it must return a list"),
+        ("one_part_short", r"returned 19 parts for num-clients = 20; it must return one"),
+        ("all_in_one_array", r"returned no sequence of parts for num-clients = 20"),
         ("last_client_empty", r"client\(s\) 19 would get no data: partitioner .* must give"),
         ("index_past_the_end", r"client 19's part holds index 1497, outside the 1497 samples"),
         ("float_indices", r"client 0's part has dtype float64 .* 1-D array of integer"),
@@ -321,6 +348,12 @@ def float_indices(labels, num_clients, rng):
 def test_a_plugin_partition_is_checked_before_the_run(fn, message):
     with pytest.raises(ConfigError, match=message):
         prepare(load_config(None, {"partition.name": f"{HERE}:{fn}", "engine": "inprocess"}))
+
+
+def test_a_plugin_partition_may_return_the_rows_of_a_matrix():
+    prepare(
+        load_config(None, {"partition.name": f"{HERE}:rows_of_a_matrix", "engine": "inprocess"})
+    )
 
 
 def not_a_model(input_shape, num_classes):
@@ -416,3 +449,31 @@ def test_what_a_strategy_reports_of_its_own_is_in_the_metrics(tmp_path, strategy
     assert own == (
         [{}, {"strategy_step_size": 0.5}, {"strategy_step_size": 1.0}] if extra else [{}] * 3
     )
+
+
+WIDTH = {"hidden": 8}
+
+
+def resizable(input_shape, num_classes):
+    """A plug-in model whose code 'changes' between a run and its resume."""
+    hidden = WIDTH["hidden"]
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
+def test_a_checkpoint_that_no_longer_fits_the_model_is_refused_on_resume(
+    tmp_path, capsys, monkeypatch
+):
+    from fedimb import cli, client
+
+    out = tmp_path / "run"
+    run = ["run", "--engine", "inprocess", "-q", "--set", f"model.name={HERE}:resizable"]
+    assert cli.main([*run, "--set", "num-rounds=1", "--out", str(out)]) == 0
+    monkeypatch.setitem(WIDTH, "hidden", 16)
+    monkeypatch.setattr(client, "_MODELS", {})  # the process's model cache, as a new process
+    assert cli.main(["run", "--resume", str(out), "-q", "--set", "num-rounds=2"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: its model does not fit model" in err
+    assert "'1.weight' has shape [16, 64], the model's" not in err  # saved vs model, not reversed
+    assert "'1.weight' has shape [8, 64], the model's [16, 64]" in err

@@ -536,11 +536,16 @@ def partition(
 def _checked_parts(parts: Any, num_samples: int, num_clients: int, name: str) -> list[np.ndarray]:
     """A partitioner's output as int64 index arrays, after checking what a plug-in may get
     wrong: one non-empty 1-D array of integer sample indices per client."""
-    if not isinstance(parts, list | tuple) or len(parts) != num_clients:
-        got = f"{len(parts)} parts" if isinstance(parts, list | tuple) else type(parts).__name__
+    flat = isinstance(parts, str | bytes) or (isinstance(parts, np.ndarray) and parts.ndim < 2)
+    try:
+        parts = None if flat else list(parts)  # a list, a tuple, the rows of a 2-D array
+    except TypeError:
+        parts = None
+    if parts is None or len(parts) != num_clients:
+        got = f"{len(parts)} parts" if parts is not None else "no sequence of parts"
         raise ValueError(
             f"partitioner {name!r} returned {got} for num-clients = {num_clients}; it must "
-            "return a list of one index array per client"
+            "return one index array per client (e.g. a list)"
         )
     out = [
         checked_indices(part, num_samples, f"partitioner {name!r}: client {i}'s part")
