@@ -53,8 +53,18 @@ def import_object(path: str) -> Any:
     except AttributeError as exc:
         raise RegistryError(
             f"module {module_name!r} has no attribute {attr!r} (from {path!r})"
+            + _closest_attribute(module, module_name, attr)
         ) from exc
     return obj
+
+
+def _closest_attribute(module: Any, module_name: str, attr: str) -> str:
+    """'; did you mean ...?' for a misspelt (or miscased) public name of ``module``."""
+    names = [n for n in dir(module) if not n.startswith("_")]
+    by_case = {n.lower(): n for n in names}
+    close = [by_case[attr.lower()]] if attr.lower() in by_case else []
+    close = close or difflib.get_close_matches(attr, names, n=1)
+    return f"; did you mean '{module_name}:{close[0]}'?" if close else ""
 
 
 #: Marks a parameter without a default.

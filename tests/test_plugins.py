@@ -477,3 +477,20 @@ def test_a_checkpoint_that_no_longer_fits_the_model_is_refused_on_resume(
     assert "checkpoint.pt: its model does not fit model" in err
     assert "'1.weight' has shape [16, 64], the model's" not in err  # saved vs model, not reversed
     assert "'1.weight' has shape [8, 64], the model's [16, 64]" in err
+
+
+def test_a_loss_that_is_not_a_factory_says_what_a_factory_is():
+    with pytest.raises(
+        ConfigError,
+        match=r"^\[loss\] torch\.nn:CrossEntropyLoss: loss .* cannot be called as a loss factory "
+        r"\(got an unexpected keyword argument 'server_round'\): it must be "
+        r"factory\(class_counts, \*, server_round, num-rounds",
+    ):
+        prepare(load_config(None, {"loss.name": "torch.nn:CrossEntropyLoss"}))
+
+
+def test_a_misspelt_plugin_name_gets_the_closest_one():
+    with pytest.raises(ConfigError, match=rf"did you mean '{HERE}:SamplesItsOwnWay'\?"):
+        load_config(None, {"strategy.name": f"{HERE}:samplesitsownway"})
+    with pytest.raises(ConfigError, match=rf"did you mean '{HERE}:smoothed_ce'\?"):
+        load_config(None, {"loss.name": f"{HERE}:smoothed_cee"})
