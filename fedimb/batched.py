@@ -203,41 +203,41 @@ def train_clients(
     loss_sum = torch.zeros(k_all, device=device)
     everyone = torch.arange(k_all, device=device)
 
-    for t in range(plan.max_steps):
-        size = plan.sizes[t]  # shorter batches are padded to it
-        members = plan.members[t]
-        sel = slice(None) if members is None else members
-        rows = everyone if members is None else members
-        idx = plan.index[rows, t, :size]  # [G, B]: already on the device
-        # One [G*B, ...] batch: to_float normalises per channel at dim 1.
-        x = data_x[rows[:, None], idx].flatten(0, 1)
-        if plan.shift is not None:  # on the raw images, as one client's trainer does
-            x = crop_flip(
-                x,
-                plan.shift[rows, t, :size].flatten(0, 1),
-                plan.flip[rows, t, :size].flatten(0, 1),
-                settings.padding,
-            )
-        x = to_float(x).unflatten(0, idx.shape)
-        y = data_y[rows[:, None], idx]
-        valid = plan.valid[rows, t, :size]
-        p = {n: v[sel] for n, v in params.items()}
-        bufs = {n: v[sel] for n, v in buffers.items()}
-        with cudnn_autotuning(settings.cudnn_benchmark):
+    with cudnn_autotuning(settings.cudnn_benchmark):  # the steps' convolutions
+        for t in range(plan.max_steps):
+            size = plan.sizes[t]  # shorter batches are padded to it
+            members = plan.members[t]
+            sel = slice(None) if members is None else members
+            rows = everyone if members is None else members
+            idx = plan.index[rows, t, :size]  # [G, B]: already on the device
+            # One [G*B, ...] batch: to_float normalises per channel at dim 1.
+            x = data_x[rows[:, None], idx].flatten(0, 1)
+            if plan.shift is not None:  # on the raw images, as one client's trainer does
+                x = crop_flip(
+                    x,
+                    plan.shift[rows, t, :size].flatten(0, 1),
+                    plan.flip[rows, t, :size].flatten(0, 1),
+                    settings.padding,
+                )
+            x = to_float(x).unflatten(0, idx.shape)
+            y = data_y[rows[:, None], idx]
+            valid = plan.valid[rows, t, :size]
+            p = {n: v[sel] for n, v in params.items()}
+            bufs = {n: v[sel] for n, v in buffers.items()}
             grads, loss = step_fn(p, bufs, x, y, valid, *(v[sel] for v in loss_tensors.values()))
-        loss_sum[sel] += loss.detach().float()
-        with torch.no_grad():
-            _sgd_update(
-                params,
-                momentum,
-                grads,
-                sel,
-                anchor,
-                None if prox is None else prox[sel],
-                None if control is None else {n: c[sel] for n, c in control.items()},
-                settings,
-                first_step=t == 0,
-            )
+            loss_sum[sel] += loss.detach().float()
+            with torch.no_grad():
+                _sgd_update(
+                    params,
+                    momentum,
+                    grads,
+                    sel,
+                    anchor,
+                    None if prox is None else prox[sel],
+                    None if control is None else {n: c[sel] for n, c in control.items()},
+                    settings,
+                    first_step=t == 0,
+                )
 
     # One device-to-host copy per parameter stack, not one per client and tensor: each
     # client's state is a view of the host stacks (replies are built on the host anyway).

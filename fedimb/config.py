@@ -664,19 +664,19 @@ def _check_param(table: str, key: str, value: Any, default: Any, *, plugin: bool
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false (without quotes)")
+            raise ConfigError(f"{where}: expected {_TYPE_WORDS[bool]} (without quotes)")
     elif isinstance(default, int | float):
         whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         if isinstance(value, bool) or not isinstance(value, int | float):
-            kind = "an integer" if isinstance(default, int) else "a number"
+            kind = _TYPE_WORDS[int if isinstance(default, int) else float]
             raise ConfigError(f"{where}: expected {kind}")
         if isinstance(default, int):
             if not whole:
-                raise ConfigError(f"{where}: expected an integer")
+                raise ConfigError(f"{where}: expected {_TYPE_WORDS[int]}")
             value = int(value)
         # else an int stays an int where a float is the default (drs-start 5 is a round)
     elif isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string")
+        raise ConfigError(f"{where}: expected {_TYPE_WORDS[str]}")
     rule = PARAM_RANGES.get((table, key))
     if rule is not None and not rule[0](value):
         raise ConfigError(f"{where}: must be {rule[1]}")
@@ -765,8 +765,9 @@ def _check_component_params(config: Config) -> None:
             )
     except (ValueError, TypeError, RegistryError) as exc:
         raise config.component_error("loss", exc) from exc
+    kwargs = config.strategy_kwargs()
     try:
-        built = strategies.make_strategy(strategy.name, **config.strategy_kwargs())
+        built = strategies.make_strategy(strategy.name, **kwargs)
     except (ValueError, TypeError, RegistryError) as exc:
         raise config.component_error("strategy", exc) from exc
     try:  # every checkpoint pickles it: fail now, not after the rounds before the first
@@ -779,20 +780,25 @@ def _check_component_params(config: Config) -> None:
             "lambdas, local functions, open files or locks)"
         ) from exc
     _check_node_minimums(config, built)
-    _check_sampling_applies(config, built)
+    _check_sampling_applies(config, built, kwargs)
 
 
-def _check_sampling_applies(config: Config, strategy: Any) -> None:
+def _check_sampling_applies(config: Config, strategy: Any, kwargs: dict[str, Any]) -> None:
     """Refuse a client sampling the strategy will not do: a plug-in that does not pass
     ``fraction_train`` / ``min_train_nodes`` on to Flower's class keeps its own. Only a
-    value the config changes from its default is checked: a plug-in may fix its own."""
+    value the config changes from its default is checked: a plug-in may fix its own.
+    ``kwargs``: what the strategy was built with (``strategy_kwargs``)."""
     fields = COMPONENT_OWN_KEYS["strategy"]
     for attr, key in (
         ("fraction_train", "fraction-train"),
         ("min_train_nodes", "min-train-clients"),
     ):
-        own, wanted = getattr(strategy, attr, None), config.strategy_options[key]
-        if own is not None and own != wanted and wanted != fields[key].default:
+        own, wanted = getattr(strategy, attr, None), kwargs[attr]
+        if (
+            own is not None
+            and own != wanted
+            and config.strategy_options[key] != fields[key].default
+        ):
             raise ConfigError(
                 f"[strategy] {config.strategy.name}: strategy.{key} = {wanted} cannot apply, "
                 f"the strategy keeps {attr} = {own}; pass {attr} on to Flower's class in its "

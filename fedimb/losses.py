@@ -830,24 +830,21 @@ def make_loss(
     factory = _LOSSES.get(name)  # an import path, else RegistryError listing the names
     if not callable(factory):
         raise ValueError(f"loss {name!r} is not callable: {factory!r}")
+    kwargs = {"server_round": rounds.server_round, "num_rounds": rounds.num_rounds, **params}
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a callable without one: calling it tells
         signature = None
-    try:
-        if signature is not None:
-            signature.bind(
-                counts, server_round=rounds.server_round, num_rounds=rounds.num_rounds, **params
-            )
-    except TypeError as exc:  # e.g. torch.nn.CrossEntropyLoss, or a (logits, targets) loss
-        raise ValueError(
-            f"loss {name!r} cannot be called as a loss factory ({exc}): it must be "
-            "factory(class_counts, *, server_round, num_rounds, <its parameters>) and return "
-            "the client's loss"
-        ) from exc
-    built = factory(
-        counts, server_round=rounds.server_round, num_rounds=rounds.num_rounds, **params
-    )
+    if signature is not None:
+        try:
+            signature.bind(counts, **kwargs)
+        except TypeError as exc:  # e.g. torch.nn.CrossEntropyLoss, or a (logits, targets) loss
+            raise ValueError(
+                f"loss {name!r} cannot be called as a loss factory ({exc}): it must be "
+                "factory(class_counts, *, server_round, num_rounds, <its parameters>) and return "
+                "the client's loss"
+            ) from exc
+    built = factory(counts, **kwargs)
     if isinstance(built, Loss):
         return built
     if isinstance(built, LossParams):

@@ -177,7 +177,8 @@ def _sample_logits(model: torch.nn.Module, fed: Federation) -> tuple[torch.Tenso
     """The model's logits for two of client 0's samples (in eval mode, no gradient) and
     their labels, checked to be ``[batch, num_classes]``: a wrong head fails here, in
     one line, not inside every client's first step."""
-    x, y = (t[:2] for t in fed.client_tensors(0))  # the partition gave it samples
+    idx = torch.as_tensor(fed.parts[0][:2])  # the partition gave client 0 samples
+    x, y = fed.dataset.x_train[idx].to(fed.device), fed.dataset.y_train[idx].to(fed.device)
     training = model.training
     model.eval()
     try:

@@ -279,8 +279,6 @@ def client_gpus(config: Config) -> float:
     not forced to CPU), a share such that every actor the CPUs allow uses the GPU."""
     gpus = config["ray.client-gpus"]
     if gpus == 0 and config["device"] != "cpu":
-        import torch
-
         if torch.cuda.is_available():
             gpus = min(1.0, config["ray.client-cpus"] / max(os.cpu_count() or 1, 1))
     return gpus

@@ -169,15 +169,14 @@ class RoundDriver(Strategy):
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
-        answered = sum(reply.has_content() for reply in replies)
         self.strategy_metrics[server_round + self.offset] = _own_metrics(metrics, replies)
-        if arrays is None and answered and not self.kept_model_said:
+        if arrays is None and replies and not self.kept_model_said:
             self.kept_model_said = True  # once a run: a strategy may do so by design
             log.warning(
                 "round %d: the strategy returned no global model from %d replies, so the "
                 "model stays as it was (said once)",
                 server_round + self.offset,
-                answered,
+                len(replies),
             )
         return arrays, metrics
 
@@ -198,14 +197,13 @@ class RoundDriver(Strategy):
 def _own_metrics(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, float]:
     """The numbers a strategy's ``aggregate_train`` reports besides its averages of the
     clients' own metrics (e.g. the norm of its update), as ``strategy_<key>`` columns."""
-    clients = set()
+    clients = set()  # replies here are sound ones: each has its metrics (_reply_fault)
     for reply in replies:
-        if reply.has_content() and (m := record_of(reply.content, "metrics", MetricRecord)):
-            clients.update(m.keys())
+        clients.update(record_of(reply.content, "metrics", MetricRecord).keys())
     return {
         "strategy_" + key.replace("-", "_"): float(value)
         for key, value in (metrics or {}).items()
-        if key not in clients and isinstance(value, int | float) and not isinstance(value, bool)
+        if key not in clients and isinstance(value, int | float)  # not a list
     }
 
 

@@ -209,21 +209,21 @@ def train_client(
         weight_decay=settings.weight_decay,
     )
     total = torch.zeros((), device=device)
-    for step in range(job.plan.num_steps):
-        x, y = batch_inputs(job, step, to_float, settings)
-        opt.zero_grad(set_to_none=True)
-        with cudnn_autotuning(settings.cudnn_benchmark):
+    with cudnn_autotuning(settings.cudnn_benchmark):  # the steps' convolutions
+        for step in range(job.plan.num_steps):
+            x, y = batch_inputs(job, step, to_float, settings)
+            opt.zero_grad(set_to_none=True)
             with autocast(device, settings.bf16):
                 loss = job.loss(model(x), y)
             loss.backward()
-        with torch.no_grad():
-            for name, p in params.items():
-                if anchor is not None:
-                    p.grad.add_(p - anchor[name], alpha=job.prox_mu)
-                if job.control is not None:
-                    p.grad.add_(job.control[name])
-        opt.step()
-        total += loss.detach().float()
+            with torch.no_grad():
+                for name, p in params.items():
+                    if anchor is not None:
+                        p.grad.add_(p - anchor[name], alpha=job.prox_mu)
+                    if job.control is not None:
+                        p.grad.add_(job.control[name])
+            opt.step()
+            total += loss.detach().float()
     steps = max(job.plan.num_steps, 1)
     return TrainResult(
         state={k: v.detach().clone() for k, v in model.state_dict().items()},

@@ -494,3 +494,11 @@ def test_a_misspelt_plugin_name_gets_the_closest_one():
         load_config(None, {"strategy.name": f"{HERE}:samplesitsownway"})
     with pytest.raises(ConfigError, match=rf"did you mean '{HERE}:smoothed_ce'\?"):
         load_config(None, {"loss.name": f"{HERE}:smoothed_cee"})
+
+
+def test_a_strategys_own_min_train_nodes_still_wins_over_min_train_clients():
+    """README: min-train-clients sets Flower's min-train-nodes; either, set too, wins."""
+    config = load_config(
+        None, {"strategy.min-train-clients": 3, "strategy.min-train-nodes": 5, "num-clients": 20}
+    )
+    assert config.strategy_kwargs()["min_train_nodes"] == 5
