@@ -29,7 +29,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedimb.data.augment import crop_flip
 from fedimb.losses import TENSOR_FIELDS, imbalance_loss_tensors, stack_params
-from fedimb.models import is_vectorisable
+from fedimb.models import is_vectorisable, vectorise_blocker
 from fedimb.train import (
     ClientJob,
     ToFloat,
@@ -71,8 +71,9 @@ def asked(mode: str, model: nn.Module, device: torch.device) -> bool:
 
 def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
     """None if these jobs can train together, else the reason they cannot."""
-    if not is_vectorisable(model):
-        return "the model has BatchNorm (use GroupNorm; for resnet32, model.norm = 'group')"
+    blocker = vectorise_blocker(model)
+    if blocker is not None:
+        return blocker
     if any(getattr(job.loss, "params", None) is None for job in jobs):
         return "a loss is a plain callable, not LossParams"
     first = jobs[0].loss.params

@@ -126,10 +126,20 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
     "long-tail": {
         "ratio": Field(float, 1.0, lambda v: v >= 1, "a number >= 1 (1 = no long tail)"),
         "profile": Field(str, "exp", *_choice("exp", "step")),
+        # Per-class keep fractions instead of a ratio (imbalanced IMDB keeps "0.1,1.0").
+        "keep": Field(
+            str, "", allowed='a fraction in (0, 1] per class, e.g. "0.1,1.0"', listed=True
+        ),
         # Shot groups of the metrics, by global training samples per class: many-shot
         # above the first, few-shot below the second (Liu et al. 2019: 100, 20).
         "many-shot-above": Field(int, 100, _non_negative, "an integer >= 0"),
         "few-shot-below": Field(int, 20, _non_negative, "an integer >= 0"),
+    },
+    # Token datasets (imdb): the vocabulary's size (padding and unknown included) and
+    # the tokens kept per document.
+    "text": {
+        "vocab-size": Field(int, 20000, lambda v: v >= 3, "an integer >= 3"),
+        "max-len": Field(int, 400, _positive, "an integer >= 1"),
     },
     "ray": {
         "address": Field(str, ""),  # an existing Ray cluster ('' = start a local one)
@@ -559,7 +569,7 @@ def component_catalog(table: str) -> tuple[list[str], Callable[[str], dict[str, 
 _SUPPLIED: dict[str, tuple[int, frozenset[str]]] = {
     "loss": (1, frozenset({"server_round", "num_rounds"})),
     "sampling": (2, frozenset({"server_round", "num_rounds"})),
-    "model": (2, frozenset()),
+    "model": (2, frozenset({"vocab_size"})),
     "partition": (3, frozenset()),
 }
 
@@ -861,12 +871,35 @@ def _check_cross_field(config: Config) -> None:
                 f"the run's {what}"
             )
     try:
+        keep = class_keep_fractions(config)
+    except ValueError as exc:
+        raise ConfigError(f"long-tail.keep = {config['long-tail.keep']!r}: {exc}") from None
+    if keep and config["long-tail.ratio"] > 1:
+        raise ConfigError(
+            f"long-tail.keep and long-tail.ratio = {config['long-tail.ratio']} both set: "
+            "give the imbalance one way (ratio for a profile, keep for per-class fractions)"
+        )
+    try:
         lr_milestones(config)
     except ValueError as exc:
         text = config["lr-schedule.milestones"]
         raise ConfigError(
             f"lr-schedule.milestones = {text!r}: {in_config_words(str(exc))}"
         ) from None
+
+
+def class_keep_fractions(config: Config) -> list[float]:
+    """``long-tail.keep`` as numbers in (0, 1], one per class ([] when not set)."""
+    fractions = []
+    for text in filter(None, (t.strip() for t in config["long-tail.keep"].split(","))):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; e.g. '0.1,1.0'") from None
+        if not 0 < value <= 1:
+            raise ValueError(f"{text} is outside (0, 1]: a fraction of a class to keep")
+        fractions.append(value)
+    return fractions
 
 
 def lr_milestones(config: Config) -> list[int]:

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedimb.config import Config, declares
+from fedimb.config import Config, class_keep_fractions, declares, snake_to_kebab
 from fedimb.data import datasets
 from fedimb.data.augment import default_augment
-from fedimb.data.partition import class_counts, long_tail
+from fedimb.data.partition import class_counts, keep_fractions, long_tail
 from fedimb.data.partition import partition as split_clients
 from fedimb.losses import COSINE_SCALE, initial_bias
-from fedimb.models import build_model, class_head
+from fedimb.models import build_model, class_head, reads_tokens
+from fedimb.registry import callable_params
 
 # Losses that assume a cosine-normalised classifier; it is on for them unless set.
 COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
@@ -37,6 +38,9 @@ DATA_KEYS = (
     "data-seed",
     "long-tail.ratio",
     "long-tail.profile",
+    "long-tail.keep",
+    "text.vocab-size",
+    "text.max-len",
 )
 
 
@@ -120,28 +124,45 @@ def data_seed(config: Config) -> int:
     return config["seed"] if config["data-seed"] < 0 else config["data-seed"]
 
 
+def load_data(config: Config) -> datasets.Dataset:
+    """The config's dataset, with the ``[text]`` keys that its loader takes."""
+    name = config["dataset"]
+    params, _ = callable_params(datasets.DATASETS.get(name), skip=2)
+    text = {k: config[f"text.{snake_to_kebab(k)}"] for k in ("vocab_size", "max_len")}
+    return datasets.load_dataset(
+        name, config["data-root"] or None, **{k: v for k, v in text.items() if k in params}
+    )
+
+
+def imbalanced_subset(config: Config, labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Indices of the training samples in use: all, or the ``[long-tail]`` subset (a
+    profile's ratio, or per-class keep fractions), drawn with the data seed."""
+    rng = seeded_rng(data_seed(config), 1)
+    fractions = class_keep_fractions(config)
+    if fractions:
+        if len(fractions) != len(classes):
+            raise ValueError(
+                f"long-tail.keep = {config['long-tail.keep']!r}: {len(fractions)} fraction(s) "
+                f"for {len(classes)} classes ({', '.join(classes)}); give one per class"
+            )
+        return keep_fractions(labels, fractions, rng)
+    if config["long-tail.ratio"] > 1:
+        return long_tail(labels, config["long-tail.ratio"], rng, config["long-tail.profile"])
+    return np.arange(len(labels))
+
+
 def build_federation(config: Config, device: torch.device | None = None) -> Federation:
     """Load the dataset and partition it among ``num-clients`` clients (no caching)."""
-    root = config["data-root"] or None
-    data = datasets.load_dataset(config["dataset"], root)
+    data = load_data(config)
     labels = data.y_train.numpy()
-    seed = data_seed(config)
-    if config["long-tail.ratio"] > 1:
-        keep = long_tail(
-            labels,
-            config["long-tail.ratio"],
-            seeded_rng(seed, 1),
-            profile=config["long-tail.profile"],
-        )
-    else:
-        keep = np.arange(len(labels))
+    keep = imbalanced_subset(config, labels, data.classes)
     kwargs = config.partition.kwargs()
     try:
         local_parts = split_clients(
             config.partition.name,
             labels[keep],
             config["num-clients"],
-            seeded_rng(seed, 2),
+            seeded_rng(data_seed(config), 2),
             **kwargs,
         )
     except Exception as exc:
@@ -179,12 +200,28 @@ def init_model(config: Config, fed: Federation) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
         model = build_model(
-            config.model.name, fed.dataset.input_shape, fed.num_classes, **model_kwargs(config)
+            config.model.name,
+            fed.dataset.input_shape,
+            fed.num_classes,
+            **model_kwargs(config),
+            **data_arguments(config, fed),
         )
     bias = initial_bias(config.loss.name, fed.num_classes, **config.loss.kwargs())
     if bias is not None:
         set_class_biases(model, fed.num_classes, bias)
     return model
+
+
+def data_arguments(config: Config, fed: Federation) -> dict[str, Any]:
+    """What the model takes from the data beyond its shape: a text model's vocabulary."""
+    if not fed.dataset.is_tokens:
+        return {}
+    if not reads_tokens(config.model.name):
+        raise ValueError(
+            f"model.name = {config.model.name!r} cannot read dataset {config['dataset']!r}, "
+            "which is token ids (text); use a text model: fasttext or bilstm"
+        )
+    return {"vocab_size": fed.dataset.vocab_size}
 
 
 def set_class_biases(model: nn.Module, num_classes: int, value: float) -> None:

@@ -267,13 +267,19 @@ def load_runs(results_dir: str | Path) -> RunSet:
     if sweep is not None:
         cells = sweep.get("cells", [])
         definition = sweep.get("sweep", {})
-        runs = [_read_run(root / c["name"], params=c.get("overrides", {})) for c in cells]
+        # A method's label is a group key of its own (the keys it sets are not).
+        labels = [{"method": c["method"]} if "method" in c else {} for c in cells]
+        runs = [
+            _read_run(root / c["name"], params={**c.get("overrides", {}), **label})
+            for c, label in zip(cells, labels, strict=True)
+        ]
         # A cell that wrote nothing yet: record what sweep.json says (pending, interrupted).
         runs = [
             r if r.status != "missing" else _with_status(r, c.get("status", "pending"))
             for r, c in zip(runs, cells, strict=True)
         ]
-        group_keys = [k for k in definition.get("grid", {}) if not _PER_RUN_KEY.search(k)]
+        grid_keys = [k for k in definition.get("grid", {}) if not _PER_RUN_KEY.search(k)]
+        group_keys = (["method"] if definition.get("methods") else []) + grid_keys
         target = definition.get("target_error")
         return RunSet(root, "sweep", runs, group_keys, target, definition.get("name"))
     if _is_run_dir(root):
@@ -330,6 +336,8 @@ class GroupStats:
     wall_mean: float
     rounds_to_target: float
     reached_target: int
+    per_class: tuple[tuple[float, float], ...] = ()
+    """Mean and std of each class's final error (empty if the runs disagree on classes)."""
     best_in_split: bool = False
     order: int = field(default=0, compare=False)
 
@@ -357,6 +365,11 @@ def _group_stats(
         values = [v for v in (r.final_metric(key) for r in done) if not math.isnan(v)]
         shots[key] = (_mean(values), _std(values))
     walls = [v for v in (r.wall_time() for r in done) if not math.isnan(v)]
+    vectors = [v for v in (r.final_per_class() for r in done) if v]
+    per_class: tuple[tuple[float, float], ...] = ()
+    if vectors and len({len(v) for v in vectors}) == 1:
+        columns = [[v for v in col if not math.isnan(v)] for col in zip(*vectors, strict=True)]
+        per_class = tuple((_mean(c), _std(c)) for c in columns)
     reached: list[float] = []
     if target is not None:
         hits = [r.rounds_to(target) for r in done]
@@ -380,6 +393,7 @@ def _group_stats(
         wall_mean=_mean(walls),
         rounds_to_target=_mean(reached),
         reached_target=len(reached),
+        per_class=per_class,
     )
 
 
@@ -421,6 +435,23 @@ def summarize(runset: RunSet, target_error: float | None = None) -> list[GroupSt
     return sorted(rows, key=lambda r: (math.isnan(r.final_mean), r.final_mean, r.order))
 
 
+# Datasets with at most this many classes get a column per class (IMDB's neg / pos).
+FEW_CLASSES = 4
+
+
+def class_columns(rows: list[GroupStats]) -> list[str]:
+    """Names of the per-class error columns: one per class where every row has the same
+    few classes (the names the runs recorded, else ``class i``); none otherwise."""
+    widths = {len(r.per_class) for r in rows if r.per_class}
+    if len(widths) != 1 or not 0 < (width := widths.pop()) <= FEW_CLASSES:
+        return []
+    return _class_names(rows, width) or [f"class {i}" for i in range(width)]
+
+
+def _row_per_class(row: GroupStats, width: int) -> list[tuple[float, float]]:
+    return list(row.per_class) if len(row.per_class) == width else [(math.nan, math.nan)] * width
+
+
 def _csv_num(value: float) -> str:
     return "" if math.isnan(value) else repr(value)
 
@@ -449,6 +480,8 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
         "final_medium_shot_error_mean",
         "final_medium_shot_error_std",
     ]
+    classes = class_columns(rows)
+    header += [f"final_error_{name}_{stat}" for name in classes for stat in ("mean", "std")]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -468,6 +501,7 @@ def _write_csv(path: Path, rows: list[GroupStats], keys: list[str], target: floa
         line += [_csv_num(r.wall_mean), int(r.best_in_split)]
         shots = [r.shots[k] for k in ("few_shot_error", "many_shot_error", "medium_shot_error")]
         line += [_csv_num(v) for v in (r.worst_mean, r.worst_std, *itertools.chain(*shots))]
+        line += [_csv_num(v) for v in itertools.chain(*_row_per_class(r, len(classes)))]
         writer.writerow(line)
     return atomic_write_text(path, buf.getvalue())
 
@@ -498,6 +532,8 @@ def markdown_table(
     if show_incomplete:
         header.append("incomplete")
     header += ["final BE", "best BE", "worst class"]
+    classes = class_columns(rows)
+    header += [f"error {_md_escape(name)}" for name in classes]
     # Shot groups only on a long tail: with balanced data every class is many-shot.
     shown = [k for k in SHOT_GROUPS if any(not math.isnan(r.shots[k][0]) for r in rows)]
     shown = shown if shown != ["many_shot_error"] else []
@@ -519,6 +555,7 @@ def markdown_table(
             cells.append(str(r.incomplete))
         cells += [_pm(r.final_mean, r.final_std), _pm(r.best_mean, r.best_std)]
         cells.append(_pm(r.worst_mean, r.worst_std))
+        cells += [_pm(*v) for v in _row_per_class(r, len(classes))]
         cells += [_pm(*r.shots[k]) for k in shown]
         if target is not None:
             cells.append(_rounds_cell(r))
@@ -535,7 +572,8 @@ def markdown_table(
         "model's largest per-class error. Many/medium/few-shot (long tails): its mean "
         "error over the classes with more than long-tail.many-shot-above training "
         "samples, between, and fewer than long-tail.few-shot-below (100 and 20 unless "
-        "the runs' configs say otherwise).",
+        "the runs' configs say otherwise)."
+        + (" Error <class>: the final model's error on that class." if classes else ""),
         f"`*` = lowest mean final BE within {within}.",
     ]
     bad = [run for r in rows for run in r.runs if not run.completed]

@@ -7,9 +7,16 @@ A sweep file is a small TOML file::
     target-error = 0.3                # optional: report "rounds to reach target"
     [set]                             # optional: fixed overrides for every cell
     engine = "inprocess"
+    [methods]                         # optional: named sets of keys, one axis
+    ERM = { "loss.name" = "ce" }
+    RS = { "loss.name" = "ce", "sampling.name" = "class-balanced" }
     [grid]                            # cartesian product over dotted config keys
     "loss.name" = ["ce", "focal"]
     seed = [0, 1, 2]
+
+A method is what a paper's table row names (a loss with a sampler, a loss with its
+head): several keys that vary together. Methods form the first axis; the report groups
+by method (its label) and the grid keys.
 
 The single-run simulation is passed in as a callable ``run_cell(overrides, cell_dir)``,
 so this module never imports Flower, Ray or torch. Each cell writes its own results
@@ -46,7 +53,7 @@ from fedimb.results import (
 )
 
 TRACEBACK_FILE = "traceback.txt"
-SWEEP_KEYS = ("base", "name", "target-error", "set", "grid")
+SWEEP_KEYS = ("base", "name", "target-error", "set", "methods", "grid")
 DEFAULT_RESULTS_ROOT = Path("results")
 
 # Longest cell folder name; most file systems allow 255 bytes, and the run writes
@@ -75,6 +82,9 @@ class Sweep:
         Dotted config key -> value applied to every cell (the ``[set]`` table).
     grid : dict
         Dotted config key -> non-empty list of values; cells are their product.
+    methods : dict
+        Label -> dotted config key -> value (the ``[methods]`` table); an axis before
+        the grid's (empty: none).
     """
 
     base: Path
@@ -82,6 +92,7 @@ class Sweep:
     target_error: float | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The definition as JSON-ready data (for ``sweep.json``)."""
@@ -91,15 +102,18 @@ class Sweep:
             "target_error": self.target_error,
             "set": dict(self.fixed),
             "grid": {k: list(v) for k, v in self.grid.items()},
+            "methods": {k: dict(v) for k, v in self.methods.items()},
         }
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One point of the grid: a folder-safe ``name`` and the config ``overrides``."""
+    """One point of the grid: a folder-safe ``name``, the config ``overrides`` and the
+    label of its ``method`` (None without ``[methods]``)."""
 
     name: str
     overrides: dict[str, Any]
+    method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,26 @@ def _parse_grid(raw: Any) -> dict[str, list[Any]]:
         if len(set(as_json)) != len(as_json):
             raise ValueError(f"grid key {key!r} lists the same value twice: {values!r}")
     return grid
+
+
+def _parse_methods(raw: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, Mapping) or not all(isinstance(v, Mapping) for v in raw.values()):
+        raise ValueError(
+            f"methods must be a table of 'Label = {{ \"key\" = value, ... }}', got {raw!r}"
+        )
+    methods = {}
+    for label, body in raw.items():
+        if not label or _UNSAFE.sub("_", label) != label:
+            raise ValueError(
+                f"method label {label!r} must be folder-safe (letters, digits, '._=,+-')"
+            )
+        keys = flatten(body)
+        if not keys:
+            raise ValueError(f"method {label!r} sets no key")
+        for key, value in keys.items():
+            _check_value(f"method {label!r} key {key!r}", value)
+        methods[label] = keys
+    return methods
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -221,6 +255,14 @@ def load_sweep(path: str | Path) -> Sweep:
     both = sorted(set(fixed) & set(grid))
     if both:
         raise ValueError(f"key(s) {both} are both fixed in [set] and swept in [grid]")
+    methods = _parse_methods(raw.get("methods", {}))
+    in_methods = {k for keys in methods.values() for k in keys}
+    clash = sorted(in_methods & (set(fixed) | set(grid)))
+    if clash:
+        raise ValueError(
+            f"key(s) {clash} are set by [methods] and also in [set] or [grid]; give each "
+            "key one place"
+        )
 
     return Sweep(
         base=base,
@@ -228,6 +270,7 @@ def load_sweep(path: str | Path) -> Sweep:
         target_error=check_target_error(raw.get("target-error")),
         fixed=fixed,
         grid=grid,
+        methods=methods,
     )
 
 
@@ -269,16 +312,23 @@ def expand(sweep: Sweep) -> list[Cell]:
         is built from the grid values only and is unique within the sweep.
     """
     keys = list(sweep.grid)
+    methods = sweep.methods or {None: {}}
     cells: list[Cell] = []
-    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+    for (label, method), combo in itertools.product(
+        methods.items(), itertools.product(*(sweep.grid[k] for k in keys))
+    ):
         values = dict(zip(keys, combo, strict=True))
-        cells.append(Cell(name=_cell_name(values), overrides={**sweep.fixed, **values}))
+        named = values if label is None else {"method": label, **values}
+        overrides = {**sweep.fixed, **method, **values}
+        cells.append(Cell(name=_cell_name(named), overrides=overrides, method=label))
     # Slugging can map different values to one name ("a/b" vs "a_b"): disambiguate.
     counts: dict[str, int] = {}
     for cell in cells:
         counts[cell.name] = counts.get(cell.name, 0) + 1
     return [
-        Cell(f"{c.name}-{_short_hash(c.overrides)}", c.overrides) if counts[c.name] > 1 else c
+        Cell(f"{c.name}-{_short_hash(c.overrides)}", c.overrides, c.method)
+        if counts[c.name] > 1
+        else c
         for c in cells
     ]
 
@@ -315,7 +365,13 @@ def _write_sweep_json(
         {
             "sweep": sweep.to_json(),
             "cells": [
-                {"name": c.name, "overrides": c.overrides, "status": status[c.name]} for c in cells
+                {
+                    "name": c.name,
+                    "overrides": c.overrides,
+                    "status": status[c.name],
+                    **({"method": c.method} if c.method is not None else {}),
+                }
+                for c in cells
             ],
         },
     )

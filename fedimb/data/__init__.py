@@ -1,5 +1,7 @@
-"""Datasets, non-IID partitions, on-device augmentation and partition inspection."""
+"""Datasets (images, features, text), non-IID partitions, on-device augmentation and
+partition inspection."""
 
+from fedimb.data import text  # registers the text datasets
 from fedimb.data.augment import AUGMENTED_DATASETS, default_augment, random_crop_flip
 from fedimb.data.datasets import (
     DATASETS,
@@ -18,6 +20,7 @@ from fedimb.data.partition import (
     class_counts,
     dirichlet,
     iid,
+    keep_fractions,
     label_skew,
     long_tail,
     long_tail_counts,
@@ -40,6 +43,7 @@ __all__ = [
     "dirichlet",
     "format_counts",
     "iid",
+    "keep_fractions",
     "label_skew",
     "list_datasets",
     "load_dataset",
@@ -52,4 +56,5 @@ __all__ = [
     "random_crop_flip",
     "shards",
     "summarize_counts",
+    "text",
 ]

@@ -10,6 +10,7 @@ Datasets (names in :data:`DATASETS`):
 - ``"digits"``: scikit-learn's bundled 8x8 digits (no download, the default);
 - ``"cifar10"``, ``"cifar100"``, ``"mnist"``, ``"fashion-mnist"``: through torchvision;
 - ``"imagefolder"``: a ``root/{train,test}/<class>/<image>`` tree;
+- ``"imdb"``: IMDB movie reviews as token ids (:mod:`fedimb.data.text`);
 - ``"synthetic"``: class-separable Gaussian features, for tests.
 
 Decoded datasets (all but ``digits`` and ``synthetic``, which build instantly) are cached
@@ -73,6 +74,9 @@ class Dataset:
         after division by ``max_value``.
     max_value : float
         Value of full intensity (255 for 8-bit images, 16 for digits, 1 for features).
+    vocab_size : int
+        For token data (int ``[N, L]`` ids, 0 = padding): ids lie in ``[0, vocab_size)``
+        and :meth:`to_float` passes them through. 0 for images and features.
     """
 
     name: str
@@ -84,6 +88,7 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     max_value: float
+    vocab_size: int = 0
     _norm: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -106,6 +111,11 @@ class Dataset:
         return len(self.classes)
 
     @property
+    def is_tokens(self) -> bool:
+        """Whether samples are sequences of token ids (text), not pixels or features."""
+        return self.vocab_size > 0
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample: ``(C, H, W)`` for images, ``(D,)`` for features."""
         return tuple(self.x_train.shape[1:])
@@ -113,8 +123,11 @@ class Dataset:
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a batch: ``(x / max_value - mean) / std`` per channel, float32.
 
-        Runs on ``x``'s device; the constants are moved there once and reused.
+        Runs on ``x``'s device; the constants are moved there once and reused. Token ids
+        are returned as they are (an embedding reads them).
         """
+        if self.is_tokens:
+            return x
         key = f"{x.device}/{x.ndim}"
         if key not in self._norm:
             shape = (1, len(self.mean)) + (1,) * (x.ndim - 2)
@@ -259,7 +272,7 @@ def make_dataset(
 # ----------------------------------------------------------------------------- cache
 
 
-def _tree_fingerprint(files: Sequence[tuple[str, int, int]]) -> str:
+def tree_fingerprint(files: Sequence[tuple[str, int, int]]) -> str:
     """sha256 of sorted ``(relative path, size, mtime_ns)`` triples."""
     h = hashlib.sha256()
     for rel, size, mtime in sorted(files):
@@ -309,6 +322,7 @@ def _write_cache(path: Path, ds: Dataset) -> None:
         "mean": tuple(ds.mean),
         "std": tuple(ds.std),
         "max_value": ds.max_value,
+        "vocab_size": ds.vocab_size,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +344,7 @@ def _write_cache(path: Path, ds: Dataset) -> None:
             old.unlink(missing_ok=True)
 
 
-def _cached(
+def cached_dataset(
     cache_dir: Path,
     name: str,
     root: Path,
@@ -502,7 +516,7 @@ def _load_torchvision(name: str, root: Path | None, cache_dir: Path) -> Dataset:
 
     def fingerprint() -> str | None:
         files = _stat_tree(src) if src.is_dir() else []
-        return _tree_fingerprint(files) if files else None
+        return tree_fingerprint(files) if files else None
 
     def build() -> Dataset:
         train = _torchvision_split(name, root, train=True)
@@ -511,7 +525,7 @@ def _load_torchvision(name: str, root: Path | None, cache_dir: Path) -> Dataset:
         x_te, y_te = _torchvision_tensors(name, test)
         return make_dataset(name, x_tr, y_tr, x_te, y_te, list(train.classes), 255.0)
 
-    return _cached(cache_dir, name, root, {}, fingerprint, build)
+    return cached_dataset(cache_dir, name, root, {}, fingerprint, build)
 
 
 def _register_torchvision(name: str) -> None:
@@ -666,7 +680,7 @@ def _load_imagefolder(root: Path | None, cache_dir: Path, *, mode: str = "auto")
         )
 
     def fingerprint() -> str:
-        return _tree_fingerprint(
+        return tree_fingerprint(
             [
                 (str(p.relative_to(root)), size, mtime)
                 for p, _, size, mtime in train_files + test_files
@@ -685,4 +699,4 @@ def _load_imagefolder(root: Path | None, cache_dir: Path, *, mode: str = "auto")
         y_te = torch.tensor([f[1] for f in test_files], dtype=torch.int64)
         return make_dataset("imagefolder", x_tr, y_tr, x_te, y_te, classes, 255.0)
 
-    return _cached(cache_dir, "imagefolder", root, {"mode": mode}, fingerprint, build)
+    return cached_dataset(cache_dir, "imagefolder", root, {"mode": mode}, fingerprint, build)

@@ -17,12 +17,13 @@ Partitioners (names in :data:`PARTITIONERS`):
 - ``"iid"``: a uniform random split.
 
 :func:`long_tail` builds a globally long-tailed subset (CIFAR-10-LT style, Cao et al.
-2019) before partitioning.
+2019) before partitioning; :func:`keep_fractions`, a subset with a keep fraction per
+class (imbalanced IMDB).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "dirichlet",
     "dirichlet_equal",
     "iid",
+    "keep_fractions",
     "label_skew",
     "long_tail",
     "long_tail_counts",
@@ -469,6 +471,36 @@ def long_tail(
         for c, q in zip(present, quotas, strict=True)
     ]
     return np.sort(np.concatenate(kept).astype(np.int64))
+
+
+def keep_fractions(
+    labels: np.ndarray, fractions: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
+    """Indices of a subset keeping ``fractions[c]`` of class ``c``'s samples (at least
+    one), chosen at random within each class: an imbalance set class by class, as Cao et
+    al. (2019) keep a tenth of IMDB's negative reviews.
+
+    Raises
+    ------
+    ValueError
+        If there is not one fraction in (0, 1] per class.
+    """
+    labels = check_labels(labels)
+    fractions = np.asarray(fractions, dtype=np.float64)
+    num_classes = int(labels.max()) + 1 if labels.size else 0
+    if fractions.ndim != 1 or fractions.size != num_classes:
+        raise ValueError(
+            f"expected one keep fraction per class ({num_classes} classes), got {fractions.size}"
+        )
+    if not np.all((fractions > 0) & (fractions <= 1)):
+        raise ValueError(f"keep fractions must be in (0, 1], got {fractions.tolist()}")
+    kept = []
+    for c, fraction in enumerate(fractions):
+        members = np.flatnonzero(labels == c)
+        if members.size:
+            quota = max(1, int(np.floor(fraction * members.size + 1e-9)))
+            kept.append(rng.choice(members, size=quota, replace=False))
+    return np.sort(np.concatenate(kept).astype(np.int64)) if kept else np.empty(0, np.int64)
 
 
 def long_tail_counts(n_max: int, num_classes: int, ratio: float, profile: str) -> np.ndarray:
