@@ -194,6 +194,8 @@ class RunSet:
     target_error: float | None = None
     name: str | None = None
     """A sweep's name (sweep.json), for the report's title."""
+    reference: dict[str, Any] = field(default_factory=dict)
+    """A sweep's published errors by method label, and their ``source``."""
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -281,7 +283,8 @@ def load_runs(results_dir: str | Path) -> RunSet:
         grid_keys = [k for k in definition.get("grid", {}) if not _PER_RUN_KEY.search(k)]
         group_keys = (["method"] if definition.get("methods") else []) + grid_keys
         target = definition.get("target_error")
-        return RunSet(root, "sweep", runs, group_keys, target, definition.get("name"))
+        reference = definition.get("reference") or {}
+        return RunSet(root, "sweep", runs, group_keys, target, definition.get("name"), reference)
     if _is_run_dir(root):
         return RunSet(root, "single", [_read_run(root)], [])
     runs = [_read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and _is_run_dir(p)]
@@ -586,6 +589,40 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def reference_table(rows: list[GroupStats], reference: dict[str, Any]) -> str:
+    """Markdown: each method's final errors (mean over seeds) beside the published ones
+    ('' without a reference)."""
+    published = {k: v for k, v in reference.items() if k != "source"}
+    if not published:
+        return ""
+    names = class_columns(rows)
+    columns = ["balanced", *(n for n in names if any(n in v for v in published.values()))]
+    header = ["method"] + [f"{c} (fedimb / published / Δ)" for c in columns]
+    lines = [
+        f"## Beside the published numbers ({reference.get('source', 'reference')})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in rows:
+        label = r.label.get("method")
+        if label not in published:
+            continue
+        ours = {"balanced": r.final_mean}
+        ours.update({n: v[0] for n, v in zip(names, _row_per_class(r, len(names)), strict=True)})
+        cells = [_md_escape(str(label))]
+        for c in columns:
+            mine, theirs = ours.get(c, math.nan), published[label].get(c, math.nan)
+            gap = mine - theirs
+            cells.append(
+                " / ".join("-" if math.isnan(v) else f"{100 * v:.2f}" for v in (mine, theirs))
+                + ("" if math.isnan(gap) else f" / {100 * gap:+.2f}")
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Errors in %, fedimb's the mean final error over the completed seeds."]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -794,7 +831,11 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
     title = f"Report: {runset.name or root.resolve().name}"
     return {
         "csv": _write_csv(root / REPORT_CSV, rows, keys, target),
-        "md": atomic_write_text(root / REPORT_MD, markdown_table(rows, keys, target, title)),
+        "md": atomic_write_text(
+            root / REPORT_MD,
+            markdown_table(rows, keys, target, title)
+            + ("\n" + ref if (ref := reference_table(rows, runset.reference)) else ""),
+        ),
         "curves": plot_curves(rows, keys, root / CURVES_PNG),
         "per_class": plot_per_class(rows, keys, root / PER_CLASS_PNG),
     }

@@ -16,7 +16,12 @@ A sweep file is a small TOML file::
 
 A method is what a paper's table row names (a loss with a sampler, a loss with its
 head): several keys that vary together. Methods form the first axis; the report groups
-by method (its label) and the grid keys.
+by method (its label) and the grid keys. A calibration adds the published errors, which
+the report shows beside its own (``balanced`` and any class name, as fractions)::
+
+    [reference]
+    source = "Cao et al. 2019, Table 1"
+    ERM = { balanced = 0.3682, neg = 0.7078, pos = 0.0286 }
 
 The single-run simulation is passed in as a callable ``run_cell(overrides, cell_dir)``,
 so this module never imports Flower, Ray or torch. Each cell writes its own results
@@ -53,7 +58,7 @@ from fedimb.results import (
 )
 
 TRACEBACK_FILE = "traceback.txt"
-SWEEP_KEYS = ("base", "name", "target-error", "set", "methods", "grid")
+SWEEP_KEYS = ("base", "name", "target-error", "set", "methods", "reference", "grid")
 DEFAULT_RESULTS_ROOT = Path("results")
 
 # Longest cell folder name; most file systems allow 255 bytes, and the run writes
@@ -93,6 +98,8 @@ class Sweep:
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    """Published errors per method label, plus their ``source`` (``[reference]``)."""
 
     def to_json(self) -> dict[str, Any]:
         """The definition as JSON-ready data (for ``sweep.json``)."""
@@ -103,6 +110,7 @@ class Sweep:
             "set": dict(self.fixed),
             "grid": {k: list(v) for k, v in self.grid.items()},
             "methods": {k: dict(v) for k, v in self.methods.items()},
+            "reference": dict(self.reference),
         }
 
 
@@ -188,6 +196,32 @@ def _parse_methods(raw: Any) -> dict[str, dict[str, Any]]:
     return methods
 
 
+def _parse_reference(raw: Any, methods: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"reference must be a table, got {raw!r}")
+    reference: dict[str, Any] = {}
+    for label, body in raw.items():
+        if label == "source":
+            if not isinstance(body, str):
+                raise ValueError(f"reference source must be a string, got {body!r}")
+            reference[label] = body
+            continue
+        if label not in methods:
+            raise ValueError(
+                f"reference {label!r} is not a method; methods: {', '.join(methods) or 'none'}"
+            )
+        if not isinstance(body, Mapping) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+            for v in body.values()
+        ):
+            raise ValueError(
+                f"reference {label!r} must be a table of errors in [0, 1], e.g. "
+                f"{{ balanced = 0.3682, neg = 0.7078 }}, got {body!r}"
+            )
+        reference[label] = {k: float(v) for k, v in body.items()}
+    return reference
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file.
 
@@ -271,6 +305,7 @@ def load_sweep(path: str | Path) -> Sweep:
         fixed=fixed,
         grid=grid,
         methods=methods,
+        reference=_parse_reference(raw.get("reference", {}), methods),
     )
 
 

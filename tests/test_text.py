@@ -171,3 +171,33 @@ def test_fasttext_trains_vectorised_and_bilstm_one_client_at_a_time():
     lstm = build_model("bilstm", (6,), 2, vocab_size=25, dim=4, hidden=3)
     assert not is_vectorisable(lstm)
     assert can_batch(lstm, jobs) == "the model has a recurrent layer (LSTM)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["fasttext", "bilstm"])
+def test_the_imdb_config_runs_end_to_end_on_small_reviews(imdb_root, tmp_path, monkeypatch, model):
+    from fedimb.cli import main
+    from fedimb.config import DEFAULT_CONFIG
+    from fedimb.results import read_json, read_jsonl
+
+    monkeypatch.setenv("FEDIMB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    sets = {
+        "data-root": str(imdb_root),
+        "num-rounds": 2,
+        "num-clients": 2,
+        "strategy.min-train-clients": 2,
+        "loss.name": "ldam-drw",
+        "model.name": model,
+        "long-tail.keep": "0.5,1.0",
+        "batch-size": 4,
+    }
+    argv = ["run", "--config", str(DEFAULT_CONFIG.parent / "imdb-lt.toml"), "--out", str(out)]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"']
+    assert main(argv) == 0
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows[-1]["per_class_error"]) == 2
+    assert read_json(out / "partition.json")["classes"] == ["neg", "pos"]
