@@ -39,7 +39,7 @@ def test_methods_are_the_first_axis_and_set_their_keys_together(tmp_path: Path) 
     ("body", "match"),
     [
         ('[methods]\nA = { "loss.name" = "ce" }\n[grid]\n"loss.name" = ["focal"]\n', "one place"),
-        ('[methods]\nA = {}\n[grid]\nseed = [0]\n', "sets no key"),
+        ("[methods]\nA = {}\n[grid]\nseed = [0]\n", "sets no key"),
         ('[methods]\n"a b" = { seed = 1 }\n[grid]\nseed = [0]\n', "folder-safe"),
         ('[methods]\nA = "ce"\n[grid]\nseed = [0]\n', "table of 'Label ="),
     ],
