@@ -535,12 +535,12 @@ def markdown_table(
     if show_incomplete:
         header.append("incomplete")
     header += ["final BE", "best BE", "worst class"]
-    classes = class_columns(rows)
-    header += [f"error {_md_escape(name)}" for name in classes]
     # Shot groups only on a long tail: with balanced data every class is many-shot.
     shown = [k for k in SHOT_GROUPS if any(not math.isnan(r.shots[k][0]) for r in rows)]
     shown = shown if shown != ["many_shot_error"] else []
     header += [SHOT_TITLES[k] for k in shown]
+    classes = class_columns(rows)
+    header += [f"error {_md_escape(name)}" for name in classes]
     if target is not None:
         header.append(f"rounds to BE ≤ {target:g}")
     header.append("wall time (s)")
@@ -558,8 +558,8 @@ def markdown_table(
             cells.append(str(r.incomplete))
         cells += [_pm(r.final_mean, r.final_std), _pm(r.best_mean, r.best_std)]
         cells.append(_pm(r.worst_mean, r.worst_std))
-        cells += [_pm(*v) for v in _row_per_class(r, len(classes))]
         cells += [_pm(*r.shots[k]) for k in shown]
+        cells += [_pm(*v) for v in _row_per_class(r, len(classes))]
         if target is not None:
             cells.append(_rounds_cell(r))
         cells.append("-" if math.isnan(r.wall_mean) else f"{r.wall_mean:.1f}")
