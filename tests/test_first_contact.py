@@ -2,6 +2,7 @@
 run, the configs found from an installed wheel, Flower-side config errors, dependencies."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -114,12 +115,21 @@ def test_a_bad_flwr_run_config_fails_in_one_line_naming_the_key(caplog):
         checked_config({**run_config, "partition.classes-per-client": 11})
 
 
+# What a wheel is built from (setup.py's packages, pyproject's readme).
+PACKAGED = ("fedimb", "strategies", "clients", "configs", "pyproject.toml", "setup.py", "README.md")
+
+
 @pytest.mark.slow
 def test_an_installed_wheel_finds_its_configs(tmp_path):
     # `pip install .` (not editable) puts fedimb in site-packages, away from configs/.
+    # Built from a copy: pip builds in the source tree (build/, *.egg-info).
+    source = tmp_path / "source"
+    for name in PACKAGED:
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "dist"), str(ROOT)],
+         "-w", str(tmp_path / "dist"), str(source)],
         check=True, capture_output=True, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("fedimb-*.whl")
