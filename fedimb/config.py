@@ -44,7 +44,14 @@ from fedimb.registry import (
 )
 from fedimb.schedule import switch_round
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
+# fedimb's shipped configs: inside the package in an installed wheel (setup.py maps
+# configs/ to fedimb/configs), else beside it, in a checkout or an editable install.
+_PACKAGE = Path(__file__).resolve().parent
+CONFIGS_DIR = next(
+    (d for d in (_PACKAGE / "configs", _PACKAGE.parent / "configs") if d.is_dir()),
+    _PACKAGE.parent / "configs",
+)
+DEFAULT_CONFIG = CONFIGS_DIR / "quickstart.toml"
 
 ENGINES = ("ray", "inprocess")
 ON_OFF_AUTO = ("auto", "on", "off")

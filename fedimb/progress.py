@@ -6,6 +6,8 @@ because a redrawn bar turns into thousands of control characters in a log file.
 
 A run started inside a sweep adds its round bar *under* the sweep's cell bar (same live
 display) instead of opening a second one, so the two never fight over the terminal.
+Without a terminal, a run inside a sweep prints nothing: the sweep's one line per
+finished cell is the log (a 72-cell sweep printed every round of every cell before).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from rich.progress import (
 # The live progress display currently on screen (the outermost bar), shared so that
 # nested bars become extra rows of it.
 _ACTIVE: Progress | None = None
+# The outermost bar printing plain lines, if any: bars opened inside it stay silent.
+_PLAIN_OUTER: _Bar | None = None
 
 
 def _format_error(value: float | None) -> str:
@@ -83,10 +87,15 @@ class _Bar:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._owns_display = False
+        self._owns_plain = False
 
     def __enter__(self) -> _Bar:
-        global _ACTIVE
+        global _ACTIVE, _PLAIN_OUTER
         if not self.use_bar:
+            if _PLAIN_OUTER is not None:
+                self.silent = True  # the outer bar's lines say how it went
+            elif not self.silent:
+                _PLAIN_OUTER, self._owns_plain = self, True
             return self
         if _ACTIVE is None:
             self._progress = _make_progress()
@@ -104,7 +113,9 @@ class _Bar:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        global _ACTIVE
+        global _ACTIVE, _PLAIN_OUTER
+        if self._owns_plain:
+            _PLAIN_OUTER, self._owns_plain = None, False
         if self._progress is None:
             return
         if self._owns_display:

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from fedimb.server import ServerStop, SimulationEnded, root_cause, run_server
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Seconds a failed Ray run waits for its server thread to record the failure.
 SERVER_EXIT_WAIT = 30.0
+# A local Ray run shorter than this (seconds, start to shutdown) gets the in-process hint.
+SHORT_RUN_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ def run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> d
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     server = RayServer(config, out_dir, **kwargs)
     interruption = server.interruption
+    started = time.perf_counter()
 
     resources = {"num_cpus": config["ray.client-cpus"], "num_gpus": client_gpus(config)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
@@ -160,7 +164,32 @@ def run_ray(config: Config, out_dir: Path, *, verbose: bool, **kwargs: Any) -> d
         raise RuntimeError(
             "the Flower simulation ended without running the server (see the log above)"
         )
+    if not config["ray.address"]:
+        hint_inprocess(time.perf_counter() - started, server.seconds)
     return server.summary
+
+
+_HINTED = threading.Event()  # the in-process hint is given once per process (a sweep)
+
+
+def hint_inprocess(total_s: float, server_s: float) -> bool:
+    """Say once, after a local Ray run that was short or mostly Ray's start and shutdown,
+    that ``--engine inprocess`` runs the same rounds without Ray; whether it said so.
+
+    ``total_s``: the whole Ray run; ``server_s``: the part the server's rounds took.
+    """
+    overhead = total_s - server_s
+    if _HINTED.is_set() or (total_s >= SHORT_RUN_S and overhead < server_s):
+        return False
+    _HINTED.set()
+    log.warning(
+        "this Ray run took %.1f s, %.1f s of it starting and stopping Flower's simulation "
+        'on Ray; `--engine inprocess` (or engine = "inprocess") runs the same rounds '
+        "in this process without Ray, with the same server, strategy and client code",
+        total_s,
+        overhead,
+    )
+    return True
 
 
 class RayServer:
@@ -179,6 +208,7 @@ class RayServer:
         self.app.main()(self.main)
         self._error: BaseException | None = None
         self._running = threading.Lock()
+        self.seconds = 0.0  # how long the server ran (Ray's start and shutdown excluded)
 
     def main(self, grid: Grid, context: Context) -> None:
         del context  # the config comes from fedimb, not from a Flower project
@@ -186,10 +216,12 @@ class RayServer:
         with self._running:
             if stop.is_set():
                 return  # interrupted while Ray started
+            began = time.perf_counter()
             try:
                 self.summary.update(
                     run_server(grid, self.config, self.out_dir, stop=stop, **self.kwargs)
                 )
+                self.seconds = time.perf_counter() - began
             except (KeyboardInterrupt, SimulationEnded):
                 pass  # raised on `stop`: recorded; the main thread raises its own
             except BaseException as exc:
