@@ -404,7 +404,7 @@ def _folder_status(cell_dir: Path) -> str:
     return str(summary.get("status", "pending"))
 
 
-def write_sweep_json(
+def _write_sweep_json(
     out_dir: Path, sweep: Sweep, cells: list[Cell], in_hand: Mapping[str, str] | None = None
 ) -> None:
     """Rewrite sweep.json: the definition plus every cell's name, overrides and status.
@@ -556,13 +556,13 @@ def _run_cells(
 ) -> list[CellResult]:
     from fedimb.report import build_report  # report imports matplotlib; load it only here
 
-    write_sweep_json(out_dir, sweep, cells)
+    _write_sweep_json(out_dir, sweep, cells)
     results: list[CellResult] = []
     with SweepProgress(len(chosen), sweep.name, enabled=progress) as bar:
         for done, cell in enumerate(chosen, start=1):
             result = _run_or_skip(sweep, cells, cell, out_dir, run_cell, is_done)
             ran = {} if result.skipped else {cell.name: result.status}
-            write_sweep_json(out_dir, sweep, cells, ran)
+            _write_sweep_json(out_dir, sweep, cells, ran)
             results.append(result)
             done_before = result.skipped and result.status == "completed"
             shown = "skipped (done)" if done_before else result.status
@@ -591,13 +591,13 @@ def _run_or_skip(
             # Another sweep in this folder may have finished it since the check above.
             if is_done(dict(cell.overrides), cell_dir):
                 return _result(cell, cell_dir, skipped=True)
-            write_sweep_json(out_dir, sweep, cells, {cell.name: "running"})
+            _write_sweep_json(out_dir, sweep, cells, {cell.name: "running"})
             try:
                 return _run_one(cell, cell_dir, run_cell)
             except BaseException:
                 # Ctrl-C (or a crash of the sweep itself): say so, then stop; a re-run
                 # resumes from this cell.
-                write_sweep_json(out_dir, sweep, cells, {cell.name: "interrupted"})
+                _write_sweep_json(out_dir, sweep, cells, {cell.name: "interrupted"})
                 raise
     except FolderBusy:
         return replace(_result(cell, cell_dir, skipped=True), status="running elsewhere")
