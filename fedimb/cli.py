@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "set a config key in every cell, as the sweep file's [set] (repeatable), "
         "e.g. --set num-rounds=5",
     )
+    sweep.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only the cells with this grid value (repeatable: values of one key "
+        "add up, keys narrow), e.g. --only loss.name=ce --only seed=0",
+    )
 
     report = sub.add_parser("report", help="rebuild tables and plots from a results folder")
     report.add_argument("results_dir", type=Path)
@@ -284,10 +292,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedimb.ray_engine import late_interrupt
     from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, read_json
     from fedimb.sim import run_experiment
-    from fedimb.sweep import load_sweep, run_sweep
+    from fedimb.sweep import load_sweep, parse_only, run_sweep
 
     try:
         sweep = load_sweep(args.sweep_file)
+        only = parse_only(args.only, sweep)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
     extra = parse_overrides(args.overrides)
@@ -321,7 +330,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
             check_same_defaults(cell_dir)
             began = load_config(cell_dir / CONFIG_FILE)
-            changed = config_changes(began, config, ignore={"num-rounds"})
+            # data-root says where the data is on this machine, not which data it is.
+            changed = config_changes(began, config, ignore={"num-rounds", "data-root"})
             if changed:
                 raise ConfigError(
                     f"{cell_dir} holds a run of another config ({changed}); sweep into "
@@ -361,15 +371,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 is_done=is_done,
                 progress=not args.quiet,
                 stop_requested=late_interrupt,  # Ctrl-C while Ray shut a cell's run down
+                only=only,
             )
     except ValueError as exc:
         if isinstance(exc, ConfigError) or "cell" in str(exc):
             raise ConfigError(str(exc)) from exc
         raise
     failed = [r for r in results if r.status == "failed"]
+    elsewhere = sum(r.status == "running elsewhere" for r in results)
     print(
-        f"sweep: {len(results) - len(failed)} cells completed, {len(failed)} failed; "
-        f"report in {out}"
+        f"sweep: {len(results) - len(failed) - elsewhere} cells completed, {len(failed)} failed"
+        + (f", {elsewhere} running in another process" if elsewhere else "")
+        + f"; report in {out}"
     )
     return EXIT_FAILED if failed else 0
 
@@ -604,6 +617,7 @@ def _after_interrupt(args: argparse.Namespace) -> str:
         again = f"fedimb sweep {shlex.quote(str(args.sweep_file))}"
         again += f" --out {shlex.quote(str(args.out))}" if args.out else ""
         again += "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+        again += "".join(f" --only {shlex.quote(o)}" for o in args.only)
         return f"continue with `{again}`"
     run_dir = getattr(args, "run_dir", None)
     if run_dir is None or (run_dir / CONFIG_FILE).is_file():

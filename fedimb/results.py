@@ -62,6 +62,10 @@ class DamagedFile(ConfigError):
     """A results file that cannot be read: cut short, edited, or not fedimb's."""
 
 
+class FolderBusy(ConfigError):
+    """A results folder that another fedimb process holds (:func:`claimed`)."""
+
+
 def finite_or_none(value: Any) -> float | None:
     """``value`` as a float if it is a finite number (not a bool), else None."""
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
@@ -79,7 +83,9 @@ def check_target_error(value: Any, name: str = "target-error") -> float | None:
 
 
 @contextlib.contextmanager
-def claimed(path: str | os.PathLike[str], *, new: bool = False) -> Iterator[Path]:
+def claimed(
+    path: str | os.PathLike[str], *, new: bool = False, shared: bool = False
+) -> Iterator[Path]:
     """Hold the results folder ``path`` (created if missing) for this process alone
     while a run or a sweep writes there.
 
@@ -87,12 +93,15 @@ def claimed(path: str | os.PathLike[str], *, new: bool = False) -> Iterator[Path
     into this one's. The claim is an advisory ``flock`` on the folder itself (no lock
     file), released when the process ends, however it ends. A folder this call created
     (or the caller, for this work: ``new``) and the work left empty (it failed before
-    writing anything) is removed again.
+    writing anything) is removed again. ``shared``: held beside other shared holders
+    (sweeps that work in one folder, each claiming its own cells), not beside a sole one.
 
     Raises
     ------
+    FolderBusy
+        If ``path`` is claimed already (by a sole holder, or by any for a sole claim).
     ConfigError
-        If ``path`` is a file, cannot be created or written, or is claimed already.
+        If ``path`` is a file, or cannot be created or written.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -107,9 +116,9 @@ def claimed(path: str | os.PathLike[str], *, new: bool = False) -> Iterator[Path
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(
+            raise FolderBusy(
                 f"{path} is being written by another fedimb process: wait for it to end, "
                 "or choose another folder"
             ) from None

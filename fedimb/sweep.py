@@ -13,6 +13,9 @@ A sweep file is a small TOML file::
     [grid]                            # cartesian product over dotted config keys
     "loss.name" = ["ce", "focal"]
     seed = [0, 1, 2]
+    [[exclude]]                       # optional: drop the cells that match every key
+    "loss.name" = "focal"             # (a list matches any of its values)
+    seed = [1, 2]
 
 A method is what a paper's table row names (a loss with a sampler, a loss with its
 head): several keys that vary together. Methods form the first axis; the report groups
@@ -27,11 +30,16 @@ The single-run simulation is passed in as a callable ``run_cell(overrides, cell_
 so this module never imports Flower, Ray or torch. Each cell writes its own results
 folder ``<out_dir>/<cell name>/``; a completed cell is skipped on the next call, so an
 interrupted sweep resumes where it stopped (the caller may say a completed cell needs
-more rounds: ``is_done``).
+more rounds: ``is_done``). A completed cell's folder needs no checkpoint to count: a
+ledger of committed results skips it on any machine. ``only`` runs some cells (the rest
+stay listed, so the report shows what is still missing), and several sweeps may work in
+one folder at once: each cell is claimed by the process that runs it, and a cell claimed
+elsewhere is left to that process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -40,15 +48,16 @@ import time
 import tomllib
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedimb.config import DEFAULT_CONFIG, flatten
+from fedimb.config import DEFAULT_CONFIG, flatten, parse_value
 from fedimb.progress import SweepProgress
 from fedimb.results import (
     SUMMARY_FILE,
     SWEEP_FILE,
+    FolderBusy,
     atomic_write_json,
     atomic_write_text,
     check_target_error,
@@ -58,7 +67,7 @@ from fedimb.results import (
 )
 
 TRACEBACK_FILE = "traceback.txt"
-SWEEP_KEYS = ("base", "name", "target-error", "set", "methods", "reference", "grid")
+SWEEP_KEYS = ("base", "name", "target-error", "set", "methods", "reference", "grid", "exclude")
 DEFAULT_RESULTS_ROOT = Path("results")
 
 # Longest cell folder name; most file systems allow 255 bytes, and the run writes
@@ -66,6 +75,8 @@ DEFAULT_RESULTS_ROOT = Path("results")
 _MAX_CELL_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
+# A selection of cells: grid key -> the values it may take (a cell matches every key).
+Selector = dict[str, list[Any]]
 RunCell = Callable[[dict[str, Any], Path], Any]
 ValidateCell = Callable[[dict[str, Any], Path], Any]
 IsDone = Callable[[dict[str, Any], Path], bool]
@@ -90,6 +101,9 @@ class Sweep:
     methods : dict
         Label -> dotted config key -> value (the ``[methods]`` table); an axis before
         the grid's (empty: none).
+    exclude : list of dict
+        Selectors (grid key -> values) of the product's cells that are not cells (the
+        ``[[exclude]]`` tables).
     """
 
     base: Path
@@ -100,17 +114,22 @@ class Sweep:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     """Published errors per method label, plus their ``source`` (``[reference]``)."""
+    exclude: list[Selector] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The definition as JSON-ready data (for ``sweep.json``)."""
+        base = self.base
+        with contextlib.suppress(ValueError):  # a committed ledger names no home folder
+            base = base.relative_to(Path.cwd().resolve())
         return {
-            "base": str(self.base),
+            "base": str(base),
             "name": self.name,
             "target_error": self.target_error,
             "set": dict(self.fixed),
             "grid": {k: list(v) for k, v in self.grid.items()},
             "methods": {k: dict(v) for k, v in self.methods.items()},
             "reference": dict(self.reference),
+            "exclude": [dict(e) for e in self.exclude],
         }
 
 
@@ -122,6 +141,12 @@ class Cell:
     name: str
     overrides: dict[str, Any]
     method: str | None = None
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """What a selector (``--only``, ``[[exclude]]``) matches: the overrides and the
+        method's label under ``method``."""
+        return self.overrides if self.method is None else {**self.overrides, "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -222,6 +247,54 @@ def _parse_reference(raw: Any, methods: Mapping[str, Any]) -> dict[str, Any]:
     return reference
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as TOML wrote them (2 and 2.0, 1 and true differ, as in a cell's name)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def check_selector(
+    raw: Mapping[str, Any], grid: Mapping[str, list[Any]], where: str, *, in_grid: bool = True
+) -> Selector:
+    """A selector of cells: each key swept in ``grid``, each value one of its values
+    (unless not ``in_grid``: an exclusion may name values for a grid yet to be edited).
+
+    A scalar value becomes a one-value list. Raises ValueError naming the key or value
+    that selects nothing and what is allowed, so a typo never silently drops cells.
+    """
+    selector: Selector = {}
+    for key, value in raw.items():
+        if key not in grid:
+            raise ValueError(f"{where}: {key!r} is not a grid key; grid keys: {list(grid)}")
+        values = value if isinstance(value, list) else [value]
+        _check_value(f"{where}: {key}", values)
+        for v in values if in_grid else []:
+            if not any(_same(v, g) for g in grid[key]):
+                raise ValueError(f"{where}: {key}={v!r} is not in the grid; allowed: {grid[key]}")
+        selector[key] = values
+    return selector
+
+
+def _axes(grid: Mapping[str, list[Any]], methods: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """What selectors may name: the grid's keys, and ``method`` (its labels) if any."""
+    return {"method": list(methods), **grid} if methods else dict(grid)
+
+
+def matches(values: Mapping[str, Any], selector: Mapping[str, list[Any]]) -> bool:
+    """Whether a cell's ``values`` take one of the selector's values for every key."""
+    return all(any(_same(values.get(k), v) for v in vs) for k, vs in selector.items())
+
+
+def _parse_exclude(raw: Any, grid: Mapping[str, list[Any]]) -> list[Selector]:
+    if not isinstance(raw, list) or not all(isinstance(e, Mapping) and e for e in raw):
+        raise ValueError(
+            f"exclude must be [[exclude]] tables of 'grid key = value or [values]', got {raw!r}"
+        )
+    return [
+        check_selector(flatten(e), grid, f"exclude #{i}", in_grid=False)
+        for i, e in enumerate(raw, 1)
+    ]
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file.
 
@@ -240,7 +313,8 @@ def load_sweep(path: str | Path) -> Sweep:
     ValueError
         Unknown top-level key, missing or non-existent ``base``, empty ``grid``, a grid
         value that is not a non-empty list, a key both fixed and swept, a bad
-        ``target-error``.
+        ``target-error``, an ``exclude`` key or value not in the grid, or one that
+        leaves no cell.
     """
     path = Path(path)
     try:
@@ -298,7 +372,7 @@ def load_sweep(path: str | Path) -> Sweep:
             "key one place"
         )
 
-    return Sweep(
+    sweep = Sweep(
         base=base,
         name=name,
         target_error=check_target_error(raw.get("target-error")),
@@ -306,7 +380,11 @@ def load_sweep(path: str | Path) -> Sweep:
         grid=grid,
         methods=methods,
         reference=_parse_reference(raw.get("reference", {}), methods),
+        exclude=_parse_exclude(raw.get("exclude", []), _axes(grid, methods)),
     )
+    if not expand(sweep):
+        raise ValueError(f"sweep file {str(path)!r}: [[exclude]] leaves no cell of the grid")
+    return sweep
 
 
 # --------------------------------------------------------------------------- cells
@@ -344,7 +422,8 @@ def expand(sweep: Sweep) -> list[Cell]:
     -------
     list of Cell
         ``overrides`` = the fixed ``[set]`` values plus the cell's grid values; ``name``
-        is built from the grid values only and is unique within the sweep.
+        is built from the grid values only and is unique within the sweep. Combinations
+        that match an ``exclude`` selector are left out.
     """
     keys = list(sweep.grid)
     methods = sweep.methods or {None: {}}
@@ -354,6 +433,8 @@ def expand(sweep: Sweep) -> list[Cell]:
     ):
         values = dict(zip(keys, combo, strict=True))
         named = values if label is None else {"method": label, **values}
+        if any(matches(named, e) for e in sweep.exclude):
+            continue
         overrides = {**sweep.fixed, **method, **values}
         cells.append(Cell(name=_cell_name(named), overrides=overrides, method=label))
     # Slugging can map different values to one name ("a/b" vs "a_b"): disambiguate.
@@ -366,6 +447,28 @@ def expand(sweep: Sweep) -> list[Cell]:
         else c
         for c in cells
     ]
+
+
+def parse_only(items: list[str], sweep: Sweep) -> Selector:
+    """``["loss.name=ce", "loss.name=focal", "seed=0"]`` -> a selector: a cell runs if it
+    takes one of the values given for each key (``--only``, repeatable).
+
+    Raises
+    ------
+    ValueError
+        An item that is not KEY=VALUE, a key not swept, a value not in the grid, or a
+        selection of no cell.
+    """
+    raw: dict[str, list[Any]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--only {item!r}: expected KEY=VALUE, e.g. --only loss.name=ce")
+        raw.setdefault(key.strip(), []).append(parse_value(value.strip()))
+    selector = check_selector(raw, _axes(sweep.grid, sweep.methods), "--only")
+    if selector and not any(matches(c.values, selector) for c in expand(sweep)):
+        raise ValueError(f"--only {' '.join(items)}: selects no cell of the sweep")
+    return selector
 
 
 # --------------------------------------------------------------------------- running
@@ -391,10 +494,22 @@ def _validate_all(cells: list[Cell], validate_cell: ValidateCell, out_dir: Path)
         )
 
 
+def _folder_status(cell_dir: Path) -> str:
+    """A cell's status as its folder says (``pending`` without a summary)."""
+    summary = read_json(cell_dir / SUMMARY_FILE) or {}
+    return str(summary.get("status", "pending"))
+
+
 def _write_sweep_json(
-    out_dir: Path, sweep: Sweep, cells: list[Cell], status: dict[str, str]
+    out_dir: Path, sweep: Sweep, cells: list[Cell], in_hand: Mapping[str, str] | None = None
 ) -> None:
-    """Rewrite sweep.json: the definition plus every cell's name, overrides and status."""
+    """Rewrite sweep.json: the definition plus every cell's name, overrides and status.
+
+    A cell's status is what its folder says, read now (other sweeps may be working in
+    the folder), unless ``in_hand`` gives this process's word for it (running,
+    interrupted).
+    """
+    in_hand = in_hand or {}
     atomic_write_json(
         out_dir / SWEEP_FILE,
         {
@@ -403,7 +518,7 @@ def _write_sweep_json(
                 {
                     "name": c.name,
                     "overrides": c.overrides,
-                    "status": status[c.name],
+                    "status": in_hand.get(c.name) or _folder_status(out_dir / c.name),
                     **({"method": c.method} if c.method is not None else {}),
                 }
                 for c in cells
@@ -469,6 +584,7 @@ def run_sweep(
     is_done: IsDone = _is_completed,
     progress: bool = True,
     stop_requested: Callable[[], bool] | None = None,
+    only: Selector | None = None,
 ) -> list[CellResult]:
     """Run every cell of ``sweep`` (skipping completed ones), then build the report.
 
@@ -487,8 +603,8 @@ def run_sweep(
     validate_cell : callable, optional
         ``validate_cell(overrides, cell_dir)`` raises on a bad config, or on one that
         differs from the config the cell's folder already holds (its results would mix
-        the two). Called for every cell before anything runs or is written, so a typo
-        fails in seconds, not hours in.
+        the two). Called for every selected cell before anything runs or is written,
+        so a typo fails in seconds, not hours in.
     is_done : callable
         ``is_done(overrides, cell_dir)``: True skips the cell. Default: its
         ``summary.json`` says completed (a caller that lets a cell's run go on for more
@@ -498,28 +614,37 @@ def run_sweep(
     stop_requested : callable, optional
         Asked after each cell that ran: True stops the sweep there (KeyboardInterrupt),
         for a Ctrl-C that the cell's run finished despite.
+    only : dict, optional
+        A selector (:func:`parse_only`): run only the cells it matches. sweep.json and
+        the report still list every cell.
 
     Returns
     -------
     list of CellResult
-        One per cell, in :func:`expand` order.
+        One per selected cell, in :func:`expand` order; a cell that another process
+        was running is ``skipped`` with status "running elsewhere".
 
     Raises
     ------
     ValueError
-        If ``validate_cell`` rejects any cell (the message names each bad cell).
+        If ``validate_cell`` rejects any selected cell (the message names each bad cell).
     """
     cells = expand(sweep)
+    chosen = [c for c in cells if matches(c.values, only or {})]
     out_dir = default_out_dir(sweep) if out_dir is None else Path(out_dir)
-    with claimed(out_dir):  # one sweep at a time in a folder
+    # Shared: other sweeps may work here too (each cell is claimed alone); a run is kept out.
+    with claimed(out_dir, shared=True):
         if validate_cell is not None:
-            _validate_all(cells, validate_cell, out_dir)
-        return _run_cells(sweep, cells, out_dir, run_cell, is_done, progress, stop_requested)
+            _validate_all(chosen, validate_cell, out_dir)
+        return _run_cells(
+            sweep, cells, chosen, out_dir, run_cell, is_done, progress, stop_requested
+        )
 
 
 def _run_cells(
     sweep: Sweep,
     cells: list[Cell],
+    chosen: list[Cell],
     out_dir: Path,
     run_cell: RunCell,
     is_done: IsDone,
@@ -528,37 +653,48 @@ def _run_cells(
 ) -> list[CellResult]:
     from fedimb.report import build_report  # report imports matplotlib; load it only here
 
-    status = {}
-    for cell in cells:
-        summary = read_json(out_dir / cell.name / SUMMARY_FILE) or {}
-        status[cell.name] = str(summary.get("status", "pending"))
-    _write_sweep_json(out_dir, sweep, cells, status)
-
+    _write_sweep_json(out_dir, sweep, cells)
     results: list[CellResult] = []
-    with SweepProgress(len(cells), sweep.name, enabled=progress) as bar:
-        for done, cell in enumerate(cells, start=1):
-            cell_dir = out_dir / cell.name
-            if is_done(dict(cell.overrides), cell_dir):
-                result = _result(cell, cell_dir, skipped=True)
-            else:
-                status[cell.name] = "running"
-                _write_sweep_json(out_dir, sweep, cells, status)
-                try:
-                    with claimed(cell_dir):  # nor a run of its own there
-                        result = _run_one(cell, cell_dir, run_cell)
-                except BaseException:
-                    # Ctrl-C (or a crash of the sweep itself): say so, then stop; a
-                    # re-run resumes from this cell.
-                    status[cell.name] = "interrupted"
-                    _write_sweep_json(out_dir, sweep, cells, status)
-                    raise
-            status[cell.name] = result.status
-            _write_sweep_json(out_dir, sweep, cells, status)
+    with SweepProgress(len(chosen), sweep.name, enabled=progress) as bar:
+        for done, cell in enumerate(chosen, start=1):
+            result = _run_or_skip(sweep, cells, cell, out_dir, run_cell, is_done)
+            ran = {} if result.skipped else {cell.name: result.status}
+            _write_sweep_json(out_dir, sweep, cells, ran)
             results.append(result)
-            shown = "skipped (done)" if result.skipped else result.status
+            done_before = result.skipped and result.status == "completed"
+            shown = "skipped (done)" if done_before else result.status
             bar.update(done, cell.name, shown, result.final_balanced_error, result.wall_time_s)
             if not result.skipped and stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt
 
     build_report(out_dir, target_error=sweep.target_error)
     return results
+
+
+def _run_or_skip(
+    sweep: Sweep,
+    cells: list[Cell],
+    cell: Cell,
+    out_dir: Path,
+    run_cell: RunCell,
+    is_done: IsDone,
+) -> CellResult:
+    """Run ``cell`` unless it is done, or another process holds it."""
+    cell_dir = out_dir / cell.name
+    if is_done(dict(cell.overrides), cell_dir):
+        return _result(cell, cell_dir, skipped=True)
+    try:
+        with claimed(cell_dir):  # nor a run of its own there, nor another sweep
+            # Another sweep in this folder may have finished it since the check above.
+            if is_done(dict(cell.overrides), cell_dir):
+                return _result(cell, cell_dir, skipped=True)
+            _write_sweep_json(out_dir, sweep, cells, {cell.name: "running"})
+            try:
+                return _run_one(cell, cell_dir, run_cell)
+            except BaseException:
+                # Ctrl-C (or a crash of the sweep itself): say so, then stop; a re-run
+                # resumes from this cell.
+                _write_sweep_json(out_dir, sweep, cells, {cell.name: "interrupted"})
+                raise
+    except FolderBusy:
+        return replace(_result(cell, cell_dir, skipped=True), status="running elsewhere")
