@@ -199,11 +199,34 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
             "(only --set num-rounds=N may change, to run more rounds)"
         )
     config = load_config(args.resume / CONFIG_FILE, extra)
+    check_config_unedited(args.resume, config)
     if not overrides or overrides["num-rounds"] == config["num-rounds"]:
         return config
     longer = config.with_overrides(overrides)
     check_runs_on(args.resume, config, longer)
     return longer
+
+
+def check_config_unedited(run_dir: Path, config: Config) -> None:
+    """Refuse to continue the run in ``run_dir`` when its config.toml (``config``) no
+    longer says what its checkpoint was trained under (edited by hand), as a sweep
+    refuses a cell folder of another config; num-rounds may differ (see check_runs_on)."""
+    from fedimb.config import flat_changes
+    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
+    from fedimb.server import checkpoint_config
+
+    checkpoint = run_dir / CHECKPOINT_FILE
+    saved = checkpoint_config(checkpoint) if checkpoint.is_file() else None
+    if not saved:  # nothing to continue from, or a checkpoint from before it kept its config
+        return
+    now = config.to_flat()
+    changed = flat_changes(saved, {k: now.get(k) for k in saved}, ignore={"num-rounds"})
+    if changed:
+        raise ConfigError(
+            f"{run_dir / CONFIG_FILE} differs from the config its checkpoint was trained "
+            f"under ({changed}): --resume continues a run as it began; undo the edit, or "
+            f"start a new run with --config {run_dir / CONFIG_FILE} --out <another folder>"
+        )
 
 
 def check_runs_on(

@@ -416,6 +416,8 @@ def apply_overrides(nested: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; a missing or malformed file raises :class:`ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a run config's .toml file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -436,7 +438,17 @@ def load_config(
     for other runs (a sweep's other cells), as it may carry other registered components'.
     """
     nested = read_toml(path or DEFAULT_CONFIG)
+    _refuse_sweep_file(path or DEFAULT_CONFIG, nested)
     return from_nested(apply_overrides(nested, overrides or {}), plugins=plugins)
+
+
+def _refuse_sweep_file(path: str | Path, nested: Mapping[str, Any]) -> None:
+    """A sweep file (``base`` and ``[grid]``) given where a run config belongs."""
+    if "base" in nested and isinstance(nested.get("grid"), Mapping):
+        raise ConfigError(
+            f"{path} is a sweep file (base + [grid]), not a run config: run it with "
+            f"`fedimb sweep {path}`, or give --config its base"
+        )
 
 
 def dump_toml(nested: Mapping[str, Any]) -> str:
@@ -770,6 +782,10 @@ def _check_component_params(config: Config) -> None:
         built = strategies.make_strategy(strategy.name, **kwargs)
     except (ValueError, TypeError, RegistryError) as exc:
         raise config.component_error("strategy", exc) from exc
+    except Exception as exc:  # a plug-in's own error in its __init__
+        if not config.raised_by("strategy", exc):
+            raise
+        raise config.component_error("strategy", exc) from exc
     try:  # every checkpoint pickles it: fail now, not after the rounds before the first
         if config["checkpoint-every"] > 0:
             pickle.dumps(built)
@@ -918,7 +934,13 @@ EXECUTION_KEYS = frozenset(
 def config_changes(old: Config, new: Config, *, limit: int = 3, ignore: Iterable[str] = ()) -> str:
     """The keys whose values differ, as ``"num-rounds 3 -> 4, ..."`` ('' if none), leaving
     out :data:`EXECUTION_KEYS` and ``ignore``."""
-    a, b = old.to_flat(), new.to_flat()
+    return flat_changes(old.to_flat(), new.to_flat(), limit=limit, ignore=ignore)
+
+
+def flat_changes(
+    a: Mapping[str, Any], b: Mapping[str, Any], *, limit: int = 3, ignore: Iterable[str] = ()
+) -> str:
+    """:func:`config_changes` of two flat configs (``Config.to_flat``)."""
     keys = sorted((a.keys() | b.keys()) - EXECUTION_KEYS - set(ignore))
     changed = [k for k in keys if a.get(k) != b.get(k)]
     shown = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit]]

@@ -124,6 +124,11 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
     """Load the dataset and partition it among ``num-clients`` clients (no caching)."""
     root = config["data-root"] or None
     data = datasets.load_dataset(config["dataset"], root)
+    if data.num_classes < 2:  # nothing to classify; the partition would fail obscurely
+        raise ValueError(
+            f"dataset {config['dataset']!r} has {data.num_classes} class(es) "
+            f"({', '.join(map(str, data.classes)) or 'none'}): at least two are needed"
+        )
     labels = data.y_train.numpy()
     seed = data_seed(config)
     if config["long-tail.ratio"] > 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -265,6 +266,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise DamagedFile(f"{path} is damaged ({exc})") from None
 
 
+@functools.cache  # summary.json is rewritten at every checkpoint
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide a run's numbers."""
     import platform
@@ -346,7 +348,7 @@ class RunRecorder:
             "seed": self.seed,
             "defaults": DEFAULTS_VERSION,
             **self.extra,
-            "versions": package_versions(),
+            "versions": dict(package_versions()),
         }
         if error is not None:
             summary["error"] = error

@@ -62,6 +62,7 @@ from fedimb.results import (
     RunRecorder,
     atomic_write_bytes,
     atomic_write_text,
+    finite_or_none,
     read_json,
     write_partition,
 )
@@ -79,6 +80,39 @@ PULL_INTERVAL = 0.02
 
 class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
+
+
+class TrainingDiverged(TooManyFailures):
+    """Every client of a round diverged: non-finite, or a training loss over
+    ``DIVERGED_LOSS`` (a setting's fault, such as the learning rate, not the clients')."""
+
+
+# A client's training loss above this counts as diverged when every client of a round is
+# there (cross-entropy at chance is ln(classes); 1e6 means logits of that size).
+DIVERGED_LOSS = 1e6
+
+
+def round_failure(rows: list[dict[str, Any]], sent: int) -> str | None:
+    """Why a whole round failed, when each of its ``sent`` clients replied and failed
+    the same way or diverged; None otherwise."""
+    if not rows or len(rows) < sent:
+        return None
+    kinds = {_fault_kind(row["fault"]) if "fault" in row else None for row in rows}
+    if all(
+        str(row.get("fault", "")).startswith("non-finite")
+        or (finite_or_none(row.get("train-loss")) or 0.0) > DIVERGED_LOSS
+        for row in rows
+    ):
+        return f"every client's training diverged (non-finite, or a loss over {DIVERGED_LOSS:g})"
+    if len(kinds) == 1 and None not in kinds:
+        return f"every client failed the same way; first: {rows[0]['fault']}"
+    return None
+
+
+def _fault_kind(reason: str) -> str:
+    """A fault without the client's own details: ``error: <Type>``, ``timed out``, ..."""
+    head, _, rest = reason.partition(":")
+    return f"{head}:{rest.split(':')[0]}" if head == "error" else head
 
 
 class BadGlobalModel(RuntimeError):
@@ -296,8 +330,10 @@ class GuardedGrid(Grid):
         client_timeout: float,
         query_timeout: float | None = None,
         stop: ServerStop | None = None,
+        divergence_cause: Callable[[int], str] | None = None,
     ) -> None:
         self.inner, self.recorder, self.stop = inner, recorder, stop
+        self.divergence_cause = divergence_cause  # round -> the likely cause, said with it
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
         self.query_timeout = query_timeout
         self.failures: dict[int, list[dict[str, Any]]] = {}
@@ -510,12 +546,34 @@ class GuardedGrid(Grid):
         if losses:
             total = sum(n for _, n in losses)
             self.train_loss[server_round] = sum(v * n for v, n in losses) / max(total, 1)
+        whole = round_failure(rows, len(messages))
+        if whole is not None:
+            if "diverged" not in whole:
+                raise TooManyFailures(f"round {server_round}: {whole}")
+            cause = self.divergence_cause(server_round) if self.divergence_cause else ""
+            raise TrainingDiverged(f"round {server_round}: {whole}" + (f"; {cause}" * bool(cause)))
         if faults and len(faults) > self.max_failure_fraction * len(messages):
             raise TooManyFailures(
                 f"round {server_round}: {len(faults)} of {len(messages)} clients failed, more than "
                 f"max-failure-fraction = {self.max_failure_fraction}; first: {faults[0]['reason']}"
             )
         return good
+
+
+# Strategy parameters that scale the server's step: a large one sends the clients a global
+# model they cannot train from.
+SERVER_STEP_KEYS = ("server-learning-rate", "eta")
+
+
+def divergence_cause(config: Config, server_round: int) -> str:
+    """The likely cause of a round in which every client diverged, in config words: a
+    server step set in the config (after round 1), else the clients' learning rate."""
+    lr = f"the clients' learning rate (lr = {lr_in_round(config, server_round):g} in this round)"
+    server = {k: v for k, v in config.strategy.params.items() if k in SERVER_STEP_KEYS}
+    if server and server_round > 1:  # round 1 starts from the initial model
+        named = ", ".join(f"strategy.{k} = {v:g}" for k, v in server.items())
+        return f"likely cause: the server's step ({named}), which made their start model, or {lr}"
+    return f"likely cause: {lr} is too high; lower lr"
 
 
 def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
@@ -532,14 +590,21 @@ def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
 
 
 def save_checkpoint(
-    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, grid: GuardedGrid
+    path: Path,
+    server_round: int,
+    arrays: ArrayRecord,
+    strategy: Strategy,
+    grid: GuardedGrid,
+    config: Config | None = None,
 ) -> None:
     """Global model, strategy, Python's ``random`` state and the clients' persistent
-    states after ``server_round``, atomically."""
+    states after ``server_round``, atomically; and the run's flat config, which a resume
+    compares with its config.toml (:func:`checkpoint_config`)."""
     buffer = io.BytesIO()
     torch.save(
         {
             "round": server_round,
+            "config": config.to_flat() if config is not None else None,
             "state_dict": arrays.to_torch_state_dict(),
             "strategy": pickle.dumps(strategy),
             "random_state": random.getstate(),
@@ -562,6 +627,13 @@ def checkpoint_round(path: Path) -> int:
     """The round a checkpoint was saved after, without reading its tensors (memory-mapped)."""
     with _checkpoint_errors(path):
         return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+
+
+def checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The flat config a checkpoint was saved under (None for one from before fedimb
+    saved it), without reading its tensors."""
+    with _checkpoint_errors(path):
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config")
 
 
 @contextlib.contextmanager
@@ -659,6 +731,7 @@ def run_server(
         # The query pays Ray's cold start (actors, imports): a round's limit may be too short.
         query_timeout=max(config["round-timeout"], QUERY_TIMEOUT_FLOOR),
         stop=stop,
+        divergence_cause=lambda server_round: divergence_cause(config, server_round),
     )
     if client_state:
         guarded.restore_client_state(client_state)
@@ -723,7 +796,9 @@ def run_server(
         row["elapsed_s"] = time.perf_counter() - t_start
         recorder.add_round(row)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
-            save_checkpoint(checkpoint_path, server_round, current, strategy, guarded)
+            save_checkpoint(checkpoint_path, server_round, current, strategy, guarded, config)
+            # A run killed from here on says how far it got (and can continue from).
+            recorder.summary("running", time.perf_counter() - t_start)
         bar.update(server_round, row.get("balanced_error"))
         if on_round is not None:
             on_round(server_round, row)
