@@ -256,6 +256,8 @@ class Config:
     """``partition``, ``loss``, ``sampling``, ``strategy``, ``model``."""
     strategy_options: Mapping[str, Any]
     """Run-level keys of the strategy table (``fraction-train``, ``min-train-clients``)."""
+    overridden: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
+    """Flat keys given as overrides (``--set``, a sweep cell's) rather than by the file."""
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -439,7 +441,8 @@ def load_config(
     """
     nested = read_toml(path or DEFAULT_CONFIG)
     _refuse_sweep_file(path or DEFAULT_CONFIG, nested)
-    return from_nested(apply_overrides(nested, overrides or {}), plugins=plugins)
+    config = from_nested(apply_overrides(nested, overrides or {}), plugins=plugins)
+    return dataclasses.replace(config, overridden=frozenset(overrides or {}))
 
 
 def _refuse_sweep_file(path: str | Path, nested: Mapping[str, Any]) -> None:

@@ -71,13 +71,24 @@ def warn_about_settings(config: Config) -> None:
 
 def warn_about_ignored_keys(config: Config, tables: Iterable[str]) -> None:
     """Name each key of these component tables that their chosen component does not take
-    (kept for another component of the table)."""
+    (kept for another component of the table), where the user set it with the component:
+    not a file's key for the file's own component that ``--set`` replaced."""
     for table in tables:
         component = config.components[table]
         for key in sorted(component.ignored):
+            if not set_with_its_component(config, table, key):
+                continue
             log.warning(
                 "%s.%s is ignored: %s %r does not take it", table, key, table, component.name
             )
+
+
+def set_with_its_component(config: Config, table: str, key: str) -> bool:
+    """Whether ``table.key`` was set with the table's ``name``: both by the file, or the
+    key by an override (``--set partition.name=dirichlet`` leaves the base file's
+    ``classes-per-client`` behind without the user asking for it)."""
+    overridden = config.overridden
+    return f"{table}.{key}" in overridden or f"{table}.name" not in overridden
 
 
 def _warn_about_plugins(config: Config) -> None:
