@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedimb",
         description="Federated learning under class imbalance: simulate, compare, report.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one simulation (default: configs/quickstart.toml)")
@@ -119,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument(
         "table",
         nargs="?",
-        choices=sorted([*LIST_TABLES, "datasets"]),
+        choices=sorted([*LIST_TABLES, "datasets", "keys"]),
         help="show each one's parameters and their defaults, as config keys (datasets: "
-        "what each is)",
+        "what each is; keys: every config key, its default and meaning)",
     )
     return parser
 
@@ -482,6 +483,9 @@ LIST_TABLES = {
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.table == "keys":  # before the registries' imports (torch, Flower)
+        print(key_listing())
+        return 0
     import strategies
     from fedimb import losses, models, sampling
     from fedimb.data import datasets
@@ -504,6 +508,48 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{title}: {', '.join(names)}")
     print("each also takes your own as an import path 'package.module:attribute' (README)")
     return 0
+
+
+def version_line() -> str:
+    """``fedimb X (torch Y, flwr Z, Python W)``, from the installed packages' metadata
+    (nothing imported)."""
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr"))
+    return f"fedimb {version('fedimb')} ({others}, Python {platform.python_version()})"
+
+
+def key_listing() -> str:
+    """Every config key with its default and meaning; the component tables' parameters
+    are in their own listings (``fedimb list losses``, ...)."""
+    from fedimb.config import COMPONENT_DEFAULTS, FIXED_TABLES, TOP_LEVEL
+    from fedimb.keys import MEANINGS, TABLE_MEANINGS
+
+    def line(key: str, default: Any) -> str:
+        return f"  {key.rpartition('.')[2]} = {json.dumps(default)}: {MEANINGS.get(key, '')}"
+
+    lines = [
+        "config keys = defaults: meaning (in a TOML file, or --set key=value / table.key=value)"
+    ]
+    lines += [line(key, field.default) for key, field in TOP_LEVEL.items()]
+    for table, fields in FIXED_TABLES.items():
+        lines.append(f"[{table}]")
+        lines += [line(f"{table}.{key}", field.default) for key, field in fields.items()]
+    words = {t: w for w, t in LIST_TABLES.items()}
+    for table, default in COMPONENT_DEFAULTS.items():
+        lines.append(f"[{table}]")
+        lines.append(f"  name = {json.dumps(default)}: {TABLE_MEANINGS[table]}")
+        for key, field in COMPONENT_OWN_KEYS.get(table, {}).items():
+            lines.append(line(f"{table}.{key}", field.default))
+        lines.append(f"  (each {table}'s parameters: fedimb list {words[table]})")
+    return "\n".join(lines)
 
 
 def dataset_listing() -> str:
@@ -580,8 +626,14 @@ COMMANDS = {
 }
 
 
+# Commands that train nothing: they start without importing Flower's engines or Ray.
+LIGHT_COMMANDS = frozenset({"list", "report"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in LIGHT_COMMANDS:
+        return _run_command(args)
     from fedimb.ray_engine import interrupt_handlers_kept
     from fedimb.sim import quiet_flower
 
@@ -595,8 +647,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the command; known failures end in one line and an exit code."""
-    from fedimb.server import BadGlobalModel, SimulationEnded, TooManyFailures
-
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RegistryError) as exc:
@@ -608,15 +658,24 @@ def _run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `fedimb list | head`: the reader has gone, as for `ls | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
-    except (TooManyFailures, SimulationEnded, BadGlobalModel) as exc:  # summary.json says so
-        print(f"fedimb: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except Exception as exc:
+        if _run_failure(exc):  # summary.json says so
+            print(f"fedimb: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         hint = resource_hint(exc)
         if hint is None:
             raise
         print(f"fedimb: error: {type(exc).__name__}: {exc}\n  hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _run_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a run that recorded why (fedimb.server's errors; a command
+    that never imported it ran none)."""
+    server = sys.modules.get("fedimb.server")
+    if server is None:
+        return False
+    return isinstance(exc, server.TooManyFailures | server.SimulationEnded | server.BadGlobalModel)
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:

@@ -145,6 +145,11 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
         ),
         "gamma": Field(float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     },
+    # A seeded subsample of the training data after the long tail (a quick look on a CPU).
+    "subsample": {
+        "fraction": Field(float, 1.0, _fraction, "a number in (0, 1] (1 = all)"),
+        "per-class-cap": Field(int, 0, _non_negative, "an integer >= 0 (0 = no cap)"),
+    },
     # Test-only fault injection: comma-separated partition ids, "" = none.
     "faults": {
         "raise-clients": Field(str, "", allowed=_IDS, listed=True),

@@ -22,6 +22,7 @@ from fedimb.data import datasets
 from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, long_tail
 from fedimb.data.partition import partition as split_clients
+from fedimb.data.subsample import SUBSAMPLE_KEYS, subsample
 from fedimb.losses import COSINE_SCALE, initial_bias
 from fedimb.models import build_model, class_head
 
@@ -38,6 +39,7 @@ DATA_KEYS = (
     "long-tail.ratio",
     "long-tail.profile",
 )
+DATA_KEYS += SUBSAMPLE_KEYS  # the training subsample (fedimb.data.subsample)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,6 +142,13 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
         )
     else:
         keep = np.arange(len(labels))
+    keep = subsample(
+        labels,
+        keep,
+        seeded_rng(seed, 5),
+        fraction=config["subsample.fraction"],
+        per_class_cap=config["subsample.per-class-cap"],
+    )
     kwargs = config.partition.kwargs()
     try:
         local_parts = split_clients(
