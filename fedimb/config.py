@@ -114,6 +114,8 @@ TOP_LEVEL: dict[str, Field] = {
     "eval-every": Field(int, 1, _positive, "an integer >= 1"),
     "eval-batch-size": Field(int, 1024, _positive, "an integer >= 1"),
     "checkpoint-every": Field(int, 1, _non_negative, "an integer >= 0 (0 = never)"),
+    # Per-round loggers, comma-separated: 'tensorboard' or 'package.module:factory'.
+    "loggers": Field(str, ""),
     "max-failure-fraction": Field(float, 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "client-timeout": Field(float, 0.0, _non_negative, "seconds >= 0 (0 = no limit)"),
     "round-timeout": Field(float, 3600.0, _positive, "seconds > 0"),
@@ -930,6 +932,7 @@ EXECUTION_KEYS = frozenset(
         "group-size",
         "cudnn-benchmark",
         "checkpoint-every",
+        "loggers",
         "round-timeout",
         "out-dir",
         "ray.address",

@@ -32,6 +32,8 @@ MEANINGS: dict[str, str] = {
     "client-timeout": "seconds a client may train before its reply is left out (0 = no limit)",
     "round-timeout": "seconds the server waits for a round's replies",
     "out-dir": "the results folder ('' = a new one under results/)",
+    "loggers": "per-round loggers, comma-separated: 'tensorboard' or 'package.module:factory' "
+    "(docs/logging.md)",
     "long-tail.ratio": "global long tail before the partition: n_max / n_min (1 = none)",
     "long-tail.profile": "the long tail's shape: 'exp' or 'step'",
     "long-tail.many-shot-above": "metrics: classes with more training samples are many-shot",

@@ -22,6 +22,7 @@ from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_
 from fedimb.data.datasets import BUNDLED_DATASETS
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
+from fedimb.loggers import check_loggers
 from fedimb.ray_engine import check_ray_address, check_ray_resources
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def prepare(config: Config) -> None:
     elif config["engine"] == "ray":
         check_ray_resources(config, local=True)  # the cluster's own check waits for Ray
     warn_about_settings(config)
+    check_loggers(config)
     fed = load_federation(config)
     if fed.device.type != "cuda":
         if config["precision"] != "fp32":

@@ -49,6 +49,7 @@ import strategies
 from fedimb.client import CLASS_COUNTS_KEY, carried_state, experiment_record, state_entries
 from fedimb.config import Config, ConfigError, lr_in_round
 from fedimb.federation import get_federation, init_model
+from fedimb.loggers import RunLoggers
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
 from fedimb.records import TensorArray, array_nbytes, record_of, values_view
@@ -717,6 +718,7 @@ def run_server(
     start_round, strategy, arrays, client_state = _starting_state(
         config, model, recorder, checkpoint_path if resume else None
     )
+    loggers = RunLoggers(config, out_dir, fed.dataset.classes)  # before the run's files
     atomic_write_text(out_dir / CONFIG_FILE, CONFIG_HEADER + config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
     # on every resume).
@@ -795,6 +797,7 @@ def run_server(
                 row["federated_accuracy"] = federated.get("accuracy")
         row["elapsed_s"] = time.perf_counter() - t_start
         recorder.add_round(row)
+        loggers.log_round(server_round, row)  # TensorBoard, W&B, ... (fedimb.loggers)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
             save_checkpoint(checkpoint_path, server_round, current, strategy, guarded, config)
             # A run killed from here on says how far it got (and can continue from).
@@ -825,4 +828,5 @@ def run_server(
         raise
     finally:
         summary = recorder.summary(status, time.perf_counter() - t_start, error)
+        loggers.close()
     return summary
