@@ -168,12 +168,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             verbose=args.verbose,
         )
+        write_run_curves(out)
     print(
         f"done: final balanced error {summary['final_balanced_error']:.4f} "
         f"(best {summary['best_balanced_error']:.4f} at round {summary['best_round']}), "
         f"{summary['wall_time_s']:.1f} s; results in {out}"
     )
     return 0
+
+
+def write_run_curves(out: Path) -> None:
+    """The run's own curves.png (balanced and per-class error over the rounds); a
+    picture that cannot be drawn is said, not fatal: the results are written."""
+    from fedimb.report import plot_run_curves
+
+    try:
+        plot_run_curves(out)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: curves.png not written (%s: %s)", out, type(exc).__name__, exc)
 
 
 def _say_where_it_continues(out: Path, config: Config) -> None:

@@ -689,6 +689,83 @@ def curves_figure(rows: list[GroupStats], keys: list[str]) -> Any:
     return fig
 
 
+def plot_run_curves(run_dir: str | Path) -> Path:
+    """Write a single run's ``curves.png``: balanced (and worst-class) error over rounds,
+    and each class's error over rounds, named from its ``partition.json``."""
+    run_dir = Path(run_dir)
+    rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if r.get("balanced_error") is not None]
+    path = run_dir / CURVES_PNG
+    fig = run_curves_figure(rows, _recorded_classes(run_dir))
+    return (
+        _placeholder(path, "no per-round metrics to plot")
+        if fig is None
+        else _save_figure(fig, path)
+    )
+
+
+def _recorded_classes(run_dir: Path) -> list[str] | None:
+    try:
+        recorded = read_json(run_dir / PARTITION_FILE) or {}
+    except (OSError, ValueError):  # a damaged file must not stop the picture
+        return None
+    classes = recorded.get("classes") if isinstance(recorded, dict) else None
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+# Past this many classes the per-class panel draws its lines without a legend.
+LEGEND_MAX_CLASSES = 40
+
+
+def run_curves_figure(rows: list[dict[str, Any]], classes: list[str] | None) -> Any:
+    """Two panels over the rounds of one run's evaluated ``rows`` (metrics.jsonl): the
+    balanced and worst-class error; each class's error. None without rows."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not rows:
+        return None
+    rounds = [int(r["round"]) for r in rows]
+    width = max((len(r.get("per_class_error") or ()) for r in rows), default=0)
+    names = classes if classes and len(classes) == width else [str(c) for c in range(width)]
+    legend = 0 < width <= LEGEND_MAX_CLASSES
+    fig = Figure(figsize=(11.0 + 1.5 * legend, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    marker = "." if len(rounds) < 30 else None
+    left.plot(rounds, [_num(r["balanced_error"]) for r in rows], marker=marker, label="balanced")
+    worst = [_num(r.get("worst_class_error")) for r in rows]
+    left.plot(rounds, worst, linestyle="--", marker=marker, label="worst class")
+    left.legend(fontsize=7, loc="upper right")
+    left.set_title("Global balanced error", fontsize=9)
+    left.set_ylabel("error")
+    styles = series_styles(names)
+    for j, name in enumerate(names):
+        values = [_class_error(r, j) for r in rows]
+        style = {**styles[name], "marker": styles[name]["marker"] or marker}
+        right.plot(rounds, values, label=name, markersize=3, linewidth=1, **style)
+    right.set_title("Per-class error", fontsize=9)
+    if legend:
+        fig.legend(
+            *right.get_legend_handles_labels(),
+            loc="outside right upper",
+            fontsize=7,
+            title="class",
+            title_fontsize=7,
+            ncols=1 + width // 20,
+        )
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _class_error(row: dict[str, Any], j: int) -> float:
+    """Class ``j``'s error in a metrics row (NaN where the row has none)."""
+    values = row.get("per_class_error") or []
+    return _num(values[j]) if j < len(values) else math.nan
+
+
 def _per_class_matrix(rows: list[GroupStats]) -> tuple[list[GroupStats], np.ndarray] | None:
     """Groups with per-class data and their mean final per-class error (NaN-padded)."""
     kept, means = [], []
@@ -833,6 +910,10 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
     return {
         "csv": _write_csv(root / REPORT_CSV, rows, keys, target),
         "md": atomic_write_text(root / REPORT_MD, markdown_table(rows, keys, target, title)),
-        "curves": plot_curves(rows, keys, root / CURVES_PNG),
+        "curves": (
+            plot_run_curves(root)  # one run: its error and each class's over the rounds
+            if runset.kind == "single"
+            else plot_curves(rows, keys, root / CURVES_PNG)
+        ),
         "per_class": plot_per_class(rows, keys, root / PER_CLASS_PNG),
     }

@@ -9,6 +9,9 @@ Layout (one run)::
     summary.json     status, final/best balanced error, wall time, seed, versions
     checkpoint.pt    global model, strategy, RNG and client state of the last
                      checkpointed round (written by ``fedimb.server.save_checkpoint``)
+    curves.png       balanced and per-class error over the rounds (``fedimb run``, at
+                     the end; ``fedimb.report.plot_run_curves``)
+    tensorboard/     event files, with ``loggers = "tensorboard"`` (``fedimb.loggers``)
 
 A sweep folder also holds ``sweep.json`` (its cells and their status) and one run
 folder per cell.

@@ -12,6 +12,7 @@ from fedimb.report import (
     curves_figure,
     load_runs,
     per_class_figure,
+    run_curves_figure,
     series_styles,
     summarize,
 )
@@ -76,3 +77,44 @@ def test_heatmap_cells_too_narrow_for_a_number_stay_plain(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fig = per_class_figure(*report_inputs(run))
     assert len(fig.axes[0].texts) == 0
+
+
+def run_rows(rounds: int, classes: int) -> list[dict]:
+    return [
+        {
+            "round": r,
+            "balanced_error": 0.9 - 0.1 * r,
+            "worst_class_error": 1.0 - 0.05 * r,
+            "per_class_error": [0.9 - 0.1 * r + 0.01 * c for c in range(classes)],
+        }
+        for r in range(rounds + 1)
+    ]
+
+
+def test_a_single_runs_curves_show_its_error_and_each_class_by_name():
+    fig = run_curves_figure(run_rows(5, 3), ["cat", "dog", "eel"])
+    balanced, per_class = fig.axes
+    assert [line.get_label() for line in balanced.get_lines()] == ["balanced", "worst class"]
+    assert [line.get_label() for line in per_class.get_lines()] == ["cat", "dog", "eel"]
+    assert list(per_class.get_lines()[2].get_ydata()) == pytest.approx(
+        [0.92 - 0.1 * r for r in range(6)]
+    )
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["cat", "dog", "eel"]
+    # Names that do not match the rows' classes: numbered; a hundred classes: no legend.
+    assert [ln.get_label() for ln in run_curves_figure(run_rows(2, 2), ["a"]).axes[1].lines] == [
+        "0",
+        "1",
+    ]
+    assert run_curves_figure(run_rows(2, 100), None).legends == []
+    assert run_curves_figure([], None) is None
+
+
+@pytest.mark.slow
+def test_fedimb_run_writes_its_own_curves(tmp_path):
+    from fedimb.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--engine", "inprocess", "--set", "num-clients=4", "--set", "num-rounds=2"]
+    assert main([*args, "-q", "--out", str(out)]) == 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
