@@ -644,17 +644,29 @@ LIGHT_COMMANDS = frozenset({"list", "report"})
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in LIGHT_COMMANDS:
-        return _run_command(args)
+    if args.command in LIGHT_COMMANDS:  # no Ray here to replace the other handlers
+        with _sigterm_interrupts():
+            return _run_command(args)
     from fedimb.ray_engine import interrupt_handlers_kept
     from fedimb.sim import quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))
-    with interrupt_handlers_kept():
-        # SIGTERM (`kill`, `timeout`) stops a run as Ctrl-C does: its summary says so.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
+    with interrupt_handlers_kept(), _sigterm_interrupts():
         return _run_command(args)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`) stops a command as Ctrl-C does (a run's summary says
+    so); the caller's handler is put back after. Only the main thread has handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run_command(args: argparse.Namespace) -> int:

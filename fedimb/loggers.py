@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from fedimb.config import Config, ConfigError
 from fedimb.registry import Registry, RegistryError
+from fedimb.results import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,6 @@ class RunLoggers:
 
 
 # --------------------------------------------------------------------------- built-ins
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 def _summary_writer(log_dir: Path) -> Any:

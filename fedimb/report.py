@@ -45,6 +45,7 @@ from fedimb.config import flatten
 from fedimb.metrics import SHOT_GROUPS
 from fedimb.results import (
     CONFIG_FILE,
+    CURVES_FILE,
     METRICS_FILE,
     PARTITION_FILE,
     SUMMARY_FILE,
@@ -69,7 +70,7 @@ SHOT_TITLES = {
 
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
-CURVES_PNG = "curves.png"
+CURVES_PNG = CURVES_FILE
 PER_CLASS_PNG = "per_class.png"
 
 # Keys that say "which split": their groups form the panels and the "best within" sets.
@@ -689,11 +690,14 @@ def curves_figure(rows: list[GroupStats], keys: list[str]) -> Any:
     return fig
 
 
-def plot_run_curves(run_dir: str | Path) -> Path:
+def plot_run_curves(run_dir: str | Path, metrics: list[dict[str, Any]] | None = None) -> Path:
     """Write a single run's ``curves.png``: balanced (and worst-class) error over rounds,
-    and each class's error over rounds, named from its ``partition.json``."""
+    and each class's error over rounds, named from its ``partition.json``. ``metrics``:
+    its metrics.jsonl rows, if read already."""
     run_dir = Path(run_dir)
-    rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if r.get("balanced_error") is not None]
+    if metrics is None:
+        metrics = read_jsonl(run_dir / METRICS_FILE)
+    rows = [r for r in metrics if r.get("balanced_error") is not None and "round" in r]
     path = run_dir / CURVES_PNG
     fig = run_curves_figure(rows, _recorded_classes(run_dir))
     return (
@@ -911,7 +915,8 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
         "csv": _write_csv(root / REPORT_CSV, rows, keys, target),
         "md": atomic_write_text(root / REPORT_MD, markdown_table(rows, keys, target, title)),
         "curves": (
-            plot_run_curves(root)  # one run: its error and each class's over the rounds
+            # one run: its error and each class's over the rounds
+            plot_run_curves(root, runset.runs[0].metrics)
             if runset.kind == "single"
             else plot_curves(rows, keys, root / CURVES_PNG)
         ),

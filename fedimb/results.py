@@ -45,6 +45,8 @@ CLIENTS_FILE = "clients.jsonl"
 SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+CURVES_FILE = "curves.png"  # a single run's, drawn at its end (fedimb.report)
+TENSORBOARD_DIR = "tensorboard"  # loggers = "tensorboard" (fedimb.loggers)
 SWEEP_FILE = "sweep.json"
 # config.toml's first line: a run's folder tells fedimb's own config from a user's file.
 CONFIG_HEADER = (
@@ -53,6 +55,7 @@ CONFIG_HEADER = (
 # What a run writes into its folder (a new run may start over in a folder holding these).
 RUN_FILES = frozenset(
     {CONFIG_FILE, METRICS_FILE, CLIENTS_FILE, SUMMARY_FILE, PARTITION_FILE, CHECKPOINT_FILE}
+    | {CURVES_FILE, TENSORBOARD_DIR}
 )
 
 # Results files get the mode open() would give them (mkstemp's is 0600): 0644 under the
@@ -309,7 +312,7 @@ class RunRecorder:
 
     def start_fresh(self) -> None:
         """Drop the logs of an earlier attempt in this folder (a fresh start, not a resume)."""
-        for name in (METRICS_FILE, CLIENTS_FILE, CHECKPOINT_FILE):
+        for name in (METRICS_FILE, CLIENTS_FILE, CHECKPOINT_FILE, CURVES_FILE):
             (self.out_dir / name).unlink(missing_ok=True)
 
     def resume_from(self, checkpoint_round: int) -> None:
