@@ -566,13 +566,18 @@ class GuardedGrid(Grid):
 SERVER_STEP_KEYS = ("server-learning-rate", "eta")
 
 
+def _server_step(config: Config) -> str:
+    """The server step keys the config sets, as ``strategy.eta = 10`` ('' if none)."""
+    server = {k: v for k, v in config.strategy.params.items() if k in SERVER_STEP_KEYS}
+    return ", ".join(f"strategy.{k} = {v:g}" for k, v in server.items())
+
+
 def divergence_cause(config: Config, server_round: int) -> str:
     """The likely cause of a round in which every client diverged, in config words: a
     server step set in the config (after round 1), else the clients' learning rate."""
     lr = f"the clients' learning rate (lr = {lr_in_round(config, server_round):g} in this round)"
-    server = {k: v for k, v in config.strategy.params.items() if k in SERVER_STEP_KEYS}
-    if server and server_round > 1:  # round 1 starts from the initial model
-        named = ", ".join(f"strategy.{k} = {v:g}" for k, v in server.items())
+    named = _server_step(config)
+    if named and server_round > 1:  # round 1 starts from the initial model
         return f"likely cause: the server's step ({named}), which made their start model, or {lr}"
     return f"likely cause: {lr} is too high; lower lr"
 
@@ -763,7 +768,7 @@ def run_server(
             raise NonFiniteModel(
                 f"round {server_round}: strategy {config.strategy.name!r} made a global model "
                 "with non-finite weights (NaN or inf) from finite replies; check its "
-                "parameters (a server learning rate, say)"
+                f"parameters ({_server_step(config) or 'a server learning rate, say'})"
             )
         if server_round % every == 0 or last or server_round == 0:
             model.load_state_dict(current.to_torch_state_dict())

@@ -160,3 +160,14 @@ def test_summary_after_a_sigkill_says_the_last_checkpointed_round(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     summary = read_json(out / "summary.json")
     assert summary["status"] == "running" and summary["rounds_completed"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # Flower's FedAvgM
+def test_a_non_finite_global_model_names_the_server_step_that_made_it(tmp_path, capsys):
+    huge = ["--set", "strategy.name=fedavgm", "--set", "strategy.server-learning-rate=1e39"]
+    out = ["--set", "num-rounds=2", "--out", str(tmp_path / "run")]
+    assert main(["run", *FAST, *huge, *out]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "non-finite weights (NaN or inf) from finite replies" in err
+    assert "check its parameters (strategy.server-learning-rate = 1e+39)" in err
