@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedimb",
         description="Federated learning under class imbalance: simulate, compare, report.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one simulation (default: configs/quickstart.toml)")
@@ -127,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument(
         "table",
         nargs="?",
-        choices=sorted([*LIST_TABLES, "datasets"]),
+        choices=sorted([*LIST_TABLES, "datasets", "keys"]),
         help="show each one's parameters and their defaults, as config keys (datasets: "
-        "what each is)",
+        "what each is; keys: every config key, its default and meaning)",
     )
     return parser
 
@@ -175,12 +176,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             verbose=args.verbose,
         )
+        write_run_curves(out)
     print(
         f"done: final balanced error {summary['final_balanced_error']:.4f} "
         f"(best {summary['best_balanced_error']:.4f} at round {summary['best_round']}), "
         f"{summary['wall_time_s']:.1f} s; results in {out}"
     )
     return 0
+
+
+def write_run_curves(out: Path) -> None:
+    """The run's own curves.png (balanced and per-class error over the rounds); a
+    picture that cannot be drawn is said, not fatal: the results are written."""
+    from fedimb.report import plot_run_curves
+
+    try:
+        plot_run_curves(out)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: curves.png not written (%s: %s)", out, type(exc).__name__, exc)
 
 
 def _say_where_it_continues(out: Path, config: Config) -> None:
@@ -207,11 +220,34 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
             "(only --set num-rounds=N may change, to run more rounds)"
         )
     config = load_config(args.resume / CONFIG_FILE, extra)
+    check_config_unedited(args.resume, config)
     if not overrides or overrides["num-rounds"] == config["num-rounds"]:
         return config
     longer = config.with_overrides(overrides)
     check_runs_on(args.resume, config, longer)
     return longer
+
+
+def check_config_unedited(run_dir: Path, config: Config) -> None:
+    """Refuse to continue the run in ``run_dir`` when its config.toml (``config``) no
+    longer says what its checkpoint was trained under (edited by hand), as a sweep
+    refuses a cell folder of another config; num-rounds may differ (see check_runs_on)."""
+    from fedimb.config import flat_changes
+    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
+    from fedimb.server import checkpoint_config
+
+    checkpoint = run_dir / CHECKPOINT_FILE
+    saved = checkpoint_config(checkpoint) if checkpoint.is_file() else None
+    if not saved:  # nothing to continue from, or a checkpoint from before it kept its config
+        return
+    now = config.to_flat()
+    changed = flat_changes(saved, {k: now.get(k) for k in saved}, ignore={"num-rounds"})
+    if changed:
+        raise ConfigError(
+            f"{run_dir / CONFIG_FILE} differs from the config its checkpoint was trained "
+            f"under ({changed}): --resume continues a run as it began; undo the edit, or "
+            f"start a new run with --config {run_dir / CONFIG_FILE} --out <another folder>"
+        )
 
 
 def check_runs_on(
@@ -472,6 +508,9 @@ LIST_TABLES = {
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.table == "keys":  # before the registries' imports (torch, Flower)
+        print(key_listing())
+        return 0
     import strategies
     from fedimb import losses, models, sampling
     from fedimb.data import datasets
@@ -494,6 +533,48 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{title}: {', '.join(names)}")
     print("each also takes your own as an import path 'package.module:attribute' (README)")
     return 0
+
+
+def version_line() -> str:
+    """``fedimb X (torch Y, flwr Z, Python W)``, from the installed packages' metadata
+    (nothing imported)."""
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr"))
+    return f"fedimb {version('fedimb')} ({others}, Python {platform.python_version()})"
+
+
+def key_listing() -> str:
+    """Every config key with its default and meaning; the component tables' parameters
+    are in their own listings (``fedimb list losses``, ...)."""
+    from fedimb.config import COMPONENT_DEFAULTS, FIXED_TABLES, TOP_LEVEL
+    from fedimb.keys import MEANINGS, TABLE_MEANINGS
+
+    def line(key: str, default: Any) -> str:
+        return f"  {key.rpartition('.')[2]} = {json.dumps(default)}: {MEANINGS.get(key, '')}"
+
+    lines = [
+        "config keys = defaults: meaning (in a TOML file, or --set key=value / table.key=value)"
+    ]
+    lines += [line(key, field.default) for key, field in TOP_LEVEL.items()]
+    for table, fields in FIXED_TABLES.items():
+        lines.append(f"[{table}]")
+        lines += [line(f"{table}.{key}", field.default) for key, field in fields.items()]
+    words = {t: w for w, t in LIST_TABLES.items()}
+    for table, default in COMPONENT_DEFAULTS.items():
+        lines.append(f"[{table}]")
+        lines.append(f"  name = {json.dumps(default)}: {TABLE_MEANINGS[table]}")
+        for key, field in COMPONENT_OWN_KEYS.get(table, {}).items():
+            lines.append(line(f"{table}.{key}", field.default))
+        lines.append(f"  (each {table}'s parameters: fedimb list {words[table]})")
+    return "\n".join(lines)
 
 
 def dataset_listing() -> str:
@@ -570,23 +651,39 @@ COMMANDS = {
 }
 
 
+# Commands that train nothing: they start without importing Flower's engines or Ray.
+LIGHT_COMMANDS = frozenset({"list", "report"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in LIGHT_COMMANDS:  # no Ray here to replace the other handlers
+        with _sigterm_interrupts():
+            return _run_command(args)
     from fedimb.ray_engine import interrupt_handlers_kept
     from fedimb.sim import quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))
-    with interrupt_handlers_kept():
-        # SIGTERM (`kill`, `timeout`) stops a run as Ctrl-C does: its summary says so.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
+    with interrupt_handlers_kept(), _sigterm_interrupts():
         return _run_command(args)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`) stops a command as Ctrl-C does (a run's summary says
+    so); the caller's handler is put back after. Only the main thread has handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the command; known failures end in one line and an exit code."""
-    from fedimb.server import BadGlobalModel, SimulationEnded, TooManyFailures
-
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RegistryError) as exc:
@@ -598,15 +695,24 @@ def _run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `fedimb list | head`: the reader has gone, as for `ls | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
-    except (TooManyFailures, SimulationEnded, BadGlobalModel) as exc:  # summary.json says so
-        print(f"fedimb: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except Exception as exc:
+        if _run_failure(exc):  # summary.json says so
+            print(f"fedimb: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         hint = resource_hint(exc)
         if hint is None:
             raise
         print(f"fedimb: error: {type(exc).__name__}: {exc}\n  hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _run_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a run that recorded why (fedimb.server's errors; a command
+    that never imported it ran none)."""
+    server = sys.modules.get("fedimb.server")
+    if server is None:
+        return False
+    return isinstance(exc, server.TooManyFailures | server.SimulationEnded | server.BadGlobalModel)
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:

@@ -121,6 +121,8 @@ TOP_LEVEL: dict[str, Field] = {
     "eval-every": Field(int, 1, _positive, "an integer >= 1"),
     "eval-batch-size": Field(int, 1024, _positive, "an integer >= 1"),
     "checkpoint-every": Field(int, 1, _non_negative, "an integer >= 0 (0 = never)"),
+    # Per-round loggers, comma-separated: 'tensorboard' or 'package.module:factory'.
+    "loggers": Field(str, ""),
     "max-failure-fraction": Field(float, 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "client-timeout": Field(float, 0.0, _non_negative, "seconds >= 0 (0 = no limit)"),
     "round-timeout": Field(float, 3600.0, _positive, "seconds > 0"),
@@ -161,6 +163,11 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
             str, "", allowed='rounds or fractions, e.g. "0.8,0.9" or [150, 180]', listed=True
         ),
         "gamma": Field(float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    },
+    # A seeded subsample of the training data after the long tail (a quick look on a CPU).
+    "subsample": {
+        "fraction": Field(float, 1.0, _fraction, "a number in (0, 1] (1 = all)"),
+        "per-class-cap": Field(int, 0, _non_negative, "an integer >= 0 (0 = no cap)"),
     },
     # Test-only fault injection: comma-separated partition ids, "" = none.
     "faults": {
@@ -273,6 +280,8 @@ class Config:
     """``partition``, ``loss``, ``sampling``, ``strategy``, ``model``."""
     strategy_options: Mapping[str, Any]
     """Run-level keys of the strategy table (``fraction-train``, ``min-train-clients``)."""
+    overridden: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
+    """Flat keys given as overrides (``--set``, a sweep cell's) rather than by the file."""
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -433,6 +442,8 @@ def apply_overrides(nested: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; a missing or malformed file raises :class:`ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a run config's .toml file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -453,7 +464,18 @@ def load_config(
     for other runs (a sweep's other cells), as it may carry other registered components'.
     """
     nested = read_toml(path or DEFAULT_CONFIG)
-    return from_nested(apply_overrides(nested, overrides or {}), plugins=plugins)
+    _refuse_sweep_file(path or DEFAULT_CONFIG, nested)
+    config = from_nested(apply_overrides(nested, overrides or {}), plugins=plugins)
+    return dataclasses.replace(config, overridden=frozenset(overrides or {}))
+
+
+def _refuse_sweep_file(path: str | Path, nested: Mapping[str, Any]) -> None:
+    """A sweep file (``base`` and ``[grid]``) given where a run config belongs."""
+    if "base" in nested and isinstance(nested.get("grid"), Mapping):
+        raise ConfigError(
+            f"{path} is a sweep file (base + [grid]), not a run config: run it with "
+            f"`fedimb sweep {path}`, or give --config its base"
+        )
 
 
 def dump_toml(nested: Mapping[str, Any]) -> str:
@@ -787,6 +809,10 @@ def _check_component_params(config: Config) -> None:
         built = strategies.make_strategy(strategy.name, **kwargs)
     except (ValueError, TypeError, RegistryError) as exc:
         raise config.component_error("strategy", exc) from exc
+    except Exception as exc:  # a plug-in's own error in its __init__
+        if not config.raised_by("strategy", exc):
+            raise
+        raise config.component_error("strategy", exc) from exc
     try:  # every checkpoint pickles it: fail now, not after the rounds before the first
         if config["checkpoint-every"] > 0:
             pickle.dumps(built)
@@ -946,6 +972,7 @@ EXECUTION_KEYS = frozenset(
         "group-size",
         "cudnn-benchmark",
         "checkpoint-every",
+        "loggers",
         "round-timeout",
         "out-dir",
         "ray.address",
@@ -958,7 +985,13 @@ EXECUTION_KEYS = frozenset(
 def config_changes(old: Config, new: Config, *, limit: int = 3, ignore: Iterable[str] = ()) -> str:
     """The keys whose values differ, as ``"num-rounds 3 -> 4, ..."`` ('' if none), leaving
     out :data:`EXECUTION_KEYS` and ``ignore``."""
-    a, b = old.to_flat(), new.to_flat()
+    return flat_changes(old.to_flat(), new.to_flat(), limit=limit, ignore=ignore)
+
+
+def flat_changes(
+    a: Mapping[str, Any], b: Mapping[str, Any], *, limit: int = 3, ignore: Iterable[str] = ()
+) -> str:
+    """:func:`config_changes` of two flat configs (``Config.to_flat``)."""
     keys = sorted((a.keys() | b.keys()) - EXECUTION_KEYS - set(ignore))
     changed = [k for k in keys if a.get(k) != b.get(k)]
     shown = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit]]

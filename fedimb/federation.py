@@ -22,6 +22,7 @@ from fedimb.data import datasets
 from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, keep_fractions, long_tail
 from fedimb.data.partition import partition as split_clients
+from fedimb.data.subsample import SUBSAMPLE_KEYS, subsample
 from fedimb.losses import COSINE_SCALE, initial_bias
 from fedimb.models import build_model, class_head, reads_tokens
 from fedimb.registry import callable_params
@@ -41,6 +42,7 @@ DATA_KEYS = (
     "long-tail.keep",
     "text.vocab-size",
     "text.max-len",
+    *SUBSAMPLE_KEYS,  # the training subsample (fedimb.data.subsample)
 )
 
 
@@ -154,8 +156,19 @@ def imbalanced_subset(config: Config, labels: np.ndarray, classes: list[str]) ->
 def build_federation(config: Config, device: torch.device | None = None) -> Federation:
     """Load the dataset and partition it among ``num-clients`` clients (no caching)."""
     data = load_data(config)
+    if data.num_classes < 2:  # nothing to classify; the partition would fail obscurely
+        raise ValueError(
+            f"dataset {config['dataset']!r} has {data.num_classes} class(es) "
+            f"({', '.join(map(str, data.classes)) or 'none'}): at least two are needed"
+        )
     labels = data.y_train.numpy()
-    keep = imbalanced_subset(config, labels, data.classes)
+    keep = subsample(
+        labels,
+        imbalanced_subset(config, labels, data.classes),
+        seeded_rng(data_seed(config), 5),
+        fraction=config["subsample.fraction"],
+        per_class_cap=config["subsample.per-class-cap"],
+    )
     kwargs = config.partition.kwargs()
     try:
         local_parts = split_clients(

@@ -22,6 +22,7 @@ from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_
 from fedimb.data.datasets import BUNDLED_DATASETS
 from fedimb.data.partition import partition_params
 from fedimb.federation import Federation, loss_kwargs
+from fedimb.loggers import check_loggers
 from fedimb.ray_engine import check_ray_address, check_ray_resources
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,24 @@ def warn_about_settings(config: Config) -> None:
 
 def warn_about_ignored_keys(config: Config, tables: Iterable[str]) -> None:
     """Name each key of these component tables that their chosen component does not take
-    (kept for another component of the table)."""
+    (kept for another component of the table), where the user set it with the component:
+    not a file's key for the file's own component that ``--set`` replaced."""
     for table in tables:
         component = config.components[table]
         for key in sorted(component.ignored):
+            if not set_with_its_component(config, table, key):
+                continue
             log.warning(
                 "%s.%s is ignored: %s %r does not take it", table, key, table, component.name
             )
+
+
+def set_with_its_component(config: Config, table: str, key: str) -> bool:
+    """Whether ``table.key`` was set with the table's ``name``: both by the file, or the
+    key by an override (``--set partition.name=dirichlet`` leaves the base file's
+    ``classes-per-client`` behind without the user asking for it)."""
+    overridden = config.overridden
+    return f"{table}.{key}" in overridden or f"{table}.name" not in overridden
 
 
 def _warn_about_plugins(config: Config) -> None:
@@ -142,6 +154,7 @@ def prepare(config: Config) -> None:
     elif config["engine"] == "ray":
         check_ray_resources(config, local=True)  # the cluster's own check waits for Ray
     warn_about_settings(config)
+    check_loggers(config)
     fed = load_federation(config)
     if fed.device.type != "cuda":
         if config["precision"] != "fp32":

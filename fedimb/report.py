@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from fedimb.config import flatten
 from fedimb.metrics import SHOT_GROUPS
 from fedimb.results import (
     CONFIG_FILE,
+    CURVES_FILE,
     METRICS_FILE,
     PARTITION_FILE,
     SUMMARY_FILE,
@@ -68,7 +70,7 @@ SHOT_TITLES = {
 
 REPORT_CSV = "report.csv"
 REPORT_MD = "report.md"
-CURVES_PNG = "curves.png"
+CURVES_PNG = CURVES_FILE
 PER_CLASS_PNG = "per_class.png"
 
 # Keys that say "which split": their groups form the panels and the "best within" sets.
@@ -657,8 +659,40 @@ def _series_band(runs: Sequence[RunRecord]) -> tuple[int, np.ndarray, np.ndarray
     return len(curves), np.array(rounds), stats.T
 
 
+# Line styles after tab10's ten colours, then markers after those 40 series.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = (None, "o", "s", "^", "x")
+
+
+def series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A distinct colour and line style per series name, in the given order (the same
+    name gets the same style in every panel)."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"].colors
+    styles: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(dict.fromkeys(names)):
+        styles[name] = {
+            "color": colours[i % len(colours)],
+            "linestyle": LINE_STYLES[(i // len(colours)) % len(LINE_STYLES)],
+            "marker": MARKERS[(i // (len(colours) * len(LINE_STYLES))) % len(MARKERS)],
+        }
+    return styles
+
+
 def plot_curves(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
-    """Balanced error vs round: one panel per split, one line per group (band: min..max)."""
+    """Write :func:`curves_figure` (or a placeholder without per-round metrics)."""
+    fig = curves_figure(rows, keys)
+    return (
+        _placeholder(path, "no per-round metrics to plot")
+        if fig is None
+        else _save_figure(fig, path)
+    )
+
+
+def curves_figure(rows: list[GroupStats], keys: list[str]) -> Any:
+    """Balanced error vs round: one panel per split, one line per group (band: min..max);
+    one legend for all panels, outside them. None without per-round metrics."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -669,37 +703,146 @@ def plot_curves(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
         panels.setdefault(row.split, []).append(row)
     bands = {id(r): _series_band(r.runs) for r in rows}
     if not any(b is not None for b in bands.values()):
-        return _placeholder(path, "no per-round metrics to plot")
+        return None
 
+    def series_name(row: GroupStats) -> str:
+        name = ", ".join(_display(row.label.get(k)) for k in series_keys) or "mean"
+        return textwrap.shorten(name, 60, placeholder=" ...")
+
+    ordered = sorted(rows, key=lambda r: r.order)
+    styles = series_styles([series_name(r) for r in ordered if bands[id(r)] is not None])
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.8 * ncols, 3.6 * nrows), layout="constrained")
+    legend_cols = 1 + len(styles) // 40
+    legend_height = 0.8 + 0.17 * math.ceil(len(styles) / legend_cols)  # inches at size 7
+    fig = Figure(
+        figsize=(4.8 * ncols + 2.5 * legend_cols, max(3.6 * nrows, legend_height)),
+        layout="constrained",
+    )
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    counts, handles = set(), {}
     for ax, (split_value, members) in zip(axes.flat, panels.items(), strict=False):
         for row in members:
             band = bands[id(row)]
             if band is None:
                 continue
             count, rounds, (mean, low, high) = band
-            name = ", ".join(_display(row.label.get(k)) for k in series_keys) or "mean"
-            (line,) = ax.plot(
-                rounds, mean, marker="." if len(rounds) < 30 else None, label=f"{name} (n={count})"
-            )
-            ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            counts.add(count)
+            name = series_name(row)
+            style = dict(styles[name])
+            if style["marker"] is None and len(rounds) < 30:
+                style["marker"] = "."
+            (line,) = ax.plot(rounds, mean, label=name, markersize=4, **style)
+            ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            handles.setdefault(name, line)
         title = ", ".join(f"{k}={_display(v)}" for k, v in zip(split, split_value, strict=True))
         ax.set_title(title or "all runs", fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, title=", ".join(series_keys) or None, title_fontsize=7)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("global balanced error")
-    fig.suptitle("Balanced error vs round (line: mean over seeds, band: min..max)", fontsize=10)
-    return _save_figure(fig, path)
+    if handles:  # beside the panels: it never covers a line, and the layout makes room
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside right upper",
+            fontsize=7,
+            title=", ".join(series_keys) or None,
+            title_fontsize=7,
+            ncols=legend_cols,
+        )
+    runs = "-".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
+    fig.suptitle(
+        f"Balanced error vs round (line: mean over {runs} run(s), band: min..max)",
+        fontsize=10,
+        x=0.02,
+        ha="left",  # clear of the legend's column
+    )
+    return fig
+
+
+def plot_run_curves(run_dir: str | Path, metrics: list[dict[str, Any]] | None = None) -> Path:
+    """Write a single run's ``curves.png``: balanced (and worst-class) error over rounds,
+    and each class's error over rounds, named from its ``partition.json``. ``metrics``:
+    its metrics.jsonl rows, if read already."""
+    run_dir = Path(run_dir)
+    if metrics is None:
+        metrics = read_jsonl(run_dir / METRICS_FILE)
+    rows = [r for r in metrics if r.get("balanced_error") is not None and "round" in r]
+    path = run_dir / CURVES_PNG
+    fig = run_curves_figure(rows, _recorded_classes(run_dir))
+    return (
+        _placeholder(path, "no per-round metrics to plot")
+        if fig is None
+        else _save_figure(fig, path)
+    )
+
+
+def _recorded_classes(run_dir: Path) -> list[str] | None:
+    try:
+        recorded = read_json(run_dir / PARTITION_FILE) or {}
+    except (OSError, ValueError):  # a damaged file must not stop the picture
+        return None
+    classes = recorded.get("classes") if isinstance(recorded, dict) else None
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+# Past this many classes the per-class panel draws its lines without a legend.
+LEGEND_MAX_CLASSES = 40
+
+
+def run_curves_figure(rows: list[dict[str, Any]], classes: list[str] | None) -> Any:
+    """Two panels over the rounds of one run's evaluated ``rows`` (metrics.jsonl): the
+    balanced and worst-class error; each class's error. None without rows."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not rows:
+        return None
+    rounds = [int(r["round"]) for r in rows]
+    width = max((len(r.get("per_class_error") or ()) for r in rows), default=0)
+    names = classes if classes and len(classes) == width else [str(c) for c in range(width)]
+    legend = 0 < width <= LEGEND_MAX_CLASSES
+    fig = Figure(figsize=(11.0 + 1.5 * legend, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    marker = "." if len(rounds) < 30 else None
+    left.plot(rounds, [_num(r["balanced_error"]) for r in rows], marker=marker, label="balanced")
+    worst = [_num(r.get("worst_class_error")) for r in rows]
+    left.plot(rounds, worst, linestyle="--", marker=marker, label="worst class")
+    left.legend(fontsize=7, loc="upper right")
+    left.set_title("Global balanced error", fontsize=9)
+    left.set_ylabel("error")
+    styles = series_styles(names)
+    for j, name in enumerate(names):
+        values = [_class_error(r, j) for r in rows]
+        style = {**styles[name], "marker": styles[name]["marker"] or marker}
+        right.plot(rounds, values, label=name, markersize=3, linewidth=1, **style)
+    right.set_title("Per-class error", fontsize=9)
+    if legend:
+        fig.legend(
+            *right.get_legend_handles_labels(),
+            loc="outside right upper",
+            fontsize=7,
+            title="class",
+            title_fontsize=7,
+            ncols=1 + width // 20,
+        )
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _class_error(row: dict[str, Any], j: int) -> float:
+    """Class ``j``'s error in a metrics row (NaN where the row has none)."""
+    values = row.get("per_class_error") or []
+    return _num(values[j]) if j < len(values) else math.nan
 
 
 def _per_class_matrix(rows: list[GroupStats]) -> tuple[list[GroupStats], np.ndarray] | None:
@@ -746,21 +889,35 @@ def _class_names(rows: list[GroupStats], n_cls: int) -> list[str] | None:
     return None
 
 
+HEATMAP_CELL_IN, HEATMAP_MAX_WIDTH_IN = 0.45, 24.0
+
+
 def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
-    """Heatmap: rows = groups (table order), columns = classes, value = final error."""
+    """Write :func:`per_class_figure` (or a placeholder without per-class metrics)."""
+    fig = per_class_figure(rows, keys)
+    if fig is None:
+        return _placeholder(path, "no per-class metrics of a completed run")
+    return _save_figure(fig, path)
+
+
+def per_class_figure(rows: list[GroupStats], keys: list[str]) -> Any:
+    """Heatmap: rows = groups (table order), columns = classes, value = final error, shown
+    in each cell where it fits. None without per-class metrics of a completed run."""
     from matplotlib.figure import Figure
 
     found = _per_class_matrix(rows)
     if found is None:
-        return _placeholder(path, "no per-class metrics of a completed run")
+        return None
     kept, matrix = found
     n_rows, n_cls = matrix.shape
     labels = [r.label_text(keys) for r in kept]
     # Room for the row labels (~0.06 in per character at font size 7) plus the cells.
     label_width = 0.06 * max(len(t) for t in labels)
-    annotate = n_cls <= 20 and n_rows * n_cls <= 200  # numbers only where they fit
-    cell_width = 0.45 if annotate else 0.12
-    width = min(24.0, 2.5 + label_width + max(3.0, cell_width * n_cls))
+    # Numbers in the cells where a cell of 0.45 in (a "0.93" at font size 6) still fits
+    # the widest figure; the figure grows with the rows, so their count never forbids it.
+    annotate = 2.5 + label_width + HEATMAP_CELL_IN * n_cls <= HEATMAP_MAX_WIDTH_IN
+    cell_width = HEATMAP_CELL_IN if annotate else 0.12
+    width = min(HEATMAP_MAX_WIDTH_IN, 2.5 + label_width + max(3.0, cell_width * n_cls))
     fig = Figure(figsize=(width, 1.8 + 0.4 * n_rows), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -794,7 +951,7 @@ def plot_per_class(rows: list[GroupStats], keys: list[str], path: Path) -> Path:
                 )
     fig.colorbar(image, ax=ax, label="error")
     ax.set_title("Per-class error of the final global model (mean over seeds)", fontsize=9)
-    return _save_figure(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- entry points
@@ -836,6 +993,11 @@ def build_report(results_dir: str | Path, *, target_error: float | None = None) 
             markdown_table(rows, keys, target, title)
             + ("\n" + ref if (ref := reference_table(rows, runset.reference)) else ""),
         ),
-        "curves": plot_curves(rows, keys, root / CURVES_PNG),
+        "curves": (
+            # one run: its error and each class's over the rounds
+            plot_run_curves(root, runset.runs[0].metrics)
+            if runset.kind == "single"
+            else plot_curves(rows, keys, root / CURVES_PNG)
+        ),
         "per_class": plot_per_class(rows, keys, root / PER_CLASS_PNG),
     }

@@ -9,6 +9,9 @@ Layout (one run)::
     summary.json     status, final/best balanced error, wall time, seed, versions
     checkpoint.pt    global model, strategy, RNG and client state of the last
                      checkpointed round (written by ``fedimb.server.save_checkpoint``)
+    curves.png       balanced and per-class error over the rounds (``fedimb run``, at
+                     the end; ``fedimb.report.plot_run_curves``)
+    tensorboard/     event files, with ``loggers = "tensorboard"`` (``fedimb.loggers``)
 
 A sweep folder also holds ``sweep.json`` (its cells and their status) and one run
 folder per cell.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -41,6 +45,8 @@ CLIENTS_FILE = "clients.jsonl"
 SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+CURVES_FILE = "curves.png"  # a single run's, drawn at its end (fedimb.report)
+TENSORBOARD_DIR = "tensorboard"  # loggers = "tensorboard" (fedimb.loggers)
 SWEEP_FILE = "sweep.json"
 # config.toml's first line: a run's folder tells fedimb's own config from a user's file.
 CONFIG_HEADER = (
@@ -49,6 +55,7 @@ CONFIG_HEADER = (
 # What a run writes into its folder (a new run may start over in a folder holding these).
 RUN_FILES = frozenset(
     {CONFIG_FILE, METRICS_FILE, CLIENTS_FILE, SUMMARY_FILE, PARTITION_FILE, CHECKPOINT_FILE}
+    | {CURVES_FILE, TENSORBOARD_DIR}
 )
 
 # Results files get the mode open() would give them (mkstemp's is 0600): 0644 under the
@@ -274,6 +281,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise DamagedFile(f"{path} is damaged ({exc})") from None
 
 
+@functools.cache  # summary.json is rewritten at every checkpoint
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide a run's numbers."""
     import platform
@@ -313,7 +321,7 @@ class RunRecorder:
 
     def start_fresh(self) -> None:
         """Drop the logs of an earlier attempt in this folder (a fresh start, not a resume)."""
-        for name in (METRICS_FILE, CLIENTS_FILE, CHECKPOINT_FILE):
+        for name in (METRICS_FILE, CLIENTS_FILE, CHECKPOINT_FILE, CURVES_FILE):
             (self.out_dir / name).unlink(missing_ok=True)
 
     def resume_from(self, checkpoint_round: int) -> None:
@@ -355,7 +363,7 @@ class RunRecorder:
             "seed": self.seed,
             "defaults": DEFAULTS_VERSION,
             **self.extra,
-            "versions": package_versions(),
+            "versions": dict(package_versions()),
         }
         if error is not None:
             summary["error"] = error

@@ -49,6 +49,7 @@ import strategies
 from fedimb.client import CLASS_COUNTS_KEY, carried_state, experiment_record, state_entries
 from fedimb.config import Config, ConfigError, lr_in_round
 from fedimb.federation import get_federation, init_model
+from fedimb.loggers import RunLoggers
 from fedimb.metrics import classification_metrics
 from fedimb.progress import RunProgress
 from fedimb.records import TensorArray, array_nbytes, record_of, values_view
@@ -62,6 +63,7 @@ from fedimb.results import (
     RunRecorder,
     atomic_write_bytes,
     atomic_write_text,
+    finite_or_none,
     read_json,
     write_partition,
 )
@@ -79,6 +81,39 @@ PULL_INTERVAL = 0.02
 
 class TooManyFailures(RuntimeError):
     """More clients failed in a round than ``max-failure-fraction`` allows."""
+
+
+class TrainingDiverged(TooManyFailures):
+    """Every client of a round diverged: non-finite, or a training loss over
+    ``DIVERGED_LOSS`` (a setting's fault, such as the learning rate, not the clients')."""
+
+
+# A client's training loss above this counts as diverged when every client of a round is
+# there (cross-entropy at chance is ln(classes); 1e6 means logits of that size).
+DIVERGED_LOSS = 1e6
+
+
+def round_failure(rows: list[dict[str, Any]], sent: int) -> str | None:
+    """Why a whole round failed, when each of its ``sent`` clients replied and failed
+    the same way or diverged; None otherwise."""
+    if not rows or len(rows) < sent:
+        return None
+    kinds = {_fault_kind(row["fault"]) if "fault" in row else None for row in rows}
+    if all(
+        str(row.get("fault", "")).startswith("non-finite")
+        or (finite_or_none(row.get("train-loss")) or 0.0) > DIVERGED_LOSS
+        for row in rows
+    ):
+        return f"every client's training diverged (non-finite, or a loss over {DIVERGED_LOSS:g})"
+    if len(kinds) == 1 and None not in kinds:
+        return f"every client failed the same way; first: {rows[0]['fault']}"
+    return None
+
+
+def _fault_kind(reason: str) -> str:
+    """A fault without the client's own details: ``error: <Type>``, ``timed out``, ..."""
+    head, _, rest = reason.partition(":")
+    return f"{head}:{rest.split(':')[0]}" if head == "error" else head
 
 
 class BadGlobalModel(RuntimeError):
@@ -296,8 +331,10 @@ class GuardedGrid(Grid):
         client_timeout: float,
         query_timeout: float | None = None,
         stop: ServerStop | None = None,
+        divergence_cause: Callable[[int], str] | None = None,
     ) -> None:
         self.inner, self.recorder, self.stop = inner, recorder, stop
+        self.divergence_cause = divergence_cause  # round -> the likely cause, said with it
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
         self.query_timeout = query_timeout
         self.failures: dict[int, list[dict[str, Any]]] = {}
@@ -510,12 +547,39 @@ class GuardedGrid(Grid):
         if losses:
             total = sum(n for _, n in losses)
             self.train_loss[server_round] = sum(v * n for v, n in losses) / max(total, 1)
+        whole = round_failure(rows, len(messages))
+        if whole is not None:
+            if "diverged" not in whole:
+                raise TooManyFailures(f"round {server_round}: {whole}")
+            cause = self.divergence_cause(server_round) if self.divergence_cause else ""
+            raise TrainingDiverged(f"round {server_round}: {whole}" + (f"; {cause}" * bool(cause)))
         if faults and len(faults) > self.max_failure_fraction * len(messages):
             raise TooManyFailures(
                 f"round {server_round}: {len(faults)} of {len(messages)} clients failed, more than "
                 f"max-failure-fraction = {self.max_failure_fraction}; first: {faults[0]['reason']}"
             )
         return good
+
+
+# Strategy parameters that scale the server's step: a large one sends the clients a global
+# model they cannot train from.
+SERVER_STEP_KEYS = ("server-learning-rate", "eta")
+
+
+def _server_step(config: Config) -> str:
+    """The server step keys the config sets, as ``strategy.eta = 10`` ('' if none)."""
+    server = {k: v for k, v in config.strategy.params.items() if k in SERVER_STEP_KEYS}
+    return ", ".join(f"strategy.{k} = {v:g}" for k, v in server.items())
+
+
+def divergence_cause(config: Config, server_round: int) -> str:
+    """The likely cause of a round in which every client diverged, in config words: a
+    server step set in the config (after round 1), else the clients' learning rate."""
+    lr = f"the clients' learning rate (lr = {lr_in_round(config, server_round):g} in this round)"
+    named = _server_step(config)
+    if named and server_round > 1:  # round 1 starts from the initial model
+        return f"likely cause: the server's step ({named}), which made their start model, or {lr}"
+    return f"likely cause: {lr} is too high; lower lr"
 
 
 def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
@@ -532,14 +596,21 @@ def build_strategy(config: Config, param_keys: list[str]) -> Strategy:
 
 
 def save_checkpoint(
-    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, grid: GuardedGrid
+    path: Path,
+    server_round: int,
+    arrays: ArrayRecord,
+    strategy: Strategy,
+    grid: GuardedGrid,
+    config: Config | None = None,
 ) -> None:
     """Global model, strategy, Python's ``random`` state and the clients' persistent
-    states after ``server_round``, atomically."""
+    states after ``server_round``, atomically; and the run's flat config, which a resume
+    compares with its config.toml (:func:`checkpoint_config`)."""
     buffer = io.BytesIO()
     torch.save(
         {
             "round": server_round,
+            "config": config.to_flat() if config is not None else None,
             "state_dict": arrays.to_torch_state_dict(),
             "strategy": pickle.dumps(strategy),
             "random_state": random.getstate(),
@@ -562,6 +633,13 @@ def checkpoint_round(path: Path) -> int:
     """The round a checkpoint was saved after, without reading its tensors (memory-mapped)."""
     with _checkpoint_errors(path):
         return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["round"])
+
+
+def checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The flat config a checkpoint was saved under (None for one from before fedimb
+    saved it), without reading its tensors."""
+    with _checkpoint_errors(path):
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config")
 
 
 @contextlib.contextmanager
@@ -645,6 +723,7 @@ def run_server(
     start_round, strategy, arrays, client_state = _starting_state(
         config, model, recorder, checkpoint_path if resume else None
     )
+    loggers = RunLoggers(config, out_dir, fed.dataset.classes)  # before the run's files
     atomic_write_text(out_dir / CONFIG_FILE, CONFIG_HEADER + config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
     # on every resume).
@@ -659,6 +738,7 @@ def run_server(
         # The query pays Ray's cold start (actors, imports): a round's limit may be too short.
         query_timeout=max(config["round-timeout"], QUERY_TIMEOUT_FLOOR),
         stop=stop,
+        divergence_cause=lambda server_round: divergence_cause(config, server_round),
     )
     if client_state:
         guarded.restore_client_state(client_state)
@@ -688,7 +768,7 @@ def run_server(
             raise NonFiniteModel(
                 f"round {server_round}: strategy {config.strategy.name!r} made a global model "
                 "with non-finite weights (NaN or inf) from finite replies; check its "
-                "parameters (a server learning rate, say)"
+                f"parameters ({_server_step(config) or 'a server learning rate, say'})"
             )
         if server_round % every == 0 or last or server_round == 0:
             model.load_state_dict(current.to_torch_state_dict())
@@ -722,8 +802,11 @@ def run_server(
                 row["federated_accuracy"] = federated.get("accuracy")
         row["elapsed_s"] = time.perf_counter() - t_start
         recorder.add_round(row)
+        loggers.log_round(server_round, row)  # TensorBoard, W&B, ... (fedimb.loggers)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
-            save_checkpoint(checkpoint_path, server_round, current, strategy, guarded)
+            save_checkpoint(checkpoint_path, server_round, current, strategy, guarded, config)
+            # A run killed from here on says how far it got (and can continue from).
+            recorder.summary("running", time.perf_counter() - t_start)
         bar.update(server_round, row.get("balanced_error"))
         if on_round is not None:
             on_round(server_round, row)
@@ -750,4 +833,5 @@ def run_server(
         raise
     finally:
         summary = recorder.summary(status, time.perf_counter() - t_start, error)
+        loggers.close()
     return summary
