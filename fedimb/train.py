@@ -203,7 +203,8 @@ def train_client(
     """Train ``model`` in place on one client's plan with SGD; return its new state.
 
     FedProx's proximal term mu/2 ||w - w_global||^2 and SCAFFOLD's control correction are
-    added to the gradient before the optimizer step, as in their papers.
+    added to the gradient before the optimizer step, as in their papers. The momentum
+    buffers start from ``job.momentum`` when the client kept them (else from zero).
     """
     device = job.x.device
     model.train()
@@ -239,8 +240,12 @@ def train_client(
     steps = max(job.plan.num_steps, 1)
     momentum = None
     if settings.keep_optimizer_state and settings.momentum:
+        # A client that took no step keeps what it came with (set above), or zeros.
         momentum = {
-            name: _momentum_buffer(opt, p, job.momentum, name) for name, p in params.items()
+            name: buf.detach().clone()
+            if (buf := opt.state[p].get("momentum_buffer")) is not None
+            else torch.zeros_like(p.detach())
+            for name, p in params.items()
         }
     return TrainResult(
         state={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -249,22 +254,6 @@ def train_client(
         num_steps=job.plan.num_steps,
         momentum=momentum,
     )
-
-
-def _momentum_buffer(
-    opt: torch.optim.SGD,
-    p: torch.Tensor,
-    before: Mapping[str, torch.Tensor] | None,
-    name: str,
-) -> torch.Tensor:
-    """``p``'s momentum buffer after the round: the one it came with if no step ran,
-    zeros if it never had one."""
-    buf = opt.state[p].get("momentum_buffer")
-    if buf is not None:
-        return buf.detach().clone()
-    if before is not None:
-        return before[name].detach().clone()
-    return torch.zeros_like(p.detach())
 
 
 @torch.no_grad()
