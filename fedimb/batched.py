@@ -165,6 +165,14 @@ def train_clients(
     }
     anchor = {n: global_state[n].to(device) for n in names}
     momentum = {n: torch.zeros_like(p) for n, p in params.items()} if settings.momentum else None
+    # Kept buffers (optimizer-state = "keep"): those clients go on from theirs, the others
+    # from zero, which equals SGD's first step (buffer = gradient, dampening 0).
+    carried = momentum is not None and any(job.momentum is not None for job in jobs)
+    if carried:
+        for k, job in enumerate(jobs):
+            if job.momentum is not None:
+                for n in names:
+                    momentum[n][k] = job.momentum[n].to(device, momentum[n].dtype)
     # FedProx's term only when some client uses it: most runs skip its kernels.
     prox = (
         torch.tensor([job.prox_mu for job in jobs], device=device)
@@ -237,7 +245,7 @@ def train_clients(
                     None if prox is None else prox[sel],
                     None if control is None else {n: c[sel] for n, c in control.items()},
                     settings,
-                    first_step=t == 0,
+                    first_step=t == 0 and not carried,
                 )
 
     # One device-to-host copy per parameter stack, not one per client and tensor: each
@@ -245,6 +253,8 @@ def train_clients(
     # The copies are queued behind the training steps before anything waits for the
     # device, so allocating their (pinned) host memory overlaps the device's work.
     host = _copy_to_host({n: params[n].detach() for n in names})
+    keep = momentum if settings.keep_optimizer_state else None
+    host_momentum = None if keep is None else _copy_to_host(keep)
     unchanged = _copy_to_host({n: v for n, v in global_state.items() if n not in host})
     finite = _all_finite(params, {n: v for n, v in global_state.items() if n not in params})
     losses = loss_sum.tolist()
@@ -260,6 +270,8 @@ def train_clients(
                 num_examples=len(job.y),
                 num_steps=job.plan.num_steps,
                 finite=finite[k],
+                # a client that took no step keeps the buffer it came with (or zeros)
+                momentum=None if host_momentum is None else {n: host_momentum[n][k] for n in names},
             )
         )
     return results

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 # A train reply's metric: the client's training samples per class (static: not logged).
 CLASS_COUNTS_KEY = "class-counts"
 SCAFFOLD_STATE = "scaffold-ci"
+# SGD's momentum buffers of a client with optimizer-state = "keep" (its context.state).
+OPTIMIZER_STATE = "sgd-momentum"
 # A client's persistent ArrayRecords travel in messages under this prefix: with each
 # train reply (the server checkpoints them) and, after a resume, in a query back to it.
 STATE_PREFIX = "fedimb-state:"
@@ -109,6 +111,7 @@ def train_settings(config: Config, fed: Federation, server_round: int) -> TrainS
         bf16=config["precision"] == "bf16",
         channels_last=config["channels-last"],
         cudnn_benchmark=config["cudnn-benchmark"],
+        keep_optimizer_state=config["optimizer-state"] == "keep",
     )
 
 
@@ -195,8 +198,27 @@ def build_job(
     if controls is not None:
         c, c_i = controls
         correction = {k: c[k] - c_i[k] for k in param_names}
-    job = ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=correction)
+    job = ClientJob(
+        x=x,
+        y=y,
+        loss=loss,
+        plan=plan,
+        prox_mu=prox_mu,
+        control=correction,
+        momentum=_kept_momentum(context, settings, fed.device),
+    )
     return job, controls
+
+
+def _kept_momentum(
+    context: Context, settings: TrainSettings, device: torch.device
+) -> dict[str, torch.Tensor] | None:
+    """The momentum buffers this client kept from its last round (None: none, or the run
+    resets them)."""
+    record = record_of(context.state, OPTIMIZER_STATE, ArrayRecord)
+    if record is None or not settings.keep_optimizer_state:
+        return None
+    return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
 
 
 def _inject_faults(config: Config, pid: int, server_round: int, result: TrainResult) -> float:
@@ -258,6 +280,8 @@ def make_reply(
         }
         context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
         content[SCAFFOLD_DELTA_KEY] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
+    if result.momentum is not None:  # optimizer-state = "keep"
+        context.state[OPTIMIZER_STATE] = state_record(result.momentum)
     # The server keeps the latest copy for its checkpoints: under Ray, the clients'
     # contexts live in Flower's engine, out of the server's reach.
     content.update(state_entries(context.state))  # not ``array_records``: a cyclic view

@@ -42,7 +42,7 @@ from fedimb.registry import (
     import_object,
     is_import_path,
 )
-from fedimb.schedule import switch_round
+from fedimb.schedule import scheduled_lr, switch_round
 
 # fedimb's shipped configs: inside the package in an installed wheel (setup.py maps
 # configs/ to fedimb/configs), else beside it, in a checkout or an editable install.
@@ -56,6 +56,7 @@ DEFAULT_CONFIG = CONFIGS_DIR / "quickstart.toml"
 ENGINES = ("ray", "inprocess")
 ON_OFF_AUTO = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZER_STATES = ("reset", "keep")
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,9 @@ TOP_LEVEL: dict[str, Field] = {
     "lr": Field(float, 0.05, _positive, "a number > 0"),
     "momentum": Field(float, 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight-decay": Field(float, 0.0, _non_negative, "a number >= 0"),
+    # SGD's momentum buffers: start each round from zero, or carry each client's over
+    # (a stateful client, checkpointed like SCAFFOLD's c_i)
+    "optimizer-state": Field(str, "reset", *_choice(*OPTIMIZER_STATES)),
     "seed": Field(int, 0, _non_negative, "an integer >= 0"),
     # The long tail's subset and the partition; -1 = seed. Fixing it while seeds vary
     # repeats training over one split (a seed's spread is then training's alone).
@@ -163,6 +167,10 @@ FIXED_TABLES: dict[str, dict[str, Field]] = {
             str, "", allowed='rounds or fractions, e.g. "0.8,0.9" or [150, 180]', listed=True
         ),
         "gamma": Field(float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        # the first rounds ramp up linearly: round r <= warmup-rounds trains at lr * r / it
+        "warmup-rounds": Field(
+            int, 0, _non_negative, "an integer >= 0 (0 = none), at most num-rounds"
+        ),
     },
     # A seeded subsample of the training data after the long tail (a quick look on a CPU).
     "subsample": {
@@ -903,6 +911,12 @@ def _check_cross_field(config: Config) -> None:
                 f"faults.{key} = {text!r}: {outside[0]} is outside {first}..{last}, "
                 f"the run's {what}"
             )
+    warmup = config["lr-schedule.warmup-rounds"]
+    if warmup > config["num-rounds"]:
+        raise ConfigError(
+            f"lr-schedule.warmup-rounds = {warmup}: must be <= num-rounds "
+            f"({config['num-rounds']}), or the run ends before the full lr"
+        )
     try:
         keep = class_keep_fractions(config)
     except ValueError as exc:
@@ -950,14 +964,16 @@ def lr_milestones(config: Config) -> list[int]:
 
 
 def lr_in_round(config: Config, server_round: int) -> float:
-    """The clients' learning rate in ``server_round`` (1-based): ``lr`` times
-    ``lr-schedule.decay`` per round after the first, times ``gamma`` per milestone
-    reached (LDAM-DRW's recipe drops it 100x at 80% and again at 90% of the epochs)."""
-    drops = sum(server_round >= m for m in lr_milestones(config))
-    return (
-        config["lr"]
-        * config["lr-schedule.decay"] ** (server_round - 1)
-        * config["lr-schedule.gamma"] ** drops
+    """The clients' learning rate in ``server_round`` (1-based): ``lr`` on the
+    ``[lr-schedule]`` table's :func:`fedimb.schedule.scheduled_lr` (LDAM-DRW's recipe: a
+    5-round warm-up, then 100x drops at rounds 161 and 181 of 200)."""
+    return scheduled_lr(
+        config["lr"],
+        server_round,
+        milestones=lr_milestones(config),
+        gamma=config["lr-schedule.gamma"],
+        decay=config["lr-schedule.decay"],
+        warmup_rounds=config["lr-schedule.warmup-rounds"],
     )
 
 

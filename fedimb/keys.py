@@ -13,6 +13,7 @@ MEANINGS: dict[str, str] = {
     "lr": "the clients' SGD learning rate (see [lr-schedule])",
     "momentum": "the clients' SGD momentum",
     "weight-decay": "the clients' SGD weight decay",
+    "optimizer-state": "'keep': a client's SGD momentum carries over to its next round",
     "seed": "initialisation, client sampling, local shuffling, augmentation (and the data "
     "split unless data-seed is set)",
     "data-seed": "the long tail, subsample and partition (-1 = seed)",
@@ -46,6 +47,7 @@ MEANINGS: dict[str, str] = {
     "ray.address": "an existing Ray cluster ('' = start a local one)",
     "ray.client-cpus": "CPUs per client actor",
     "ray.client-gpus": "GPUs per client actor (fractions share one)",
+    "lr-schedule.warmup-rounds": "round r <= W trains at lr * r / W (0 = no warm-up)",
     "lr-schedule.decay": "lr is multiplied by this every round after the first",
     "lr-schedule.milestones": "rounds (or fractions of num-rounds) where lr drops by gamma",
     "lr-schedule.gamma": "the factor of each milestone",

@@ -26,6 +26,7 @@ count of class ``j``; all equal their published formula when every ``n_j > 0``):
 ``class-balanced``          Cui et al. 2019: ``w_j = (1-beta)/(1-beta**n_j)``; base softmax,
                             sigmoid or (sigmoid) focal (biases start at ``-log(C-1)``:
                             :func:`initial_bias`)
+``class-balanced-focal``    ``class-balanced`` with the focal base (Cui et al.'s CB Focal)
 ``focal``                   softmax focal loss as in the LDAM-DRW reference code
 ``ldam``, ``ldam-drw``      Cao et al. 2019: margins ``m_j ~ n_j**-1/4``, max ``max_m``
 ``balanced-softmax``        Ren et al. 2020: ``z_j + log n_j``
@@ -676,6 +677,15 @@ def _class_balanced(
     )
 
 
+@_register(
+    "class-balanced-focal", beta=0.9999, gamma=1.0, prior_init=True, missing="present", **_MISSING
+)
+def _class_balanced_focal(counts: np.ndarray, rounds: Rounds, **params: Any) -> LossParams:
+    # Cui et al.'s CB Focal under a name of its own: a sweep over loss.name then holds it
+    # beside class-balanced softmax re-weighting (one [loss] table cannot give both bases).
+    return _class_balanced(counts, rounds, base="focal", **params)
+
+
 @_register("focal", gamma=1.0, missing="present", **_MISSING, **_DRW)
 def _focal(
     counts: np.ndarray,
@@ -772,15 +782,16 @@ def loss_defaults(name: str) -> dict[str, Any]:
 def initial_bias(name: str, num_classes: int, **params: Any) -> float | None:
     """The value every classifier bias of the initial global model starts at, or None.
 
-    ``class-balanced`` with a sigmoid or focal base (and ``prior_init``, the default)
+    ``class-balanced`` with a sigmoid or focal base, or ``class-balanced-focal`` (and
+    ``prior_init``, the default)
     starts each class at the prior probability ``1/C``: bias ``-log(C - 1)``, as Cui et
     al.'s code does after Lin et al. (focal loss). With biases near 0 each of the C
     sigmoids starts at 0.5, and the C - 1 negatives of every sample dominate the first
     steps. Softmax losses are unchanged by a bias common to all classes: None.
     """
-    if name != "class-balanced" or num_classes < 2:
+    if name not in ("class-balanced", "class-balanced-focal") or num_classes < 2:
         return None
-    values = {**loss_defaults(name), **params}
+    values = {"base": "focal", **loss_defaults(name), **params}
     if values["base"] == "softmax" or not values["prior_init"]:
         return None
     return -math.log(num_classes - 1)

@@ -2,16 +2,18 @@
 
 :func:`check_rounds` validates a (round, number of rounds) pair; :func:`switch_round`
 turns a deferred schedule's start (DRW's ``drw_start``, DRS's ``drs_start``, an lr
-milestone), given as a round or as the fraction of the run before it, into its round.
+milestone), given as a round or as the fraction of the run before it, into its round;
+:func:`scheduled_lr` is the learning rate of a round (warm-up, decay, drops).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["Rounds", "check_rounds", "switch_round"]
+__all__ = ["Rounds", "check_rounds", "scheduled_lr", "switch_round"]
 
 
 class Rounds(NamedTuple):
@@ -91,3 +93,24 @@ def switch_round(
             f"(num_rounds={num_rounds})"
         )
     return first
+
+
+def scheduled_lr(
+    lr: float,
+    server_round: int,
+    *,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    decay: float = 1.0,
+    warmup_rounds: int = 0,
+) -> float:
+    """The learning rate in ``server_round`` (1-based) of a run whose base rate is ``lr``.
+
+    ``lr`` times ``decay`` per round after the first, times ``gamma`` per milestone
+    reached (the round where a drop starts), times ``r / warmup_rounds`` in the warm-up
+    rounds ``r <= warmup_rounds``: Cao et al.'s ``lr * (epoch + 1) / 5`` over epochs 0-4
+    with ``warmup_rounds = 5``, one round being one epoch. The factors multiply.
+    """
+    drops = sum(server_round >= m for m in milestones)
+    rate = lr * decay ** (server_round - 1) * gamma**drops
+    return rate * server_round / warmup_rounds if server_round <= warmup_rounds else rate

@@ -11,8 +11,9 @@ work for every strategy, stock or the user's own:
   test set, ``metrics.jsonl``, the progress bar and the checkpoint.
 
 A resumed run reloads the pickled strategy (momentum, server optimiser moments, SCAFFOLD
-control variates), Python's ``random`` state and the clients' persistent states (which
-the :class:`GuardedGrid` hands back to them), and :class:`RoundDriver` shifts Flower's
+control variates), Python's ``random`` state and the clients' persistent states (SCAFFOLD's
+c_i, SGD momentum kept by ``optimizer-state = "keep"``; the :class:`GuardedGrid` hands
+them back), and :class:`RoundDriver` shifts Flower's
 round counter so rounds keep their numbers; each round's client sample depends on the
 seed and the round only, so it is the same as in an uninterrupted run.
 """
@@ -460,7 +461,7 @@ class GuardedGrid(Grid):
         if lost:
             log.warning(
                 "the saved state of %d client(s) could not be handed back (partitions %s); "
-                "they restart without it (SCAFFOLD: c_i = 0)",
+                "they restart without it (SCAFFOLD: c_i = 0; kept momentum: zero)",
                 len(lost),
                 ", ".join(map(str, lost[:10])) + (" ..." if len(lost) > 10 else ""),
             )

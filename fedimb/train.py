@@ -41,6 +41,9 @@ class TrainSettings:
     cudnn_benchmark: bool = False
     """cuDNN autotuning (``torch.backends.cudnn.benchmark``) while training on CUDA:
     each new input shape is timed once, then its fastest kernels are used."""
+    keep_optimizer_state: bool = False
+    """Return each client's momentum buffers (``TrainResult.momentum``), to start its
+    next round from them (``ClientJob.momentum``) instead of from zero."""
 
 
 @dataclasses.dataclass
@@ -77,6 +80,9 @@ class ClientJob:
     prox_mu: float = 0.0
     control: Mapping[str, torch.Tensor] | None = None
     """SCAFFOLD's correction c - c_i per parameter name, added to every gradient."""
+    momentum: Mapping[str, torch.Tensor] | None = None
+    """SGD's momentum buffers per parameter name where the client's last round left
+    them (``optimizer-state = "keep"``); None: they start from zero, as a new SGD's."""
 
 
 @dataclasses.dataclass
@@ -91,6 +97,9 @@ class TrainResult:
     finite: bool | None = None
     """Whether every value of ``state`` was finite, checked on the training device
     (None: not checked). Whoever changes ``state`` afterwards must reset it."""
+    momentum: dict[str, torch.Tensor] | None = None
+    """SGD's momentum buffers per parameter name after the round, when
+    ``TrainSettings.keep_optimizer_state`` (and momentum > 0); else None."""
 
 
 def client_rng(seed: int, server_round: int, partition_id: int) -> np.random.Generator:
@@ -194,7 +203,8 @@ def train_client(
     """Train ``model`` in place on one client's plan with SGD; return its new state.
 
     FedProx's proximal term mu/2 ||w - w_global||^2 and SCAFFOLD's control correction are
-    added to the gradient before the optimizer step, as in their papers.
+    added to the gradient before the optimizer step, as in their papers. The momentum
+    buffers start from ``job.momentum`` when the client kept them (else from zero).
     """
     device = job.x.device
     model.train()
@@ -208,6 +218,9 @@ def train_client(
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
     )
+    if job.momentum is not None and settings.momentum:
+        for name, p in params.items():  # as if one SGD had run through every round
+            opt.state[p]["momentum_buffer"] = job.momentum[name].to(p.device, p.dtype).clone()
     total = torch.zeros((), device=device)
     with cudnn_autotuning(settings.cudnn_benchmark):  # the steps' convolutions
         for step in range(job.plan.num_steps):
@@ -225,11 +238,21 @@ def train_client(
             opt.step()
             total += loss.detach().float()
     steps = max(job.plan.num_steps, 1)
+    momentum = None
+    if settings.keep_optimizer_state and settings.momentum:
+        # A client that took no step keeps what it came with (set above), or zeros.
+        momentum = {
+            name: buf.detach().clone()
+            if (buf := opt.state[p].get("momentum_buffer")) is not None
+            else torch.zeros_like(p.detach())
+            for name, p in params.items()
+        }
     return TrainResult(
         state={k: v.detach().clone() for k, v in model.state_dict().items()},
         loss=float(total) / steps,
         num_examples=len(job.y),
         num_steps=job.plan.num_steps,
+        momentum=momentum,
     )
 
 

@@ -33,6 +33,7 @@ ALL_LOSSES = (
     "balanced-softmax",
     "ce",
     "class-balanced",
+    "class-balanced-focal",
     "fedlc",
     "fedrs",
     "focal",
@@ -717,11 +718,25 @@ def test_sigmoid_class_balanced_losses_start_every_class_at_the_prior(num_classe
         assert 1 / (1 + math.exp(-bias)) == pytest.approx(1 / num_classes)
         assert initial_bias("class-balanced", num_classes, base=base, prior_init=False) is None
     assert initial_bias("class-balanced", num_classes) is None  # softmax: shift-invariant
+    # CB Focal under its own name is class-balanced with the focal base, biases included.
+    focal = initial_bias("class-balanced", num_classes, base="focal")
+    assert initial_bias("class-balanced-focal", num_classes) == focal
+    assert initial_bias("class-balanced-focal", num_classes, prior_init=False) is None
     assert all(
         initial_bias(name, num_classes) is None
         for name in list_losses()
-        if name != "class-balanced"
+        if not name.startswith("class-balanced")
     )
+
+
+def test_class_balanced_focal_is_class_balanced_with_the_focal_base():
+    counts = np.array([500, 300, 0, 40, 5])
+    logits, targets = torch.randn(B, 5), torch.randint(0, 5, (B,))
+    named = make_loss("class-balanced-focal", counts, beta=0.999, gamma=2.0)
+    based = make_loss("class-balanced", counts, beta=0.999, gamma=2.0, base="focal")
+    torch.testing.assert_close(named(logits, targets), based(logits, targets), rtol=0, atol=0)
+    softmax = make_loss("class-balanced", counts, beta=0.999)
+    assert not torch.equal(named(logits, targets), softmax(logits, targets))
 
 
 def test_the_initial_global_model_gets_the_prior_biases_and_nothing_else_changes():
