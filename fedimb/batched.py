@@ -43,12 +43,17 @@ from fedimb.train import (
 def pays_off(model: nn.Module, device: torch.device) -> bool:
     """Whether ``batched = "auto"`` should vectorise ``model``'s clients on ``device``.
 
-    Always on CUDA. On CPU only for models without convolutions: vmap turns a
-    convolution over stacked weights into a grouped convolution, which is slow on CPU.
-    Measured on 2 cores, one thread, per round: CNN 4.1 s vectorised vs 1.75 s one
-    client at a time, ResNet-32 8.2 s vs 7.0 s, but the digits MLP 0.075 s vs 0.24 s.
+    Always on CUDA. On CPU only for models without convolutions or embeddings: vmap
+    turns a convolution over stacked weights into a grouped convolution, and an
+    embedding's backward into a dense gradient per client, both slow on a CPU (timings
+    in benchmarks/README.md).
     """
-    return device.type != "cpu" or not has_convolutions(model)
+    return device.type != "cpu" or not (has_convolutions(model) or has_embeddings(model))
+
+
+def has_embeddings(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is an embedding (a text model)."""
+    return any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules())
 
 
 def has_convolutions(model: nn.Module) -> bool:

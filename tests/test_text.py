@@ -201,3 +201,12 @@ def test_the_imdb_config_runs_end_to_end_on_small_reviews(imdb_root, tmp_path, m
     rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows[-1]["per_class_error"]) == 2
     assert read_json(out / "partition.json")["classes"] == ["neg", "pos"]
+
+
+def test_text_models_train_one_client_at_a_time_on_a_cpu_unless_asked():
+    from fedimb.batched import asked, pays_off
+
+    model = build_model("fasttext", (6,), 2, vocab_size=25)
+    assert not pays_off(model, torch.device("cpu"))
+    assert pays_off(model, torch.device("cuda"))  # a GPU vectorises them
+    assert asked("on", model, torch.device("cpu"))
