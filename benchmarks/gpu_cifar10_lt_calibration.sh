@@ -89,7 +89,11 @@ out.mkdir(parents=True, exist_ok=True)
 status = [(read_json(out / c.name / SUMMARY_FILE) or {}).get("status", "pending") for c in cells]
 atomic_write_json(out / SWEEP_FILE, {
     "sweep": sweep.to_json(),
-    "cells": [{"name": c.name, "overrides": c.overrides, "status": s} for c, s in zip(cells, status)],
+    "cells": [
+        {"name": c.name, "overrides": c.overrides, "status": s}
+        | ({"method": c.method} if c.method else {})
+        for c, s in zip(cells, status)
+    ],
 })
 for c in cells:
     print(c.name, *(f"{k}={json.dumps(v)}" for k, v in c.overrides.items()), sep="\t")
