@@ -36,10 +36,11 @@ import hashlib
 import itertools
 import json
 import re
+import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,12 @@ DEFAULT_RESULTS_ROOT = Path("results")
 _MAX_CELL_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
+_SWEEP_JSON_LOCK = threading.Lock()
 RunCell = Callable[[dict[str, Any], Path], Any]
 ValidateCell = Callable[[dict[str, Any], Path], Any]
 IsDone = Callable[[dict[str, Any], Path], bool]
+# each(one, cells): one(cell) for every cell, yielded as each finishes (map: in turn).
+Each = Callable[[Callable[["Cell"], "CellResult"], list["Cell"]], Iterable["CellResult"]]
 
 
 @dataclass(frozen=True)
@@ -395,21 +399,22 @@ def _write_sweep_json(
     out_dir: Path, sweep: Sweep, cells: list[Cell], status: dict[str, str]
 ) -> None:
     """Rewrite sweep.json: the definition plus every cell's name, overrides and status."""
-    atomic_write_json(
-        out_dir / SWEEP_FILE,
-        {
-            "sweep": sweep.to_json(),
-            "cells": [
-                {
-                    "name": c.name,
-                    "overrides": c.overrides,
-                    "status": status[c.name],
-                    **({"method": c.method} if c.method is not None else {}),
-                }
-                for c in cells
-            ],
-        },
-    )
+    with _SWEEP_JSON_LOCK:  # cells that run at once (each): the last write has every status
+        atomic_write_json(
+            out_dir / SWEEP_FILE,
+            {
+                "sweep": sweep.to_json(),
+                "cells": [
+                    {
+                        "name": c.name,
+                        "overrides": c.overrides,
+                        "status": status[c.name],
+                        **({"method": c.method} if c.method is not None else {}),
+                    }
+                    for c in cells
+                ],
+            },
+        )
 
 
 def _record_failure(cell_dir: Path, cell: Cell, exc: BaseException, seconds: float) -> str:
@@ -469,6 +474,7 @@ def run_sweep(
     is_done: IsDone = _is_completed,
     progress: bool = True,
     stop_requested: Callable[[], bool] | None = None,
+    each: Each = map,
 ) -> list[CellResult]:
     """Run every cell of ``sweep`` (skipping completed ones), then build the report.
 
@@ -498,6 +504,10 @@ def run_sweep(
     stop_requested : callable, optional
         Asked after each cell that ran: True stops the sweep there (KeyboardInterrupt),
         for a Ctrl-C that the cell's run finished despite.
+    each : callable
+        ``each(one, cells)`` yields ``one(cell)`` for every cell as it finishes; default
+        ``map``, one after another. :mod:`fedimb.executors` runs several at once (cells
+        then run on threads of this process, ``run_cell`` sending them elsewhere).
 
     Returns
     -------
@@ -514,7 +524,7 @@ def run_sweep(
     with claimed(out_dir):  # one sweep at a time in a folder
         if validate_cell is not None:
             _validate_all(cells, validate_cell, out_dir)
-        return _run_cells(sweep, cells, out_dir, run_cell, is_done, progress, stop_requested)
+        return _run_cells(sweep, cells, out_dir, run_cell, is_done, progress, stop_requested, each)
 
 
 def _run_cells(
@@ -525,6 +535,7 @@ def _run_cells(
     is_done: IsDone,
     progress: bool,
     stop_requested: Callable[[], bool] | None,
+    each: Each,
 ) -> list[CellResult]:
     from fedimb.report import build_report  # report imports matplotlib; load it only here
 
@@ -534,31 +545,47 @@ def _run_cells(
         status[cell.name] = str(summary.get("status", "pending"))
     _write_sweep_json(out_dir, sweep, cells, status)
 
+    def one(cell: Cell) -> CellResult:
+        return _run_or_skip(sweep, cells, cell, out_dir, run_cell, is_done, status)
+
     results: list[CellResult] = []
     with SweepProgress(len(cells), sweep.name, enabled=progress) as bar:
-        for done, cell in enumerate(cells, start=1):
-            cell_dir = out_dir / cell.name
-            if is_done(dict(cell.overrides), cell_dir):
-                result = _result(cell, cell_dir, skipped=True)
-            else:
-                status[cell.name] = "running"
-                _write_sweep_json(out_dir, sweep, cells, status)
-                try:
-                    with claimed(cell_dir):  # nor a run of its own there
-                        result = _run_one(cell, cell_dir, run_cell)
-                except BaseException:
-                    # Ctrl-C (or a crash of the sweep itself): say so, then stop; a
-                    # re-run resumes from this cell.
-                    status[cell.name] = "interrupted"
-                    _write_sweep_json(out_dir, sweep, cells, status)
-                    raise
-            status[cell.name] = result.status
+        for done, result in enumerate(each(one, cells), start=1):
+            status[result.name] = result.status
             _write_sweep_json(out_dir, sweep, cells, status)
             results.append(result)
             shown = "skipped (done)" if result.skipped else result.status
-            bar.update(done, cell.name, shown, result.final_balanced_error, result.wall_time_s)
+            bar.update(done, result.name, shown, result.final_balanced_error, result.wall_time_s)
             if not result.skipped and stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt
+    order = {cell.name: i for i, cell in enumerate(cells)}
+    results.sort(key=lambda r: order[r.name])  # as they finished: back to expand's order
 
     build_report(out_dir, target_error=sweep.target_error)
     return results
+
+
+def _run_or_skip(
+    sweep: Sweep,
+    cells: list[Cell],
+    cell: Cell,
+    out_dir: Path,
+    run_cell: RunCell,
+    is_done: IsDone,
+    status: dict[str, str],
+) -> CellResult:
+    """Run ``cell`` unless it is done; Ctrl-C marks it interrupted (on any thread)."""
+    cell_dir = out_dir / cell.name
+    if is_done(dict(cell.overrides), cell_dir):
+        return _result(cell, cell_dir, skipped=True)
+    status[cell.name] = "running"
+    _write_sweep_json(out_dir, sweep, cells, status)
+    try:
+        with claimed(cell_dir):  # nor a run of its own there
+            return _run_one(cell, cell_dir, run_cell)
+    except BaseException:
+        # Ctrl-C (or a crash of the sweep itself): say so, then stop; a re-run resumes
+        # from this cell.
+        status[cell.name] = "interrupted"
+        _write_sweep_json(out_dir, sweep, cells, status)
+        raise
