@@ -80,7 +80,10 @@ def test_jobs_2_gives_the_sequential_metrics_and_resumes(tmp_path, sequential, c
     assert cell_metrics(out) == expected
     assert all(status == "completed" for status, _ in expected.values())
     assert (out / "report.md").read_text().startswith("# Report: tiny\n")
-    capsys.readouterr()
+    # Not on a terminal: one line per finished cell, no round lines from the workers.
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("tiny [") for line in printed) == 4
+    assert not any("round" in line for line in printed)
 
     # Nothing runs again; one line per cell, in finishing order, says so.
     assert main(["sweep", str(sweep), "--out", str(out), "-q", "--jobs", "2"]) == 0
