@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the cells with this grid value (repeatable: values of one key "
         "add up, keys narrow), e.g. --only loss.name=ce --only seed=0",
     )
+    _add_executor_args(sweep)
 
     report = sub.add_parser("report", help="rebuild tables and plots from a results folder")
     report.add_argument("results_dir", type=Path)
@@ -323,6 +324,38 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_executor_args(sweep: argparse.ArgumentParser) -> None:
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N cells at once, each in a process of its own (in-process engine; CPU "
+        "threads divided, GPUs shared or dealt round-robin); no Ray needed",
+    )
+    where.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells as Ray tasks: on a local Ray, or on the cluster at ADDRESS "
+        "(auto, host:port, ray://host:port); results come back to --out here",
+    )
+    sweep.add_argument(
+        "--cell-cpus", type=float, default=1.0, help="with --ray: CPUs per cell (default 1)"
+    )
+    sweep.add_argument(
+        "--cell-gpus",
+        type=float,
+        default=None,
+        help="with --ray: GPUs per cell, fractions allowed (0.33: 3 cells share a GPU); "
+        "default 1 where the cluster has GPUs, else 0",
+    )
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedimb.preflight import check_same_defaults, prepare
     from fedimb.ray_engine import late_interrupt
@@ -393,21 +426,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
 
     late_interrupt()  # forget one that reached an earlier Ray run of this process
+    executor = sweep_executor(args, sweep, plugins, cell_config)  # None: in turn, here
     try:
         with (
             once.installed_on(logging.getLogger("fedimb.preflight")),
             once.installed_on(logging.getLogger("fedimb.ray_engine")),
             once.installed_on(log),
+            executor or contextlib.nullcontext(),
         ):
             results = run_sweep(
                 sweep,
                 out,
-                run_cell,
+                executor.run_cell if executor else run_cell,
                 validate_cell=validate_cell,
                 is_done=is_done,
                 progress=not args.quiet,
                 stop_requested=late_interrupt,  # Ctrl-C while Ray shut a cell's run down
                 only=only,
+                each=executor.each if executor else map,
             )
     except ValueError as exc:
         if isinstance(exc, ConfigError) or "cell" in str(exc):
@@ -421,6 +457,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         + f"; report in {out}"
     )
     return EXIT_FAILED if failed else 0
+
+
+def sweep_executor(
+    args: argparse.Namespace,
+    sweep: Any,
+    plugins: dict[str, list[str]],
+    cell_config: Any,
+) -> Any:
+    """What runs the cells for ``--jobs N`` / ``--ray``: a :mod:`fedimb.executors`
+    executor (a context manager), or None to run them one after another here."""
+    from fedimb.executors import CellJob, ProcessCells, RayCells, check_inprocess
+    from fedimb.sweep import expand
+
+    if args.ray is None and args.jobs == 1:
+        if args.cell_cpus != 1.0 or args.cell_gpus is not None:
+            raise ConfigError("--cell-cpus and --cell-gpus size Ray tasks: add --ray")
+        return None
+    engines = {}
+    for cell in expand(sweep):
+        with contextlib.suppress(ConfigError):  # the cells' validation names what is wrong
+            engines[cell.name] = cell_config(cell.overrides)["engine"]
+    how = "--ray" if args.ray is not None else f"--jobs {args.jobs}"
+    check_inprocess(engines, how)
+    job = CellJob(str(sweep.base), plugins)
+
+    def rounds_of(overrides: dict[str, Any]) -> int:
+        return cell_config(overrides)["num-rounds"]
+
+    if args.ray is None:
+        return ProcessCells(args.jobs, job, rounds_of, progress=not args.quiet)
+    return RayCells(
+        args.ray,
+        job,
+        rounds_of,
+        cell_cpus=args.cell_cpus,
+        cell_gpus=args.cell_gpus,
+        progress=not args.quiet,
+    )
 
 
 def sweep_plugins(sweep: Any) -> dict[str, list[str]]:
@@ -724,6 +798,9 @@ def _after_interrupt(args: argparse.Namespace) -> str:
         again += f" --out {shlex.quote(str(args.out))}" if args.out else ""
         again += "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
         again += "".join(f" --only {shlex.quote(o)}" for o in args.only)
+        again += f" --jobs {args.jobs}" if args.jobs != 1 else ""
+        if args.ray is not None:
+            again += " --ray" + (f" {shlex.quote(args.ray)}" if args.ray else "")
         return f"continue with `{again}`"
     run_dir = getattr(args, "run_dir", None)
     if run_dir is None or (run_dir / CONFIG_FILE).is_file():

@@ -43,7 +43,9 @@ def _format_error(value: float | None) -> str:
 
 def stdout_is_terminal() -> bool:
     """Whether stdout is an interactive terminal (where a redrawn bar makes sense)."""
-    isatty = getattr(sys.stdout, "isatty", None)
+    # Under a live bar sys.stdout is rich's proxy, whose isatty() is always False.
+    stream = getattr(sys.stdout, "rich_proxied_file", sys.stdout)
+    isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
 
 

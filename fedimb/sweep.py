@@ -44,10 +44,11 @@ import hashlib
 import itertools
 import json
 import re
+import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,12 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
 # A selection of cells: grid key -> the values it may take (a cell matches every key).
 Selector = dict[str, list[Any]]
+_SWEEP_JSON_LOCK = threading.Lock()
 RunCell = Callable[[dict[str, Any], Path], Any]
 ValidateCell = Callable[[dict[str, Any], Path], Any]
 IsDone = Callable[[dict[str, Any], Path], bool]
+# each(one, cells): one(cell) for every cell, yielded as each finishes (map: in turn).
+Each = Callable[[Callable[["Cell"], "CellResult"], list["Cell"]], Iterable["CellResult"]]
 
 
 @dataclass(frozen=True)
@@ -510,21 +514,22 @@ def _write_sweep_json(
     interrupted).
     """
     in_hand = in_hand or {}
-    atomic_write_json(
-        out_dir / SWEEP_FILE,
-        {
-            "sweep": sweep.to_json(),
-            "cells": [
-                {
-                    "name": c.name,
-                    "overrides": c.overrides,
-                    "status": in_hand.get(c.name) or _folder_status(out_dir / c.name),
-                    **({"method": c.method} if c.method is not None else {}),
-                }
-                for c in cells
-            ],
-        },
-    )
+    with _SWEEP_JSON_LOCK:  # cells that run at once (each): one writer at a time
+        atomic_write_json(
+            out_dir / SWEEP_FILE,
+            {
+                "sweep": sweep.to_json(),
+                "cells": [
+                    {
+                        "name": c.name,
+                        "overrides": c.overrides,
+                        "status": in_hand.get(c.name) or _folder_status(out_dir / c.name),
+                        **({"method": c.method} if c.method is not None else {}),
+                    }
+                    for c in cells
+                ],
+            },
+        )
 
 
 def _record_failure(cell_dir: Path, cell: Cell, exc: BaseException, seconds: float) -> str:
@@ -585,6 +590,7 @@ def run_sweep(
     progress: bool = True,
     stop_requested: Callable[[], bool] | None = None,
     only: Selector | None = None,
+    each: Each = map,
 ) -> list[CellResult]:
     """Run every cell of ``sweep`` (skipping completed ones), then build the report.
 
@@ -617,6 +623,10 @@ def run_sweep(
     only : dict, optional
         A selector (:func:`parse_only`): run only the cells it matches. sweep.json and
         the report still list every cell.
+    each : callable
+        ``each(one, cells)`` yields ``one(cell)`` for every cell as it finishes; default
+        ``map``, one after another. :mod:`fedimb.executors` runs several at once (cells
+        then run on threads of this process, ``run_cell`` sending them elsewhere).
 
     Returns
     -------
@@ -637,7 +647,7 @@ def run_sweep(
         if validate_cell is not None:
             _validate_all(chosen, validate_cell, out_dir)
         return _run_cells(
-            sweep, cells, chosen, out_dir, run_cell, is_done, progress, stop_requested
+            sweep, cells, chosen, out_dir, run_cell, is_done, progress, stop_requested, each
         )
 
 
@@ -650,22 +660,28 @@ def _run_cells(
     is_done: IsDone,
     progress: bool,
     stop_requested: Callable[[], bool] | None,
+    each: Each,
 ) -> list[CellResult]:
     from fedimb.report import build_report  # report imports matplotlib; load it only here
 
     _write_sweep_json(out_dir, sweep, cells)
+
+    def one(cell: Cell) -> CellResult:
+        return _run_or_skip(sweep, cells, cell, out_dir, run_cell, is_done)
+
     results: list[CellResult] = []
     with SweepProgress(len(chosen), sweep.name, enabled=progress) as bar:
-        for done, cell in enumerate(chosen, start=1):
-            result = _run_or_skip(sweep, cells, cell, out_dir, run_cell, is_done)
-            ran = {} if result.skipped else {cell.name: result.status}
+        for done, result in enumerate(each(one, chosen), start=1):
+            ran = {} if result.skipped else {result.name: result.status}
             _write_sweep_json(out_dir, sweep, cells, ran)
             results.append(result)
             done_before = result.skipped and result.status == "completed"
             shown = "skipped (done)" if done_before else result.status
-            bar.update(done, cell.name, shown, result.final_balanced_error, result.wall_time_s)
+            bar.update(done, result.name, shown, result.final_balanced_error, result.wall_time_s)
             if not result.skipped and stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt
+    order = {cell.name: i for i, cell in enumerate(cells)}
+    results.sort(key=lambda r: order[r.name])  # as they finished: back to expand's order
 
     build_report(out_dir, target_error=sweep.target_error)
     return results
