@@ -110,7 +110,7 @@ def run_cell_here(
     """
     from fedimb.config import load_config
     from fedimb.results import CHECKPOINT_FILE
-    from fedimb.sim import run_experiment
+    from fedimb.sim import run_experiment, threads_set_to
 
     def hook(server_round: int, row: dict[str, Any]) -> None:
         if on_round is not None:
@@ -118,7 +118,7 @@ def run_cell_here(
 
     try:
         config = load_config(job.base, overrides, plugins=job.plugins)
-        with _threads(job.threads if config["threads"] == 0 else 0):
+        with threads_set_to(job.threads if config["threads"] == 0 else 0):
             run_experiment(
                 config,
                 cell_dir,
@@ -133,21 +133,6 @@ def run_cell_here(
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return "failed", _portable(exc), text
     return "completed", None, None
-
-
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    if count <= 0:
-        yield
-        return
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -528,6 +528,11 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _md_header(header: list[str]) -> list[str]:
+    """A Markdown table's title row and its rule."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+
+
 def markdown_table(
     rows: list[GroupStats], keys: list[str], target: float | None, title: str = "Report"
 ) -> str:
@@ -546,12 +551,7 @@ def markdown_table(
     if target is not None:
         header.append(f"rounds to BE ≤ {target:g}")
     header.append("wall time (s)")
-    lines = [
-        f"# {title}",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
+    lines = [f"# {title}", "", *_md_header(header)]
     for r in rows:
         cells = ["*" if r.best_in_split else ""]
         cells += [_md_escape(_display(r.label.get(k))) for k in keys]
@@ -600,12 +600,8 @@ def reference_table(rows: list[GroupStats], reference: dict[str, Any]) -> str:
     names = class_columns(rows)
     columns = ["balanced", *(n for n in names if any(n in v for v in published.values()))]
     header = ["method"] + [f"{c} (fedimb / published / Δ)" for c in columns]
-    lines = [
-        f"## Beside the published numbers ({reference.get('source', 'reference')})",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
+    source = reference.get("source", "reference")
+    lines = [f"## Beside the published numbers ({source})", "", *_md_header(header)]
     for r in rows:
         label = r.label.get("method")
         if label not in published:

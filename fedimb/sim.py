@@ -76,8 +76,14 @@ def torch_threads(config: Config) -> Iterator[None]:
     from fedimb.federation import get_federation
 
     fed = get_federation(config)
-    count = thread_count(config["threads"], model_for(config, fed), fed.device)
-    if count == 0:
+    with threads_set_to(thread_count(config["threads"], model_for(config, fed), fed.device)):
+        yield
+
+
+@contextlib.contextmanager
+def threads_set_to(count: int) -> Iterator[None]:
+    """Run with ``count`` torch threads (0: leave torch's setting), then restore it."""
+    if count <= 0:
         yield
         return
     saved = torch.get_num_threads()
