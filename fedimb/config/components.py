@@ -5,8 +5,11 @@ The catalogue of each table's registered components, a plug-in's parameters read
 its signature, and the loss and strategy built once to let them check their own
 parameters. A table may carry parameters of several components (a sweep over
 ``loss.name`` shares one ``[loss]`` table): each receives those it accepts; a key that no
-component accepts is an error. Parameter ranges the components do not check themselves
-sit beside them (:data:`strategies.param_ranges.PARAM_RANGES` for the strategies).
+component accepts is an error. A ``name`` that is an import path (``"pkg.mod:obj"``)
+takes its keyword parameters the same way, checked against their defaults' types (one
+with ``**kwargs`` receives every key of its table and checks them itself). Parameter
+ranges the components do not check themselves sit beside them
+(:data:`strategies.param_ranges.PARAM_RANGES` for the strategies).
 """
 
 from __future__ import annotations
