@@ -23,12 +23,9 @@ from fedimb.data.augment import default_augment
 from fedimb.data.partition import class_counts, keep_fractions, long_tail
 from fedimb.data.partition import partition as split_clients
 from fedimb.data.subsample import SUBSAMPLE_KEYS, subsample
-from fedimb.losses import COSINE_SCALE, initial_bias
+from fedimb.losses import COSINE_HEAD_LOSSES, COSINE_SCALE, initial_bias
 from fedimb.models import build_model, class_head, reads_tokens
 from fedimb.registry import callable_params
-
-# Losses that assume a cosine-normalised classifier; it is on for them unless set.
-COSINE_HEAD_LOSSES = ("ldam", "ldam-drw")
 
 # Flat config keys that decide the data and the partition (the federation's cache key).
 DATA_KEYS = (

@@ -95,8 +95,8 @@ def set_with_its_component(config: Config, table: str, key: str) -> bool:
 def _warn_about_plugins(config: Config) -> None:
     """A plug-in model without a cosine head under LDAM, or a plug-in loss without a
     logit scale on one: what a built-in would get, it cannot."""
-    from fedimb.federation import COSINE_HEAD_LOSSES, model_kwargs
-    from fedimb.losses import COSINE_SCALE
+    from fedimb.federation import model_kwargs
+    from fedimb.losses import COSINE_HEAD_LOSSES, COSINE_SCALE
 
     model, loss = config.model.name, config.loss.name
     if (

@@ -3,7 +3,8 @@
 :func:`check_rounds` validates a (round, number of rounds) pair; :func:`switch_round`
 turns a deferred schedule's start (DRW's ``drw_start``, DRS's ``drs_start``, an lr
 milestone), given as a round or as the fraction of the run before it, into its round;
-:func:`scheduled_lr` is the learning rate of a round (warm-up, decay, drops).
+:func:`scheduled_lr` is the learning rate of a round (warm-up, decay, drops), and
+:func:`lr_in_round` that of a config's ``[lr-schedule]`` table.
 """
 
 from __future__ import annotations
@@ -11,9 +12,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-__all__ = ["Rounds", "check_rounds", "scheduled_lr", "switch_round"]
+if TYPE_CHECKING:  # only a type: the config package imports this module
+    from fedimb.config import Config
+
+__all__ = [
+    "Rounds",
+    "check_rounds",
+    "lr_in_round",
+    "lr_milestones",
+    "scheduled_lr",
+    "switch_round",
+]
 
 
 class Rounds(NamedTuple):
@@ -114,3 +125,31 @@ def scheduled_lr(
     drops = sum(server_round >= m for m in milestones)
     rate = lr * decay ** (server_round - 1) * gamma**drops
     return rate * server_round / warmup_rounds if server_round <= warmup_rounds else rate
+
+
+def lr_milestones(config: Config) -> list[int]:
+    """The rounds where the learning rate drops, from ``lr-schedule.milestones``: round
+    numbers, or fractions of ``num-rounds`` that run before the drop (as ``drw-start``)."""
+    rounds = []
+    for text in filter(None, (t.strip() for t in config["lr-schedule.milestones"].split(","))):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; e.g. '150,180' or '0.75,0.9'") from None
+        start = int(value) if value.is_integer() else value
+        rounds.append(switch_round(start, config["num-rounds"], name="a milestone"))
+    return sorted(rounds)
+
+
+def lr_in_round(config: Config, server_round: int) -> float:
+    """The clients' learning rate in ``server_round`` (1-based): ``lr`` on the
+    ``[lr-schedule]`` table's :func:`fedimb.schedule.scheduled_lr` (LDAM-DRW's recipe: a
+    5-round warm-up, then 100x drops at rounds 161 and 181 of 200)."""
+    return scheduled_lr(
+        config["lr"],
+        server_round,
+        milestones=lr_milestones(config),
+        gamma=config["lr-schedule.gamma"],
+        decay=config["lr-schedule.decay"],
+        warmup_rounds=config["lr-schedule.warmup-rounds"],
+    )

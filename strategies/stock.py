@@ -3,9 +3,9 @@
 Flower's ``FedAvg.aggregate_train`` (and every strategy that calls it through
 ``super()``: FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) averages the replies with
 ``aggregate_arrayrecords``: per reply array a fresh copy (``Array.numpy()``), a fresh
-product with its weight, then an in-place sum, all in numpy on one core. For 100 replies
-of a 2.16 M-parameter CNN that is 0.27 s per round on an H200's host, more than a
-quarter of a vectorised round.
+product with its weight, then an in-place sum, all in numpy on one core: for a CNN's
+100 replies, a quarter of a vectorised round (benchmarks/README.md, "The server's FedAvg
+mean").
 
 :func:`weighted_array_mean` performs the same float32/float64 operations in the same
 order (a product rounded to the array's dtype, then a sum), so its result is bit for bit

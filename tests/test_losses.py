@@ -795,3 +795,23 @@ def test_a_user_loss_on_a_cosine_head_gets_no_scale_it_did_not_ask_for():
     name = f"{__name__}:params_factory"
     config = load_config(overrides={"loss.name": name, "model.cosine-head": True})
     assert "s" not in loss_kwargs(config)
+
+
+def test_every_built_in_parameter_has_a_validator_and_every_loss_takes_s():
+    # A loss's defaults come from its factory's signature: a new parameter name needs a
+    # validator in fedimb.losses.params.PARAM_CHECKS, or make_loss fails on every call.
+    from fedimb.losses import PARAM_CHECKS
+
+    for name in list_losses():
+        defaults = loss_defaults(name)
+        assert set(defaults) <= set(PARAM_CHECKS), name
+        assert "s" in defaults and defaults["s"] is None, name
+
+
+def test_ldam_drw_is_ldam_with_deferred_reweighting_on_by_default():
+    assert loss_defaults("ldam-drw") == {**loss_defaults("ldam"), "drw_start": 0.8}
+    counts = [30, 3, 0, 1]
+    late = make_loss("ldam-drw", counts, server_round=9, num_rounds=10).params
+    same = make_loss("ldam", counts, server_round=9, num_rounds=10, drw_start=0.8).params
+    assert torch.equal(late.weight, same.weight) and torch.equal(late.margin, same.margin)
+    assert not torch.equal(late.weight, torch.ones(4))

@@ -411,8 +411,9 @@ def test_dirichlet_equal_rejects_bad_parameters(params, match):
 def test_dirichlet_equal_draws_per_group_of_clients(monkeypatch):
     import importlib
 
-    part = importlib.import_module("fedimb.data.partition")  # the package's `partition` is
-    # the function
+    # dirichlet_equal calls dirichlet from its own module (the package's `partition` is
+    # the function, so import the module by name)
+    part = importlib.import_module("fedimb.data.partition.proportions")
 
     draws, real = [], part.dirichlet
 
