@@ -122,7 +122,7 @@ _ATTACHED: dict[type, ClientHalf] = {}
 
 def attach_client_half(cls: type, half: ClientHalf) -> None:
     """Give strategy class ``cls`` (and its subclasses) the client half ``half``,
-    for a class whose source one does not own (e.g. Flower's ``FedProx``)."""
+    for a class whose source one does not own (e.g. one of Flower's own strategies)."""
     _ATTACHED[cls] = half
 
 

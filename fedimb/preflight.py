@@ -62,7 +62,7 @@ def warn_about_settings(config: Config) -> None:
         log.warning("lr-schedule.gamma is ignored: lr-schedule.milestones is empty")
     if config["data-root"] and config["dataset"] in BUNDLED_DATASETS:
         log.warning("data-root is ignored: dataset %r needs no files", config["dataset"])
-    # A strategy's own rules, declared beside it (e.g. strategies/qfedavg.py).
+    # A strategy's own rules, declared beside it: an optional check_config classmethod.
     check = getattr(strategies.resolve_strategy(config.strategy.name), "check_config", None)
     for line in check(config) if check is not None else ():
         log.warning("%s", line)

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 from fedimb.registry import REQUIRED, Registry, RegistryError
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.fedaws import FedAwS
+from strategies.feddyn import FedDyn
 from strategies.fednova import FedNova
 from strategies.fedprox import FedProx
 from strategies.qfedavg import QFedAvg
@@ -50,6 +51,7 @@ for _name, _cls in {
     "scaffold": Scaffold,
     "fednova": FedNova,
     "fedaws": FedAwS,
+    "feddyn": FedDyn,
 }.items():
     STRATEGIES.register(_name)(_cls)
 

@@ -474,7 +474,7 @@ def test_train_metrics_skip_lists_and_partition_id() -> None:
 def test_registry_lists_all_strategies() -> None:
     expected = {
         "fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "fedmedian",
-        "fedtrimmedavg", "krum", "qfedavg", "scaffold", "fednova", "fedaws",
+        "fedtrimmedavg", "krum", "qfedavg", "scaffold", "fednova", "fedaws", "feddyn",
     }  # fmt: skip
     assert set(list_strategies()) == expected
 
