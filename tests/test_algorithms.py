@@ -306,3 +306,26 @@ def test_a_halfs_metrics_join_the_replys_metrics():
     metrics = reply.content["metrics"]
     assert metrics[EFFECTIVE_STEPS_KEY] == pytest.approx(effective_steps(5, 0.9))
     assert metrics["num-steps"] == 5 and len(reply.content.metric_records) == 1
+
+
+@pytest.mark.slow
+def test_a_resumed_feddyn_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The clients' g_i (their state) and the server's h come back from the checkpoint."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    config = run_config("feddyn_plugin:FedDyn", alpha=0.1)
+    full, _ = run(config, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(server_round, row):
+        if server_round == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_experiment(config, tmp_path / "cut", progress=False, on_round=interrupt)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert all(set(s) == {"dyn-g"} for s in saved["client_state"].values())
+    run_experiment(config, tmp_path / "cut", resume=True, progress=False)
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state_dict"]
+    assert_same(cut, full, atol=0)
