@@ -56,7 +56,9 @@ class FedDyn(FedAvg):
     def aggregate_train(self, server_round, replies):
         replies = [r for r in replies if not r.has_error()]
         _, metrics = super().aggregate_train(server_round, replies)
-        out = {}
+        if not replies:
+            return None, None
+        out = {}  # float parameters only (integer buffers: see strategies/feddyn.py)
         for k, w in self.w.items():
             local = [r.content["arrays"][k].numpy().astype(np.float64) for r in replies]
             self.h[k] -= self.alpha / self.m * sum(w_i - w for w_i in local)
