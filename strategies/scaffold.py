@@ -86,8 +86,9 @@ class ScaffoldClient(ClientHalf):
         """
         c, c_i = terms.keep
         moved = effective_steps(max(result.num_steps, 1), settings.momentum) * settings.lr
+        # result.state may be on the host (the vectorised trainer copies it there).
         new_ci = {
-            k: c_i[k] - c[k] + (global_params[k].to(c[k].device) - result.state[k]) / moved
+            k: c_i[k] - c[k] + (global_params[k] - result.state[k].to(c[k].device)) / moved
             for k in c_i  # the model's parameters
         }
         state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
