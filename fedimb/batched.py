@@ -4,7 +4,7 @@ Small local batches leave a GPU launch-bound: one client at a time uses a fracti
 the card. Here the weights of K clients are stacked along a new leading dimension and
 one ``torch.func.vmap`` of ``grad`` computes all K clients' gradients in one step, each
 on its own batch with its own loss tensors (built from its own label counts). The SGD
-update (momentum, weight decay, FedProx's proximal term, SCAFFOLD's correction) is
+update (momentum, weight decay, the algorithm's gradient term from its client half) is
 applied to the stacks directly, matching ``torch.optim.SGD``.
 
 Clients may need different numbers of steps (uneven data) and their last batch may be
@@ -20,13 +20,14 @@ rounding (tests/test_batched.py), because both consume the same :class:`ClientPl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedimb.algorithm import ClientHalf
 from fedimb.data.augment import crop_flip
 from fedimb.losses import TENSOR_FIELDS, imbalance_loss_tensors, stack_params
 from fedimb.models import is_vectorisable, vectorise_blocker
@@ -88,7 +89,23 @@ def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
             return "clients' losses differ in s, gamma or base"
     if len({job.x.device for job in jobs}) != 1:
         return "clients' data are on different devices"
-    return None
+    return _terms_blocker(jobs)
+
+
+def _terms_blocker(jobs: Sequence[ClientJob]) -> str | None:
+    """Why the jobs' algorithm terms cannot be stacked, or None."""
+    terms = [job.terms for job in jobs]
+    if all(t is None for t in terms):
+        return None
+    if any(t is None for t in terms) or len({id(t.half) for t in terms}) != 1:
+        return "clients' algorithm terms differ (some clients have none, or another half)"
+    first = terms[0].grad
+    for t in terms[1:]:
+        if t.grad.keys() != first.keys() or any(
+            isinstance(t.grad[k], Mapping) != isinstance(first[k], Mapping) for k in first
+        ):
+            return "clients' gradient inputs differ in their names or kinds"
+    return terms[0].half.can_batch(terms)
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -178,17 +195,7 @@ def train_clients(
             if job.momentum is not None:
                 for n in names:
                     momentum[n][k] = job.momentum[n].to(device, momentum[n].dtype)
-    # FedProx's term only when some client uses it: most runs skip its kernels.
-    prox = (
-        torch.tensor([job.prox_mu for job in jobs], device=device)
-        if any(job.prox_mu for job in jobs)
-        else None
-    )
-    control = (
-        {n: torch.stack([job.control[n] for job in jobs]).to(device) for n in names}
-        if any(job.control is not None for job in jobs)
-        else None
-    )
+    term = _stack_terms(jobs, names, device)
 
     lp = stack_params([job.loss.params for job in jobs])
     loss_tensors = {f: getattr(lp, f).to(device) for f in TENSOR_FIELDS}
@@ -247,8 +254,7 @@ def train_clients(
                     grads,
                     sel,
                     anchor,
-                    None if prox is None else prox[sel],
-                    None if control is None else {n: c[sel] for n, c in control.items()},
+                    term,
                     settings,
                     first_step=t == 0 and not carried,
                 )
@@ -321,28 +327,59 @@ def _copy_to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# A client half and its clients' gradient inputs, stacked: a per-client scalar as a
+# [C] tensor, a per-parameter input as a [C, ...] stack per parameter name.
+StackedTerms = tuple[ClientHalf, dict[str, torch.Tensor | dict[str, torch.Tensor]]]
+
+
+def _stack_terms(
+    jobs: Sequence[ClientJob], names: Sequence[str], device: torch.device
+) -> StackedTerms | None:
+    """The jobs' gradient inputs stacked (None: no job adds a gradient term)."""
+    terms = [job.terms for job in jobs]
+    if terms[0] is None or not terms[0].grad:  # they all match (_terms_blocker)
+        return None
+    stacked: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
+    for key, first in terms[0].grad.items():
+        if isinstance(first, Mapping):
+            per_param = [t.grad[key] for t in terms]
+            stacked[key] = {n: torch.stack([g[n] for g in per_param]).to(device) for n in names}
+        else:
+            stacked[key] = torch.tensor([float(t.grad[key]) for t in terms], device=device)
+    return terms[0].half, stacked
+
+
+def _term(
+    term: StackedTerms, name: str, p: torch.Tensor, anchor: torch.Tensor, sel: slice | torch.Tensor
+) -> torch.Tensor:
+    """The half's gradient term of parameter ``name`` for the clients ``sel``
+    (``p``: their stacked weights); scalars shaped [G, 1, ...] to broadcast."""
+    half, stacked = term
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    inputs = {
+        k: v[name][sel] if isinstance(v, dict) else v[sel].view(shape) for k, v in stacked.items()
+    }
+    return half.gradient(p, anchor, inputs)
+
+
 def _sgd_update(
     params: dict[str, torch.Tensor],
     momentum: dict[str, torch.Tensor] | None,
     grads: dict[str, torch.Tensor],
     sel: slice | torch.Tensor,
     anchor: dict[str, torch.Tensor],
-    prox: torch.Tensor | None,
-    control: dict[str, torch.Tensor] | None,
+    term: StackedTerms | None,
     settings: TrainSettings,
     first_step: bool,
 ) -> None:
     """``torch.optim.SGD``'s update (dampening 0, no Nesterov) on stacked weights."""
-    if isinstance(sel, slice) and prox is None:
-        _sgd_update_all(params, momentum, grads, control, settings, first_step)
+    if isinstance(sel, slice):
+        _sgd_update_all(params, momentum, grads, anchor, term, settings, first_step)
         return
     for name, g in grads.items():
         p = params[name][sel]
-        if prox is not None:
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            g = g + prox.view(shape) * (p - anchor[name])
-        if control is not None:
-            g = g + control[name]
+        if term is not None:
+            g = g + _term(term, name, p, anchor[name], sel)
         if settings.weight_decay:
             g = g + settings.weight_decay * p
         if momentum is not None:
@@ -356,11 +393,12 @@ def _sgd_update_all(
     params: dict[str, torch.Tensor],
     momentum: dict[str, torch.Tensor] | None,
     grads: dict[str, torch.Tensor],
-    control: dict[str, torch.Tensor] | None,
+    anchor: dict[str, torch.Tensor],
+    term: StackedTerms | None,
     settings: TrainSettings,
     first_step: bool,
 ) -> None:
-    """:func:`_sgd_update` for a step of every client, without FedProx, in place.
+    """:func:`_sgd_update` for a step of every client, in place.
 
     The multi-tensor (``_foreach``) kernels ``torch.optim.SGD`` uses on CUDA: a few
     launches per step instead of several per parameter tensor.
@@ -368,8 +406,10 @@ def _sgd_update_all(
     names = list(grads)
     weights = [params[n] for n in names]
     step = list(grads.values())
-    if control is not None:
-        step = torch._foreach_add(step, [control[n] for n in names])
+    if term is not None:
+        every = slice(None)
+        terms = [_term(term, n, params[n], anchor[n], every) for n in names]
+        step = torch._foreach_add(step, terms)
     if settings.weight_decay:
         step = torch._foreach_add(step, weights, alpha=settings.weight_decay)
     if momentum is not None:

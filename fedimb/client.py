@@ -23,7 +23,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
+import strategies
 from fedimb import batched
+from fedimb.algorithm import ClientHalf, ClientTerms, client_half_of
 from fedimb.config import TOP_LEVEL, Config, lr_in_round, parse_id_list
 from fedimb.federation import (
     Federation,
@@ -34,19 +36,20 @@ from fedimb.federation import (
     use_augmentation,
 )
 from fedimb.losses import make_loss
-from fedimb.records import (
+from fedimb.protocol import (  # noqa: F401  (CLASS_COUNTS_KEY, STATE_PREFIX: the server's)
+    CLASS_COUNTS_KEY,
     NUM_STEPS_KEY,
-    SCAFFOLD_CONTROL_KEY,
-    SCAFFOLD_DELTA_KEY,
-    record_of,
-    state_record,
+    OPTIMIZER_STATE,
+    STATE_PREFIX,
+    carried_state,
+    state_entries,
 )
+from fedimb.records import record_of, state_record
 from fedimb.train import (
     ClientJob,
     TrainResult,
     TrainSettings,
     client_rng,
-    effective_steps,
     evaluate_counts,
     make_plan,
     train_client,
@@ -54,29 +57,7 @@ from fedimb.train import (
 
 log = logging.getLogger(__name__)
 
-# A train reply's metric: the client's training samples per class (static: not logged).
-CLASS_COUNTS_KEY = "class-counts"
-SCAFFOLD_STATE = "scaffold-ci"
-# SGD's momentum buffers of a client with optimizer-state = "keep" (its context.state).
-OPTIMIZER_STATE = "sgd-momentum"
-# A client's persistent ArrayRecords travel in messages under this prefix: with each
-# train reply (the server checkpoints them) and, after a resume, in a query back to it.
-STATE_PREFIX = "fedimb-state:"
 CLIENT_ERROR_CODE = 1
-
-
-def state_entries(records: Mapping[str, Any]) -> dict[str, ArrayRecord]:
-    """A client's persistent ArrayRecords (by name) as message content entries."""
-    return {STATE_PREFIX + k: r for k, r in records.items() if isinstance(r, ArrayRecord)}
-
-
-def carried_state(content: RecordDict) -> dict[str, ArrayRecord]:
-    """The persistent ArrayRecords a message carries, by their names in the state."""
-    return {
-        k.removeprefix(STATE_PREFIX): r
-        for k, r in content.items()
-        if k.startswith(STATE_PREFIX) and isinstance(r, ArrayRecord)
-    }
 
 
 class InjectedFault(RuntimeError):
@@ -138,23 +119,15 @@ def model_for(config: Config, fed: Federation) -> nn.Module:
 # -------------------------------------------------------------------------- jobs
 
 
-Controls = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+_HALVES: dict[str, ClientHalf | None] = {}
 
 
-def _scaffold_control(
-    msg: Message, context: Context, params: Sequence[str], device: torch.device
-) -> Controls | None:
-    """SCAFFOLD: (c, c_i) when the server sent a control variate, else None."""
-    control = record_of(msg.content, SCAFFOLD_CONTROL_KEY, ArrayRecord)
-    if control is None:
-        return None
-    c = {k: v.to(device) for k, v in control.to_torch_state_dict().items()}
-    state = record_of(context.state, SCAFFOLD_STATE, ArrayRecord)
-    if state is not None:
-        c_i = {k: v.to(device) for k, v in state.to_torch_state_dict().items()}
-    else:
-        c_i = {k: torch.zeros_like(c[k]) for k in params}
-    return c, c_i
+def client_half(config: Config) -> ClientHalf | None:
+    """The client half of the run's strategy (:mod:`fedimb.algorithm`), or None."""
+    name = config.strategy.name
+    if name not in _HALVES:  # the class only: the strategy is the server's to build
+        _HALVES[name] = client_half_of(strategies.resolve_strategy(name))
+    return _HALVES[name]
 
 
 def build_job(
@@ -164,10 +137,10 @@ def build_job(
     msg: Message,
     context: Context,
     settings: TrainSettings,
-    param_names: Sequence[str],
-) -> tuple[ClientJob, Controls | None]:
-    """One client's job for this round (its data, its loss from its own counts, its plan),
-    and SCAFFOLD's (c, c_i) when the server uses it."""
+    global_params: Mapping[str, torch.Tensor],
+) -> ClientJob:
+    """One client's job for this round: its data, its loss from its own counts, its plan,
+    and what the algorithm's client half adds (``global_params``: on the device)."""
     nodes = context.node_config.get("num-partitions", config["num-clients"])
     if int(nodes) != config["num-clients"]:
         raise ValueError(
@@ -192,22 +165,18 @@ def build_job(
         num_rounds=config["num-rounds"],
         **config.sampling.kwargs(),
     )
-    prox_mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    controls = _scaffold_control(msg, context, param_names, fed.device)
-    correction = None
-    if controls is not None:
-        c, c_i = controls
-        correction = {k: c[k] - c_i[k] for k in param_names}
-    job = ClientJob(
+    half = client_half(config)
+    terms = (
+        None if half is None else half.prepare(msg.content, context.state, global_params, settings)
+    )
+    return ClientJob(
         x=x,
         y=y,
         loss=loss,
         plan=plan,
-        prox_mu=prox_mu,
-        control=correction,
+        terms=terms,
         momentum=_kept_momentum(context, settings, fed.device),
     )
-    return job, controls
 
 
 def _kept_momentum(
@@ -243,43 +212,36 @@ def _inject_faults(config: Config, pid: int, server_round: int, result: TrainRes
 def make_reply(
     msg: Message,
     context: Context,
-    controls: Controls | None,
+    terms: ClientTerms | None,
     result: TrainResult,
     pid: int,
     settings: TrainSettings,
-    global_state: dict[str, torch.Tensor],
+    global_params: Mapping[str, torch.Tensor],
     seconds: float,
     class_counts: Sequence[int] = (),
 ) -> Message:
     """The train reply: weights, metrics (``class_counts``: the client's training samples
-    per class, for strategies that weigh by class), and SCAFFOLD's control delta."""
+    per class, for strategies that weigh by class), and what the client half adds."""
+    metrics = {
+        "num-examples": result.num_examples,
+        "train-loss": result.loss,
+        NUM_STEPS_KEY: result.num_steps,
+        "partition-id": pid,
+        "train-seconds": seconds,
+        CLASS_COUNTS_KEY: [int(c) for c in class_counts],
+    }
+    records: dict[str, Any] = {}
+    if terms is not None:
+        extra = terms.half.finish(terms, global_params, result, settings, context.state)
+        metrics.update(extra.metrics)
+        records = extra.records
     content = RecordDict(
         {
             "arrays": state_record(result.state, finite=result.finite),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": result.num_examples,
-                    "train-loss": result.loss,
-                    NUM_STEPS_KEY: result.num_steps,
-                    "partition-id": pid,
-                    "train-seconds": seconds,
-                    CLASS_COUNTS_KEY: [int(c) for c in class_counts],
-                }
-            ),
+            "metrics": MetricRecord(metrics),
+            **records,
         }
     )
-    if controls is not None:
-        # Option II of Karimireddy et al.: c_i+ = c_i - c + (x - y_i) / (K * lr), for K
-        # plain SGD steps. Heavy-ball momentum moves the weights by lr * a_i gradients, not
-        # lr * K (a_i: FedNova's effective steps), so dividing by K would overstate c_i.
-        c, c_i = controls
-        moved = effective_steps(max(result.num_steps, 1), settings.momentum) * settings.lr
-        new_ci = {
-            k: c_i[k] - c[k] + (global_state[k].to(c[k].device) - result.state[k]) / moved
-            for k in c_i  # the model's parameters
-        }
-        context.state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
-        content[SCAFFOLD_DELTA_KEY] = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
     if result.momentum is not None:  # optimizer-state = "keep"
         context.state[OPTIMIZER_STATE] = state_record(result.momentum)
     # The server keeps the latest copy for its checkpoints: under Ray, the clients'
@@ -342,7 +304,6 @@ def _train_group(
     """:func:`train_replies` for messages that share one global model and config."""
     replies: list[Message | None] = [None] * len(messages)
     jobs: dict[int, ClientJob] = {}
-    controls: dict[int, Controls | None] = {}
     first = messages[0]
     config = config_from_message(first)
     fed = get_federation(config)
@@ -350,10 +311,10 @@ def _train_group(
     global_state = global_weights(first, model)
     settings = train_settings(config, fed, int(first.content["config"]["server-round"]))
     pids = [int(c.node_config["partition-id"]) for c in contexts]
-    param_names = [n for n, _ in model.named_parameters()]
+    global_params = {n: global_state[n] for n, _ in model.named_parameters()}
     for i, (msg, ctx) in enumerate(zip(messages, contexts, strict=True)):
         try:
-            jobs[i], controls[i] = build_job(config, fed, pids[i], msg, ctx, settings, param_names)
+            jobs[i] = build_job(config, fed, pids[i], msg, ctx, settings, global_params)
         except Exception as exc:
             replies[i] = error_reply(msg, exc)
 
@@ -391,11 +352,11 @@ def _train_group(
             replies[i] = make_reply(
                 msg,
                 contexts[i],
-                controls[i],
+                jobs[i].terms,
                 result,
                 pids[i],
                 settings,
-                global_state,
+                global_params,
                 seconds,
                 class_counts=fed.counts[pids[i]],
             )

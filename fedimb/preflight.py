@@ -56,18 +56,16 @@ def warn_about_settings(config: Config) -> None:
             key,
         )
     _warn_about_plugins(config)
-    decays = config["lr-schedule.decay"] != 1
     drops = bool(config["lr-schedule.milestones"].strip())
     gamma_default = FIXED_TABLES["lr-schedule"]["gamma"].default
     if not drops and config["lr-schedule.gamma"] != gamma_default:
         log.warning("lr-schedule.gamma is ignored: lr-schedule.milestones is empty")
     if config["data-root"] and config["dataset"] in BUNDLED_DATASETS:
         log.warning("data-root is ignored: dataset %r needs no files", config["dataset"])
-    if (decays or drops) and config.strategy.name == "qfedavg":
-        log.warning(  # it rescales the updates by its own constant lr
-            "strategy 'qfedavg' keeps its client-learning-rate while [lr-schedule] changes "
-            "the clients' lr"
-        )
+    # A strategy's own rules, declared beside it: an optional check_config classmethod.
+    check = getattr(strategies.resolve_strategy(config.strategy.name), "check_config", None)
+    for line in check(config) if check is not None else ():
+        log.warning("%s", line)
 
 
 def warn_about_ignored_keys(config: Config, tables: Iterable[str]) -> None:

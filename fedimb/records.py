@@ -22,11 +22,6 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 R = TypeVar("R")
 
-# Keys of train messages that fedimb's clients and strategies share.
-NUM_STEPS_KEY = "num-steps"  # reply metric: local SGD steps (FedNova normalises by them)
-SCAFFOLD_CONTROL_KEY = "scaffold-control"  # instruction: the global control variate c
-SCAFFOLD_DELTA_KEY = "scaffold-delta"  # reply: c_i_new - c_i
-
 _FIELDS = ("dtype", "shape", "stype", "data")
 _NUMPY = "numpy.ndarray"
 

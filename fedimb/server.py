@@ -47,7 +47,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import strategies
-from fedimb.client import CLASS_COUNTS_KEY, carried_state, experiment_record, state_entries
+from fedimb.client import (
+    CLASS_COUNTS_KEY,
+    carried_state,
+    client_half,
+    experiment_record,
+    state_entries,
+)
 from fedimb.config import Config, ConfigError, lr_in_round
 from fedimb.federation import get_federation, init_model
 from fedimb.loggers import RunLoggers
@@ -672,10 +678,11 @@ def _starting_state(
         random.setstate(state["random_state"])  # then the files: nothing above failed
         recorder.resume_from(start_round)
         client_state = state.get("client_state")
-        if client_state is None and config.strategy.name == "scaffold":
+        if client_state is None and getattr(client_half(config), "keeps_state", False):
             log.warning(  # an older checkpoint, from a Ray run: it had none
-                "no client-side state in this checkpoint: SCAFFOLD's client control "
-                "variates restart from zero"
+                "no client-side state in this checkpoint: strategy %r's clients restart "
+                "their state from zero",
+                config.strategy.name,
             )
         return start_round, state["strategy"], arrays, client_state
     if checkpoint is not None:

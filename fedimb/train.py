@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from torch import nn
 
 from fedimb.data.augment import crop_flip
 from fedimb.sampling import epoch_indices
+
+if TYPE_CHECKING:
+    from fedimb.algorithm import ClientTerms
 
 ToFloat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,9 +80,9 @@ class ClientJob:
     y: torch.Tensor
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     plan: ClientPlan
-    prox_mu: float = 0.0
-    control: Mapping[str, torch.Tensor] | None = None
-    """SCAFFOLD's correction c - c_i per parameter name, added to every gradient."""
+    terms: ClientTerms | None = None
+    """What the algorithm's client half adds (:mod:`fedimb.algorithm`): a term added
+    to every gradient before the optimizer step, and its work after training."""
     momentum: Mapping[str, torch.Tensor] | None = None
     """SGD's momentum buffers per parameter name where the client's last round left
     them (``optimizer-state = "keep"``); None: they start from zero, as a new SGD's."""
@@ -202,16 +205,19 @@ def train_client(
 ) -> TrainResult:
     """Train ``model`` in place on one client's plan with SGD; return its new state.
 
-    FedProx's proximal term mu/2 ||w - w_global||^2 and SCAFFOLD's control correction are
-    added to the gradient before the optimizer step, as in their papers. The momentum
-    buffers start from ``job.momentum`` when the client kept them (else from zero).
+    The algorithm's gradient term (``job.terms``, e.g. a proximal term or a control
+    correction) is added to the gradient before the optimizer step, as in the methods'
+    papers. The momentum buffers start from ``job.momentum`` when the client kept them
+    (else from zero).
     """
     device = job.x.device
     model.train()
     if settings.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = dict(model.named_parameters())
-    anchor = {k: p.detach().clone() for k, p in params.items()} if job.prox_mu else None
+    terms = job.terms if job.terms is not None and job.terms.grad else None
+    # The global weights the round starts from: the term's ``global_param``.
+    anchor = {k: p.detach().clone() for k, p in params.items()} if terms is not None else None
     opt = torch.optim.SGD(
         model.parameters(),
         lr=settings.lr,
@@ -229,12 +235,10 @@ def train_client(
             with autocast(device, settings.bf16):
                 loss = job.loss(model(x), y)
             loss.backward()
-            with torch.no_grad():
-                for name, p in params.items():
-                    if anchor is not None:
-                        p.grad.add_(p - anchor[name], alpha=job.prox_mu)
-                    if job.control is not None:
-                        p.grad.add_(job.control[name])
+            if terms is not None:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.grad.add_(terms.half.gradient(p, anchor[name], terms.for_param(name)))
             opt.step()
             total += loss.detach().float()
     steps = max(job.plan.num_steps, 1)

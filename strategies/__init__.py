@@ -1,4 +1,4 @@
-"""Flower server strategies: stock ones, ours (SCAFFOLD, FedNova, FedAwS) and plug-ins.
+"""Flower server strategies: stock ones, ours (SCAFFOLD, FedNova, FedDyn, FedAwS), plug-ins.
 
 ``make_strategy(name, **params)`` builds one by registered name or by import path
 ``"package.module:Class"``; see ``strategies.registry``.

@@ -7,24 +7,56 @@ their local optima (objective inconsistency). FedNova divides each client's upda
 its effective number of steps ``a_i`` and rescales the average by ``tau_eff``.
 
 Each train reply's MetricRecord must carry ``num-steps`` (the client's local optimizer
-steps ``tau_i``) next to ``num-examples``.
+steps ``tau_i``) next to ``num-examples``; fedimb's clients (:class:`NovaClient`) also
+send ``effective-steps`` (``a_i`` under their own momentum), which the server then
+takes instead of computing it from ``num-steps`` and its ``momentum``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.supercore import log
 
-from fedimb.records import NUM_STEPS_KEY
-from fedimb.train import effective_steps
+from fedimb.algorithm import ClientHalf, ClientTerms, HalfReply
+from fedimb.protocol import NUM_STEPS_KEY
+from fedimb.train import TrainResult, TrainSettings, effective_steps
 from strategies.stock import FedAvg
+
+EFFECTIVE_STEPS_KEY = "effective-steps"  # reply metric: a_i
+
+
+class NovaClient(ClientHalf):
+    """FedNova's client: plain local SGD, reporting its effective steps ``a_i``."""
+
+    def prepare(
+        self,
+        instruction: RecordDict,
+        state: RecordDict,
+        global_params: Mapping[str, torch.Tensor],
+        settings: TrainSettings,
+    ) -> ClientTerms | None:
+        """No gradient term; :meth:`finish` adds the metric."""
+        return ClientTerms(self)
+
+    def finish(
+        self,
+        terms: ClientTerms,
+        global_params: Mapping[str, torch.Tensor],
+        result: TrainResult,
+        settings: TrainSettings,
+        state: RecordDict,
+    ) -> HalfReply:
+        """a_i of the steps taken, under the momentum the client used."""
+        steps = effective_steps(result.num_steps, settings.momentum)
+        return HalfReply(metrics={EFFECTIVE_STEPS_KEY: steps})
 
 
 class FedNova(FedAvg):
@@ -48,6 +80,8 @@ class FedNova(FedAvg):
     **kwargs
         Forwarded to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, ...).
     """
+
+    client_half = NovaClient()
 
     def __init__(self, *, momentum: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -84,7 +118,9 @@ class FedNova(FedAvg):
                 )
             weight = float(metrics[self.weighted_by_key])
             arrays = next(iter(msg.content.array_records.values()))
-            terms.append((weight, effective_steps(float(steps), self.momentum), arrays))
+            sent = metrics.get(EFFECTIVE_STEPS_KEY)  # a client that knows its momentum
+            a_i = float(sent) if sent is not None else effective_steps(float(steps), self.momentum)
+            terms.append((weight, a_i, arrays))
         return terms
 
     def aggregate_train(

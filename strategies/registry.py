@@ -24,14 +24,17 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, QFedAvg, Strategy
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fedimb.registry import REQUIRED, Registry, RegistryError
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.fedaws import FedAwS
+from strategies.feddyn import FedDyn
 from strategies.fednova import FedNova
+from strategies.fedprox import FedProx
+from strategies.qfedavg import QFedAvg
 from strategies.scaffold import Scaffold
-from strategies.stock import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from strategies.stock import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 for _name, _cls in {
@@ -48,6 +51,7 @@ for _name, _cls in {
     "scaffold": Scaffold,
     "fednova": FedNova,
     "fedaws": FedAwS,
+    "feddyn": FedDyn,
 }.items():
     STRATEGIES.register(_name)(_cls)
 

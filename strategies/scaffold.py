@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/1910.06378
 
-Message protocol (the client side: ``fedimb.client.make_reply`` and ``fedimb.train``):
+Message protocol (the client side: :class:`ScaffoldClient`, below):
 
 - train instruction: ``"arrays"`` (global state_dict), ``"config"`` and
   ``"scaffold-control"``: an ArrayRecord with the global control variate ``c``, one
@@ -17,18 +17,83 @@ the effective step count ``a_i`` (``fedimb.train.effective_steps``, as FedNova's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.supercore import log
 
-from fedimb.records import SCAFFOLD_CONTROL_KEY, SCAFFOLD_DELTA_KEY, record_of
+from fedimb.algorithm import ClientHalf, ClientTerms, HalfReply
+from fedimb.records import record_of
+from fedimb.train import TrainResult, TrainSettings, effective_steps
 from strategies.stock import FedAvg
+
+SCAFFOLD_CONTROL_KEY = "scaffold-control"  # instruction: the global control variate c
+SCAFFOLD_DELTA_KEY = "scaffold-delta"  # reply: c_i_new - c_i
+SCAFFOLD_STATE = "scaffold-ci"  # the client's c_i in its context.state
+
+
+class ScaffoldClient(ClientHalf):
+    """SCAFFOLD's client: gradient + (c - c_i); then option II's new c_i and its delta."""
+
+    keeps_state = True
+
+    def prepare(
+        self,
+        instruction: RecordDict,
+        state: RecordDict,
+        global_params: Mapping[str, torch.Tensor],
+        settings: TrainSettings,
+    ) -> ClientTerms | None:
+        """(c, c_i) when the server sent c (c_i = 0 in a client's first round)."""
+        control = record_of(instruction, SCAFFOLD_CONTROL_KEY, ArrayRecord)
+        if control is None:
+            return None
+        device = next(iter(global_params.values())).device
+        c = {k: v.to(device) for k, v in control.to_torch_state_dict().items()}
+        kept = record_of(state, SCAFFOLD_STATE, ArrayRecord)
+        if kept is not None:
+            c_i = {k: v.to(device) for k, v in kept.to_torch_state_dict().items()}
+        else:
+            c_i = {k: torch.zeros_like(c[k]) for k in global_params}
+        correction = {k: c[k] - c_i[k] for k in global_params}
+        return ClientTerms(self, {"correction": correction}, keep=(c, c_i))
+
+    def gradient(
+        self, param: torch.Tensor, global_param: torch.Tensor, inputs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """c - c_i."""
+        return inputs["correction"]
+
+    def finish(
+        self,
+        terms: ClientTerms,
+        global_params: Mapping[str, torch.Tensor],
+        result: TrainResult,
+        settings: TrainSettings,
+        state: RecordDict,
+    ) -> HalfReply:
+        """c_i+ = c_i - c + (x - y_i) / (a_i * lr), kept; the reply carries c_i+ - c_i.
+
+        Option II of Karimireddy et al. divides by K plain SGD steps; heavy-ball momentum
+        moves the weights by lr * a_i gradients (a_i: the effective steps), so dividing
+        by K would overstate c_i.
+        """
+        c, c_i = terms.keep
+        moved = effective_steps(max(result.num_steps, 1), settings.momentum) * settings.lr
+        # result.state may be on the host (the vectorised trainer copies it there).
+        new_ci = {
+            k: c_i[k] - c[k] + (global_params[k] - result.state[k].to(c[k].device)) / moved
+            for k in c_i  # the model's parameters
+        }
+        state[SCAFFOLD_STATE] = ArrayRecord({k: v.cpu() for k, v in new_ci.items()})
+        delta = ArrayRecord({k: (new_ci[k] - c_i[k]).cpu() for k in c_i})
+        return HalfReply(records={SCAFFOLD_DELTA_KEY: delta})
 
 
 class Scaffold(FedAvg):
@@ -62,6 +127,8 @@ class Scaffold(FedAvg):
     control : dict[str, np.ndarray] or None
         The global control variate ``c``; part of the strategy's pickled state.
     """
+
+    client_half = ScaffoldClient()
 
     def __init__(
         self,

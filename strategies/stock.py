@@ -153,10 +153,6 @@ class FedAvg(flwr_strategy.FedAvg):
 
 # Each class puts our FedAvg between Flower's subclass and Flower's FedAvg in the method
 # resolution order, so the subclass's ``super().aggregate_train`` reaches the mean above.
-class FedProx(flwr_strategy.FedProx, FedAvg):
-    """Flower's ``FedProx`` with :class:`FedAvg`'s array mean."""
-
-
 class FedAvgM(flwr_strategy.FedAvgM, FedAvg):
     """Flower's ``FedAvgM`` with :class:`FedAvg`'s array mean."""
 

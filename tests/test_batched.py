@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedimb.algorithm import ClientHalf, ClientTerms
 from fedimb.batched import can_batch, pays_off, train_clients
 from fedimb.data.augment import crop_flip
 from fedimb.losses import make_loss
@@ -19,6 +20,30 @@ def per_channel(x: torch.Tensor) -> torch.Tensor:
     """Like Dataset.to_float: normalise per channel, channels at dim 1 of a batch."""
     mean = torch.tensor([0.1, -0.2, 0.3], device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
     return (x.float() - mean) / 0.5
+
+
+class ProxAndControl(ClientHalf):
+    """FedProx's and SCAFFOLD's terms at once: a scalar and a per-parameter input."""
+
+    def gradient(self, param, global_param, inputs):
+        return inputs["mu"] * (param - global_param) + inputs["control"]
+
+
+PROX_AND_CONTROL = ProxAndControl()
+
+
+def _terms(prox_mu, control):
+    """The client-half terms of a job with FedProx's mu and/or SCAFFOLD's c - c_i."""
+    from strategies.fedprox import PROXIMAL
+    from strategies.scaffold import Scaffold
+
+    if prox_mu and control is not None:
+        return ClientTerms(PROX_AND_CONTROL, {"mu": prox_mu, "control": control})
+    if prox_mu:
+        return ClientTerms(PROXIMAL, {"mu": prox_mu})
+    if control is not None:
+        return ClientTerms(Scaffold.client_half, {"correction": control})
+    return None
 
 
 def _jobs(
@@ -39,7 +64,7 @@ def _jobs(
             ctl = {
                 n: 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()
             }
-        jobs.append(ClientJob(x=x, y=y, loss=loss, plan=plan, prox_mu=prox_mu, control=ctl))
+        jobs.append(ClientJob(x=x, y=y, loss=loss, plan=plan, terms=_terms(prox_mu, ctl)))
     return jobs
 
 

@@ -77,7 +77,7 @@ def test_shared_loss_table_gives_each_loss_its_own_params():
         ({"num-rond": 3}, "did you mean 'num-rounds'"),
         # A table's key given at the top level: the tables that have it.
         ({"fraction-train": 0.5}, "did you mean 'strategy.fraction-train'?"),
-        ({"alpha": 0.1}, "did you mean 'partition.alpha' or 'loss.alpha'?"),
+        ({"alpha": 0.1}, "did you mean 'partition.alpha' or 'loss.alpha'"),
         ({"ratio": 10}, "did you mean 'long-tail.ratio'?"),
         ({"num-rounds": 0}, "num-rounds = 0: must be an integer >= 1"),
         ({"num-rounds": "ten"}, "expected an integer"),

@@ -36,14 +36,14 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedimb.records import SCAFFOLD_CONTROL_KEY, SCAFFOLD_DELTA_KEY, TensorArray, state_record
+from fedimb.records import TensorArray, state_record
 from fedimb.registry import RegistryError
 from strategies import list_strategies, make_strategy, stock, strategy_params
 from strategies.aggregation import aggregate_class_counts, aggregate_train_metrics
 from strategies.example_custom import ServerLRFedAvg
 from strategies.fedaws import FedAwS, spreadout_grad, spreadout_loss
 from strategies.fednova import FedNova, effective_steps
-from strategies.scaffold import Scaffold
+from strategies.scaffold import SCAFFOLD_CONTROL_KEY, SCAFFOLD_DELTA_KEY, Scaffold
 from strategies.stock import weighted_array_mean
 
 SHAPES = {"conv.weight": (3, 2), "bn.num_batches_tracked": (), "fc.weight": (4, 3), "fc.bias": (4,)}
@@ -217,6 +217,7 @@ def test_scaffold_clients_control_is_their_gradient_whatever_the_momentum(moment
     # has the same gradient g, so option II's c_i+ (from c = c_i = 0) must be g itself.
     from flwr.app import Context
 
+    from fedimb.algorithm import ClientTerms
     from fedimb.client import make_reply
     from fedimb.train import ClientJob, TrainSettings, make_plan, train_client
 
@@ -229,13 +230,14 @@ def test_scaffold_clients_control_is_their_gradient_whatever_the_momentum(moment
     plan = make_plan(y.numpy(), settings, np.random.default_rng(0))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     zeros = {k: torch.zeros_like(v) for k, v in start.items()}
-    job = ClientJob(x, y, lambda z, t: (z * direction).mean(0).sum(), plan, control=zeros)
+    terms = ClientTerms(Scaffold.client_half, {"correction": zeros}, keep=(zeros, zeros))
+    job = ClientJob(x, y, lambda z, t: (z * direction).mean(0).sum(), plan, terms=terms)
     result = train_client(model, job, lambda t: t, settings)
     assert result.num_steps == 6
 
     msg = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    answer = make_reply(msg, context, (zeros, zeros), result, 0, settings, start, 0.0)
+    answer = make_reply(msg, context, terms, result, 0, settings, start, 0.0)
     control = {
         k: torch.from_numpy(a.numpy()) for k, a in answer.content[SCAFFOLD_DELTA_KEY].items()
     }
@@ -472,7 +474,7 @@ def test_train_metrics_skip_lists_and_partition_id() -> None:
 def test_registry_lists_all_strategies() -> None:
     expected = {
         "fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "fedmedian",
-        "fedtrimmedavg", "krum", "qfedavg", "scaffold", "fednova", "fedaws",
+        "fedtrimmedavg", "krum", "qfedavg", "scaffold", "fednova", "fedaws", "feddyn",
     }  # fmt: skip
     assert set(list_strategies()) == expected
 
