@@ -29,6 +29,7 @@ from fedimb.config import (
     load_config,
     parse_overrides,
 )
+from fedimb.engines import engine_names
 from fedimb.registry import RegistryError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in DIR from its last checkpoint",
     )
     run.add_argument(
-        "--engine", choices=["ray", "inprocess"], default=None, help="shortcut for --set engine=..."
+        "--engine", choices=engine_names(), default=None, help="shortcut for --set engine=..."
     )
     run.add_argument(
         "--ray-address",
@@ -357,8 +358,8 @@ def _add_executor_args(sweep: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedimb.engines.ray import late_interrupt
     from fedimb.preflight import check_same_defaults, prepare
-    from fedimb.ray_engine import late_interrupt
     from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, read_json
     from fedimb.sim import run_experiment
     from fedimb.sweep import load_sweep, parse_only, run_sweep
@@ -430,7 +431,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         with (
             once.installed_on(logging.getLogger("fedimb.preflight")),
-            once.installed_on(logging.getLogger("fedimb.ray_engine")),
+            once.installed_on(logging.getLogger("fedimb.engines.ray")),
             once.installed_on(log),
             executor or contextlib.nullcontext(),
         ):
@@ -734,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in LIGHT_COMMANDS:  # no Ray here to replace the other handlers
         with _sigterm_interrupts():
             return _run_command(args)
-    from fedimb.ray_engine import interrupt_handlers_kept
+    from fedimb.engines.ray import interrupt_handlers_kept
     from fedimb.sim import quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from fedimb.engines import engine_names
 from fedimb.registry import (
     REQUIRED,
     RegistryError,
@@ -53,7 +54,7 @@ CONFIGS_DIR = next(
 )
 DEFAULT_CONFIG = CONFIGS_DIR / "quickstart.toml"
 
-ENGINES = ("ray", "inprocess")
+ENGINES = engine_names()
 ON_OFF_AUTO = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZER_STATES = ("reset", "keep")

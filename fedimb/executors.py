@@ -598,7 +598,7 @@ class RayCells(_Concurrent):
                 "--ray needs Ray, which is not installed here: pip install 'ray[default]', "
                 "or run the cells here with --jobs N"
             ) from None
-        from fedimb.ray_engine import check_ray_address, init_ray
+        from fedimb.engines.ray import check_ray_address, init_ray
 
         if self.address:
             check_ray_address(self.address)
