@@ -562,7 +562,7 @@ def decode_images(paths: Sequence[Path], mode: str = "auto") -> list[torch.Tenso
 
     JPEGs are decoded in one batched ``decode_jpeg`` call, other formats with
     ``decode_image``. Files are read serially: on a local disk a thread pool was slower
-    (measured 6x on 50k CIFAR JPEGs, GIL-bound on tiny files).
+    (GIL-bound on tiny files; benchmarks/README.md).
 
     Parameters
     ----------

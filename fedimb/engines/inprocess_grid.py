@@ -41,16 +41,16 @@ replies with a full garbage collection (see :meth:`InProcessGrid.push_messages`)
 def frozen_start_up(*, vectorised: bool) -> Iterator[None]:
     """Keep the objects alive at the start of a run out of garbage collections while it lasts.
 
-    A full collection visits every object Python tracks: about 345,000 once torch, Flower
-    and ``torch._dynamo`` are loaded, 0.2 s on a 2-core CPU, paid by the collection before
-    each train round with big replies (:meth:`InProcessGrid.push_messages`) and by
-    Python's own oldest-generation collections. Frozen (``gc.freeze``), they are skipped:
+    A full collection visits every object Python tracks (hundreds of thousands once torch
+    and Flower are loaded; benchmarks/README.md, "A frozen start-up"), paid by the
+    collection before each train round with big replies (:meth:`InProcessGrid.push_messages`)
+    and by Python's own oldest-generation collections. Frozen (``gc.freeze``), they are skipped:
     a collection visits only what the run made since. They are still freed by reference
     counting; ``gc.unfreeze`` at the end returns them to the collector. If the process
     already froze objects, its owner manages the collector: nothing is done.
 
     ``vectorised``: import ``torch._dynamo`` first, as the first ``torch.func`` gradient
-    of a vectorised round would (1.7 s, 134,000 objects), so that it is frozen too.
+    of a vectorised round would (seconds, and many objects), so that it is frozen too.
     """
     if gc.get_freeze_count():
         yield
@@ -144,8 +144,8 @@ class InProcessGrid(Grid):
         a ``RecordDict``'s ``array_records`` or ``metric_records`` (FedAvg makes several)
         builds a view that is in a reference cycle with itself and points back to the
         reply, so the reply, and its weights, wait for Python's cyclic collector, which
-        may come rounds later (measured on CPU: one round's weights of extra resident
-        memory, every few rounds; on a GPU, pinned host buffers that cannot be reused).
+        may come rounds later (one round's weights of extra resident memory, every few
+        rounds; on a GPU, pinned host buffers that cannot be reused).
         """
         messages = list(messages)
         for msg in messages:

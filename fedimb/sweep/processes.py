@@ -65,8 +65,8 @@ def _freeze_imports() -> None:
     """Keep what the imports made out of every later garbage collection, once.
 
     A run freezes the objects alive at its start itself (``frozen_start_up``), after a
-    full collection of every object Python tracks (0.2-0.3 s a cell on 2 cores, as long
-    as a short digits cell's rounds). A worker's imports live as long as the worker, so
+    full collection of every object Python tracks (as long as a short digits cell's
+    rounds: benchmarks/README.md). A worker's imports live as long as the worker, so
     it freezes them once and its runs skip that collection (``gc.get_freeze_count()``).
     """
     import gc
