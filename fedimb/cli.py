@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import shlex
@@ -21,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from fedimb.config import (
-    COMPONENT_OWN_KEYS,
     DEFAULT_CONFIG,
     Config,
     ConfigError,
-    config_changes,
     load_config,
     parse_overrides,
 )
+from fedimb.engines import engine_names
+from fedimb.listing import LIST_TABLES, version_line
 from fedimb.registry import RegistryError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -73,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in DIR from its last checkpoint",
     )
     run.add_argument(
-        "--engine", choices=["ray", "inprocess"], default=None, help="shortcut for --set engine=..."
+        "--engine", choices=engine_names(), default=None, help="shortcut for --set engine=..."
     )
     run.add_argument(
         "--ray-address",
@@ -220,6 +218,8 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
             "--resume continues a run exactly as configured; drop --config/--set "
             "(only --set num-rounds=N may change, to run more rounds)"
         )
+    from fedimb.resume import check_config_unedited, check_runs_on
+
     config = load_config(args.resume / CONFIG_FILE, extra)
     check_config_unedited(args.resume, config)
     if not overrides or overrides["num-rounds"] == config["num-rounds"]:
@@ -227,85 +227,6 @@ def _resumed_config(args: argparse.Namespace, extra: dict[str, Any]) -> Config:
     longer = config.with_overrides(overrides)
     check_runs_on(args.resume, config, longer)
     return longer
-
-
-def check_config_unedited(run_dir: Path, config: Config) -> None:
-    """Refuse to continue the run in ``run_dir`` when its config.toml (``config``) no
-    longer says what its checkpoint was trained under (edited by hand), as a sweep
-    refuses a cell folder of another config; num-rounds may differ (see check_runs_on)."""
-    from fedimb.config import flat_changes
-    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE
-    from fedimb.server import checkpoint_config
-
-    checkpoint = run_dir / CHECKPOINT_FILE
-    saved = checkpoint_config(checkpoint) if checkpoint.is_file() else None
-    if not saved:  # nothing to continue from, or a checkpoint from before it kept its config
-        return
-    now = config.to_flat()
-    changed = flat_changes(saved, {k: now.get(k) for k in saved}, ignore={"num-rounds"})
-    if changed:
-        raise ConfigError(
-            f"{run_dir / CONFIG_FILE} differs from the config its checkpoint was trained "
-            f"under ({changed}): --resume continues a run as it began; undo the edit, or "
-            f"start a new run with --config {run_dir / CONFIG_FILE} --out <another folder>"
-        )
-
-
-def check_runs_on(
-    run_dir: Path, config: Config, longer: Config, *, start_over: bool = False
-) -> None:
-    """Refuse to continue the run in ``run_dir`` (``config``) to ``longer``'s num-rounds
-    where it cannot: fewer rounds than it has run, or rounds run but no checkpoint
-    (unless ``start_over``: a sweep's cell then runs again from round 0, said in a
-    warning). Warn when a schedule counts in fractions of num-rounds, since its rounds
-    move."""
-    from fedimb.results import CHECKPOINT_FILE, SUMMARY_FILE, read_json
-    from fedimb.server import checkpoint_round
-
-    rounds = f"num-rounds {config['num-rounds']} -> {longer['num-rounds']}"
-    checkpoint = run_dir / CHECKPOINT_FILE
-    saved = checkpoint.is_file()
-    if saved:
-        done = checkpoint_round(checkpoint)
-    else:
-        done = int((read_json(run_dir / SUMMARY_FILE) or {}).get("rounds_completed") or 0)
-    if longer["num-rounds"] < done:
-        raise ConfigError(
-            f"{run_dir}: {rounds}: the run has reached round {done}; give at least that many"
-        )
-    if not saved:  # it runs again from round 0
-        if done and not start_over:
-            raise ConfigError(f"{run_dir}: {rounds}: no checkpoint there to continue from")
-        if done:
-            log.warning("%s: %s: no checkpoint to continue from: it runs again", run_dir, rounds)
-        return
-    moved = round_fractions(config)
-    if moved:
-        log.warning(
-            "%s: %s count in fractions of num-rounds, so their rounds move for the rounds after %d",
-            rounds,
-            ", ".join(moved),
-            done,
-        )
-
-
-def round_fractions(config: Config) -> list[str]:
-    """The config's schedules given as fractions of num-rounds (DRW, DRS, lr milestones)."""
-    from fedimb.losses import list_losses, loss_defaults
-    from fedimb.sampling import sampler_params
-
-    loss = config.loss
-    loss_params = loss_defaults(loss.name) if loss.name in list_losses() else {}
-    loss_params.update(loss.kwargs())
-    sampling_params = {**sampler_params(config.sampling.name), **config.sampling.kwargs()}
-    found = []
-    if isinstance(loss_params.get("drw_start"), float):
-        found.append("loss.drw-start")
-    if isinstance(sampling_params.get("drs_start"), float):
-        found.append("sampling.drs-start")
-    if "." in config["lr-schedule.milestones"]:
-        found.append("lr-schedule.milestones")
-    return found
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
@@ -357,203 +278,9 @@ def _add_executor_args(sweep: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedimb.preflight import check_same_defaults, prepare
-    from fedimb.ray_engine import late_interrupt
-    from fedimb.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, read_json
-    from fedimb.sim import run_experiment
-    from fedimb.sweep import load_sweep, parse_only, run_sweep
+    from fedimb.sweep.command import run_sweep_command
 
-    try:
-        sweep = load_sweep(args.sweep_file)
-        only = parse_only(args.only, sweep)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"sweep {args.sweep_file}: {exc}") from exc
-    extra = parse_overrides(args.overrides)
-    swept = sorted(set(extra) & set(sweep.grid))
-    if swept:
-        raise ConfigError(f"--set {', '.join(swept)}: swept in the [grid] of {args.sweep_file}")
-    sweep = dataclasses.replace(sweep, fixed={**sweep.fixed, **extra})
-    out = args.out or Path("results") / sweep.name
-    plugins = sweep_plugins(sweep)
-    unused = _grid_keys_no_cell_takes(sweep)
-    if unused:
-        raise ConfigError(
-            f"sweep {args.sweep_file}: no cell's component takes grid key(s) "
-            f"{', '.join(unused)}, so its values would all run the same; sweep a component "
-            "that takes it (partition.name, loss.name, ...) or drop the key"
-        )
-    once = _OncePerSweep()
-    configs: dict[str, Config] = {}
-
-    def cell_config(overrides: dict[str, Any]) -> Config:
-        # Read and checked once: the sweep asks to validate, to skip and to run a cell.
-        key = json.dumps(overrides, sort_keys=True)
-        if key not in configs:
-            configs[key] = load_config(sweep.base, overrides, plugins=plugins)
-        return configs[key]
-
-    def validate_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
-        once.cell = cell_dir.name
-        config = cell_config(overrides)
-        prepare(config)  # data + partition too, before any cell runs
-        if (cell_dir / CONFIG_FILE).is_file():  # a cell run (or begun) earlier
-            check_same_defaults(cell_dir)
-            began = load_config(cell_dir / CONFIG_FILE)
-            # data-root says where the data is on this machine, not which data it is.
-            changed = config_changes(began, config, ignore={"num-rounds", "data-root"})
-            if changed:
-                raise ConfigError(
-                    f"{cell_dir} holds a run of another config ({changed}); sweep into "
-                    "another --out, or delete that folder to run the cell again"
-                )
-            if began["num-rounds"] != config["num-rounds"]:  # runs on from its checkpoint
-                check_runs_on(cell_dir, began, config, start_over=True)
-
-    def is_done(overrides: dict[str, Any], cell_dir: Path) -> bool:
-        summary = read_json(cell_dir / SUMMARY_FILE) or {}
-        wanted = cell_config(overrides)["num-rounds"]
-        return summary.get("status") == "completed" and summary.get("rounds_completed", 0) >= wanted
-
-    def run_cell(overrides: dict[str, Any], cell_dir: Path) -> None:
-        # A cell interrupted earlier continues from its checkpoint; quiet sweeps print per cell.
-        once.cell = cell_dir.name
-        run_experiment(
-            cell_config(overrides),
-            cell_dir,
-            resume=(cell_dir / CHECKPOINT_FILE).exists(),
-            progress=None if args.quiet else True,
-            label=cell_dir.name,
-        )
-
-    late_interrupt()  # forget one that reached an earlier Ray run of this process
-    executor = sweep_executor(args, sweep, plugins, cell_config)  # None: in turn, here
-    try:
-        with (
-            once.installed_on(logging.getLogger("fedimb.preflight")),
-            once.installed_on(logging.getLogger("fedimb.ray_engine")),
-            once.installed_on(log),
-            executor or contextlib.nullcontext(),
-        ):
-            results = run_sweep(
-                sweep,
-                out,
-                executor.run_cell if executor else run_cell,
-                validate_cell=validate_cell,
-                is_done=is_done,
-                progress=not args.quiet,
-                stop_requested=late_interrupt,  # Ctrl-C while Ray shut a cell's run down
-                only=only,
-                each=executor.each if executor else map,
-            )
-    except ValueError as exc:
-        if isinstance(exc, ConfigError) or "cell" in str(exc):
-            raise ConfigError(str(exc)) from exc
-        raise
-    failed = [r for r in results if r.status == "failed"]
-    elsewhere = sum(r.status == "running elsewhere" for r in results)
-    print(
-        f"sweep: {len(results) - len(failed) - elsewhere} cells completed, {len(failed)} failed"
-        + (f", {elsewhere} running in another process" if elsewhere else "")
-        + f"; report in {out}"
-    )
-    return EXIT_FAILED if failed else 0
-
-
-def sweep_executor(
-    args: argparse.Namespace,
-    sweep: Any,
-    plugins: dict[str, list[str]],
-    cell_config: Any,
-) -> Any:
-    """What runs the cells for ``--jobs N`` / ``--ray``: a :mod:`fedimb.executors`
-    executor (a context manager), or None to run them one after another here."""
-    from fedimb.executors import CellJob, ProcessCells, RayCells, check_inprocess
-    from fedimb.sweep import expand
-
-    if args.ray is None and args.jobs == 1:
-        if args.cell_cpus != 1.0 or args.cell_gpus is not None:
-            raise ConfigError("--cell-cpus and --cell-gpus size Ray tasks: add --ray")
-        return None
-    engines = {}
-    for cell in expand(sweep):
-        with contextlib.suppress(ConfigError):  # the cells' validation names what is wrong
-            engines[cell.name] = cell_config(cell.overrides)["engine"]
-    how = "--ray" if args.ray is not None else f"--jobs {args.jobs}"
-    check_inprocess(engines, how)
-    job = CellJob(str(sweep.base), plugins)
-
-    def rounds_of(overrides: dict[str, Any]) -> int:
-        return cell_config(overrides)["num-rounds"]
-
-    if args.ray is None:
-        return ProcessCells(args.jobs, job, rounds_of, progress=not args.quiet)
-    return RayCells(
-        args.ray,
-        job,
-        rounds_of,
-        cell_cpus=args.cell_cpus,
-        cell_gpus=args.cell_gpus,
-        progress=not args.quiet,
-    )
-
-
-def sweep_plugins(sweep: Any) -> dict[str, list[str]]:
-    """Per component table, the plug-ins (import paths) the sweep's cells use: a table
-    shared by the cells may carry their parameters, as it may other components'."""
-    from fedimb.registry import is_import_path
-
-    found: dict[str, list[str]] = {}
-    pairs = [*sweep.fixed.items(), *((k, v) for k, vs in sweep.grid.items() for v in vs)]
-    for key, value in pairs:
-        table, _, leaf = key.partition(".")
-        if leaf == "name" and isinstance(value, str) and is_import_path(value):
-            found.setdefault(table, []).append(value)
-    return found
-
-
-def _grid_keys_no_cell_takes(sweep: Any) -> list[str]:
-    """Grid keys of a component table that every cell's component ignores."""
-    from fedimb.sweep import expand
-
-    taken: set[str] = set()
-    plugins = sweep_plugins(sweep)
-    for cell in expand(sweep):
-        try:
-            config = load_config(sweep.base, cell.overrides, plugins=plugins)
-        except ConfigError:
-            return []  # the cells' own validation names what is wrong
-        ignored = {f"{t}.{k}" for t, c in config.components.items() for k in c.ignored}
-        taken |= set(cell.overrides) - ignored
-    return [key for key in sweep.grid if key not in taken]
-
-
-class _OncePerSweep(logging.Filter):
-    """Let each distinct message through once, naming the sweep cell it first came from.
-
-    A sweep checks every cell before it runs any, so each cell's warnings about its
-    partition or device come up front; the cell's run would repeat them word for word.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cell = ""
-        self._seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if text in self._seen:
-            return False
-        self._seen.add(text)
-        record.msg, record.args = f"{self.cell}: {text}", ()
-        return True
-
-    @contextlib.contextmanager
-    def installed_on(self, logger: logging.Logger) -> Iterator[None]:
-        logger.addFilter(self)
-        try:
-            yield
-        finally:
-            logger.removeFilter(self)
+    return run_sweep_command(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -571,149 +298,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# `fedimb list TABLE`: the listing's word -> the config table.
-LIST_TABLES = {
-    "partitions": "partition",
-    "losses": "loss",
-    "samplers": "sampling",
-    "models": "model",
-    "strategies": "strategy",
-}
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    if args.table == "keys":  # before the registries' imports (torch, Flower)
-        print(key_listing())
-        return 0
-    import strategies
-    from fedimb import losses, models, sampling
-    from fedimb.data import datasets
-    from fedimb.data.partition import PARTITIONERS
+    from fedimb import listing
 
-    if args.table == "datasets":
-        print(dataset_listing())
-        return 0
-    if args.table:
-        print(component_parameters(LIST_TABLES[args.table]))
-        return 0
-    for title, names in (
-        ("datasets", datasets.list_datasets()),
-        ("partitions", PARTITIONERS.names()),
-        ("losses", losses.list_losses()),
-        ("samplers", sampling.list_samplers()),
-        ("models", models.list_models()),
-        ("strategies", strategies.list_strategies()),
-    ):
-        print(f"{title}: {', '.join(names)}")
-    print("each also takes your own as an import path 'package.module:attribute' (README)")
+    if args.table == "keys":
+        print(listing.key_listing())
+    elif args.table == "datasets":
+        print(listing.dataset_listing())
+    elif args.table:
+        print(listing.component_parameters(LIST_TABLES[args.table]))
+    else:
+        print(listing.names_listing())
     return 0
-
-
-def version_line() -> str:
-    """``fedimb X (torch Y, flwr Z, Python W)``, from the installed packages' metadata
-    (nothing imported)."""
-    import platform
-    from importlib import metadata
-
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    others = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr"))
-    return f"fedimb {version('fedimb')} ({others}, Python {platform.python_version()})"
-
-
-def key_listing() -> str:
-    """Every config key with its default and meaning; the component tables' parameters
-    are in their own listings (``fedimb list losses``, ...)."""
-    from fedimb.config import COMPONENT_DEFAULTS, FIXED_TABLES, TOP_LEVEL
-    from fedimb.keys import MEANINGS, TABLE_MEANINGS
-
-    def line(key: str, default: Any) -> str:
-        return f"  {key.rpartition('.')[2]} = {json.dumps(default)}: {MEANINGS.get(key, '')}"
-
-    lines = [
-        "config keys = defaults: meaning (in a TOML file, or --set key=value / table.key=value)"
-    ]
-    lines += [line(key, field.default) for key, field in TOP_LEVEL.items()]
-    for table, fields in FIXED_TABLES.items():
-        lines.append(f"[{table}]")
-        lines += [line(f"{table}.{key}", field.default) for key, field in fields.items()]
-    words = {t: w for w, t in LIST_TABLES.items()}
-    for table, default in COMPONENT_DEFAULTS.items():
-        lines.append(f"[{table}]")
-        lines.append(f"  name = {json.dumps(default)}: {TABLE_MEANINGS[table]}")
-        for key, field in COMPONENT_OWN_KEYS.get(table, {}).items():
-            lines.append(line(f"{table}.{key}", field.default))
-        lines.append(f"  (each {table}'s parameters: fedimb list {words[table]})")
-    return "\n".join(lines)
-
-
-def dataset_listing() -> str:
-    """Each registered dataset with the first line of its loader's docstring."""
-    from fedimb.data import datasets
-
-    lines = ["dataset = one of the following, or an import path 'package.module:loader':"]
-    for name in datasets.list_datasets():
-        doc = (datasets.DATASETS.get(name).__doc__ or "").strip().splitlines()
-        text = doc[0].replace("``root", "``data-root").replace("``", "") if doc else ""
-        lines.append(f"  {name}: {text}".rstrip())
-    return "\n".join(lines)
-
-
-def _list_notes(table: str) -> list[str]:
-    """What a table's listing cannot show by itself."""
-    from fedimb.losses import COSINE_SCALE
-
-    if table == "loss":
-        return [f"s unset: 1, or {COSINE_SCALE:g} on a cosine head (model.cosine-head)"]
-    if table == "strategy":
-        least = COMPONENT_OWN_KEYS["strategy"]["min-train-clients"].default
-        return [
-            f"also strategy.min-train-clients = {least}: sets min-train-nodes and "
-            "min-available-nodes (either, set beside it, wins)",
-            "fednova normalises by the clients' momentum: the run's momentum, not a setting",
-        ]
-    return []
-
-
-def component_parameters(table: str) -> str:
-    """Each registered component of ``table`` with its parameters, as config keys."""
-    import strategies
-    from fedimb.config import component_catalog, snake_to_kebab
-    from strategies import REQUIRED
-
-    def shown(value: Any) -> str:
-        if value is REQUIRED:
-            return "(required)"
-        return "(unset)" if value is None else json.dumps(value)
-
-    def listed(params: dict[str, Any]) -> str:
-        text = ", ".join(f"{snake_to_kebab(k)} = {shown(v)}" for k, v in params.items())
-        return text or "(no parameters)"
-
-    names, defaults_of = component_catalog(table)
-    params = {name: defaults_of(name) for name in names}
-    if table == "strategy":  # FedNova's is the run's momentum, not a setting (a note says)
-        for name in filter(strategies.follows_client_momentum, names):
-            params[name].pop("momentum", None)
-    shared = {
-        k: v
-        for k, v in params[names[0]].items()
-        if all(p.get(k, REQUIRED) == v for p in params.values())
-    }
-    lines = [f"[{table}] name = one of the following, with its parameters (defaults):"]
-    if len(names) < 2:
-        shared = {}
-    if shared:
-        lines.append(f"  (all): {listed(shared)}")
-    for name, own in params.items():
-        rest = {k: v for k, v in own.items() if k not in shared}
-        lines.append(f"  {name}: {listed(rest) if rest or not shared else '(all) only'}")
-    lines.extend(f"  {note}" for note in _list_notes(table))
-    return "\n".join(lines)
 
 
 COMMANDS = {
@@ -734,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in LIGHT_COMMANDS:  # no Ray here to replace the other handlers
         with _sigterm_interrupts():
             return _run_command(args)
-    from fedimb.ray_engine import interrupt_handlers_kept
+    from fedimb.engines.ray import interrupt_handlers_kept
     from fedimb.sim import quiet_flower
 
     quiet_flower(verbose=getattr(args, "verbose", False))

@@ -135,6 +135,7 @@ def _summary_writer(log_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
+@LOGGERS.register("tensorboard")
 class TensorBoardLogger:
     """Event files in ``<run dir>/tensorboard`` (``tensorboard --logdir results``)."""
 
@@ -157,6 +158,3 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
-
-
-LOGGERS.register("tensorboard")(TensorBoardLogger)

@@ -1,5 +1,5 @@
 """Checks before a run: everything that can be wrong with the config or the data is
-found here, before either engine starts (and before a sweep runs any cell).
+found here, before the engine starts (and before a sweep runs any cell).
 
 :func:`prepare` loads the data and builds the partition, the model, one client's loss and
 sampler; the ``warn_about_*`` functions say when a setting changes nothing or the split is
@@ -21,9 +21,9 @@ import torch
 from fedimb.config import FIXED_TABLES, Config, ConfigError, declares, snake_to_kebab
 from fedimb.data.datasets import BUNDLED_DATASETS
 from fedimb.data.partition import partition_params
+from fedimb.engines import get_engine
 from fedimb.federation import Federation, loss_kwargs
 from fedimb.loggers import check_loggers
-from fedimb.ray_engine import check_ray_address, check_ray_resources
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,7 @@ def prepare(config: Config) -> None:
     from fedimb.losses import make_loss
     from fedimb.sampling import epoch_indices
 
-    if config["engine"] == "ray" and config["ray.address"]:
-        check_ray_address(config["ray.address"])
-    elif config["engine"] == "ray":
-        check_ray_resources(config, local=True)  # the cluster's own check waits for Ray
+    get_engine(config["engine"]).check(config)
     warn_about_settings(config)
     check_loggers(config)
     fed = load_federation(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -115,6 +115,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        """Registered names in the order they were registered."""
+        return iter(list(self._items))
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -325,7 +325,7 @@ class GuardedGrid(Grid):
 
     With a ``stop`` event (Ray's engine, whose server runs in a thread of its own), it
     waits for replies in short polls and raises KeyboardInterrupt in the server's thread
-    once ``stop`` is set by Ctrl-C or SIGTERM (``fedimb.ray_engine.RayInterruption``), or
+    once ``stop`` is set by Ctrl-C or SIGTERM (``fedimb.engines.ray.RayInterruption``), or
     SimulationEnded when the simulation runtime stopped without the server.
     """
 

@@ -1,7 +1,7 @@
 """The fedimb ServerApp for ``flwr run .``: reads Flower's run config and runs the server.
 
 ``fedimb run`` builds its own ServerApp around the same :func:`fedimb.server.run_server`
-(see :mod:`fedimb.ray_engine`), so both paths run identical server code.
+(see :mod:`fedimb.engines.ray`), so both paths run identical server code.
 """
 
 from logging import ERROR

@@ -1,11 +1,7 @@
-"""Launch a run on one of two engines, with the same ServerApp code and ClientApp.
+"""The launcher: check a config, then run it on its engine (:mod:`fedimb.engines`).
 
-- ``engine = "ray"``: Flower's simulation engine on Ray (:mod:`fedimb.ray_engine`).
-- ``engine = "inprocess"``: :class:`fedimb.engine.InProcessGrid`, no Ray; a round's
-  clients are trained together on the device.
-
-Everything that can be wrong with the config or the data is found before either engine
-starts (:func:`fedimb.preflight.prepare`).
+Everything that can be wrong with the config or the data is found before the engine
+starts (:func:`fedimb.preflight.prepare`); torch's thread count is set for the run.
 """
 
 from __future__ import annotations
@@ -22,9 +18,9 @@ from torch import nn
 
 from fedimb import batched
 from fedimb.config import Config
+from fedimb.engines import get_engine
 from fedimb.preflight import check_same_defaults, prepare
-from fedimb.ray_engine import run_ray
-from fedimb.server import RoundHook, run_server
+from fedimb.server import RoundHook
 
 
 def quiet_flower(verbose: bool = False) -> None:
@@ -53,9 +49,7 @@ def run_experiment(
     prepare(config)
     kwargs = {"resume": resume, "progress": progress, "on_round": on_round, "label": label}
     with torch_threads(config):
-        if config["engine"] == "inprocess":
-            return _run_inprocess(config, Path(out_dir), **kwargs)
-        return run_ray(config, Path(out_dir), verbose=verbose, **kwargs)
+        return get_engine(config["engine"]).run(config, Path(out_dir), verbose=verbose, **kwargs)
 
 
 @contextlib.contextmanager
@@ -66,11 +60,8 @@ def torch_threads(config: Config) -> Iterator[None]:
     (Ray's actors get ``ray.client-cpus`` threads from Ray). ``threads = 0`` (auto): one
     thread on CPU for models without convolutions, else torch's default (one per core).
     Small matrix products gain nothing from a second thread and lose much when another
-    process wants a core: every parallel operation then waits for a descheduled thread.
-    Measured on 2 cores, a 20-round quickstart run in-process (digits MLP): 0.5-0.6 s with
-    2 threads or 1 on an idle machine; beside one busy process 1.7-2.1 s with 2 threads,
-    0.5-0.6 s with 1. A CNN step (batch 32) gains from the second core when it is free:
-    28 vs 43 ms (79 vs 49 ms beside a busy process).
+    process wants a core: every parallel operation then waits for a descheduled thread
+    (measured in benchmarks/README.md, "torch threads").
     """
     from fedimb.client import model_for
     from fedimb.federation import get_federation
@@ -99,16 +90,3 @@ def thread_count(setting: int, model: nn.Module, device: torch.device) -> int:
     if setting == 0 and device.type == "cpu" and not batched.has_convolutions(model):
         return 1
     return setting
-
-
-def _run_inprocess(config: Config, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
-    from clients.app import app as client_app
-    from fedimb.client import model_for
-    from fedimb.engine import InProcessGrid, frozen_start_up, task_identity
-    from fedimb.federation import get_federation
-
-    fed = get_federation(config)
-    vectorised = batched.wanted(config["batched"], model_for(config, fed), fed.device)
-    grid = InProcessGrid(client_app, config["num-clients"], batched=config["batched"] != "off")
-    with task_identity(grid.run.run_id), frozen_start_up(vectorised=vectorised):
-        return run_server(grid, config, out_dir, **kwargs)

@@ -186,13 +186,14 @@ def test_a_grid_key_that_no_cell_takes_is_refused_before_anything_runs(tmp_path,
 
     # Taken by some cells (focal's gamma, beside ce): a sweep the user may mean.
     from fedimb.sweep import load_sweep
+    from fedimb.sweep.command import grid_keys_no_cell_takes
 
     sweep.write_text(
         f'base = "{(cli.DEFAULT_CONFIG).as_posix()}"\n[grid]\n'
         '"loss.name" = ["ce", "focal"]\n"loss.gamma" = [1.0, 2.0]\n'
         '"partition.name" = ["label-skew", "dirichlet"]\n"partition.alpha" = [0.1, 1.0]\n'
     )
-    assert cli._grid_keys_no_cell_takes(load_sweep(sweep)) == []
+    assert grid_keys_no_cell_takes(load_sweep(sweep)) == []
 
 
 def test_partitions_prints_counts_and_writes_a_heatmap(tmp_path, capsys, caplog):

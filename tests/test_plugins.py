@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedimb.cli import sweep_plugins
 from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config
 from fedimb.federation import loss_kwargs, model_kwargs
 from fedimb.preflight import prepare, warn_about_settings
 from fedimb.sweep import Sweep
+from fedimb.sweep.command import sweep_plugins
 from strategies.stock import FedAvg
 
 HERE = __name__

@@ -330,7 +330,7 @@ def test_the_run_folder_says_who_holds_what(tmp_path):
 
 
 def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
-    from fedimb import preflight, ray_engine
+    from fedimb import ray_engine
     from fedimb.server import SimulationEnded
 
     # Checked before Ray starts against this machine, and once Ray is up against the
@@ -339,7 +339,7 @@ def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: this machine has \d+ CPU"):
         run_experiment(cfg, tmp_path / "checked", progress=False)
     # Not checked before Ray starts: then against the cluster, once Ray is up.
-    monkeypatch.setattr(preflight, "check_ray_resources", lambda config, local=False: None)
+    monkeypatch.setattr(ray_engine.RayEngine, "check", staticmethod(lambda config: None))
     with pytest.raises(ConfigError, match=r"ray.client-cpus = 1000: the Ray cluster has \d+ CPU"):
         run_experiment(cfg, tmp_path / "checked", progress=False)
     assert not (tmp_path / "checked").exists()

@@ -18,13 +18,16 @@ from typing import Any
 
 import pytest
 
-from fedimb import cli, executors
+from fedimb import cli
 from fedimb import progress as progress_mod
 from fedimb.cli import main
 from fedimb.config import ConfigError
-from fedimb.executors import CellJob, ProcessCells, RayCells
 from fedimb.progress import SweepProgress
 from fedimb.results import read_json, read_jsonl
+from fedimb.sweep import executors, processes, ray_cells
+from fedimb.sweep.executors import CellJob
+from fedimb.sweep.processes import ProcessCells
+from fedimb.sweep.ray_cells import RayCells
 
 ROOT = Path(__file__).resolve().parents[1]
 # Per round, what depends on the machine's speed, not on the training.
@@ -217,16 +220,16 @@ def test_files_come_back_and_files_the_run_removed_go(tmp_path) -> None:
     cell.mkdir()
     (cell / "old.txt").write_text("sent, then removed by the run")
     (cell / "sub").mkdir()
-    sent = executors._read_folder(cell)
-    executors._write_folder(cell, {"summary.json": b"{}", "sub/a.bin": b"\x00"}, sent)
-    assert executors._read_folder(cell) == {"summary.json": b"{}", "sub/a.bin": b"\x00"}
+    sent = ray_cells._read_folder(cell)
+    ray_cells._write_folder(cell, {"summary.json": b"{}", "sub/a.bin": b"\x00"}, sent)
+    assert ray_cells._read_folder(cell) == {"summary.json": b"{}", "sub/a.bin": b"\x00"}
 
 
 def test_gpus_are_dealt_from_cuda_visible_devices(monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
-    assert executors.visible_gpus() == ["2", "5"]
+    assert processes.visible_gpus() == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert executors.visible_gpus() == []
+    assert processes.visible_gpus() == []
 
 
 def test_a_running_cell_gets_a_line_under_the_sweep_bar_on_a_terminal(monkeypatch) -> None:

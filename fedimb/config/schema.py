@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedimb.engines import engine_names
+
 # fedimb's shipped configs: inside the package in an installed wheel (setup.py maps
 # configs/ to fedimb/configs), else beside it, in a checkout or an editable install.
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -23,7 +25,7 @@ CONFIGS_DIR = next(
 )
 DEFAULT_CONFIG = CONFIGS_DIR / "quickstart.toml"
 
-ENGINES = ("ray", "inprocess")
+ENGINES = engine_names()
 ON_OFF_AUTO = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZER_STATES = ("reset", "keep")
