@@ -329,3 +329,14 @@ def test_a_resumed_feddyn_run_equals_an_uninterrupted_one(tmp_path, monkeypatch)
     run_experiment(config, tmp_path / "cut", resume=True, progress=False)
     cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state_dict"]
     assert_same(cut, full, atol=0)
+
+
+def test_readme_example_is_the_tested_plugin():
+    """The README's "Write your own algorithm" code is the plug-in these tests run."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Write your own algorithm", 1)[1]
+    shown = section.split("```python\n", 1)[1].split("```", 1)[0]
+    source = (root / "tests" / "plugins" / "feddyn_plugin.py").read_text(encoding="utf-8")
+    code = source[source.index('"""', 3) + 3 :].lstrip("\n")  # after the module docstring
+    assert shown == code
