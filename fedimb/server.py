@@ -1,26 +1,32 @@
 """The server side of a run: strategy, evaluation, fault filtering, checkpoints.
 
-:func:`run_server` is what the ServerApp's ``main`` calls, under any engine. It leaves
-the round loop to Flower (``strategy.start``) and adds fedimb's duties at two seams that
-work for every strategy, stock or the user's own:
+:func:`run_server` is what the ServerApp's ``main`` calls, under any engine. It calls
+the strategy's own ``start()`` (Flower's, or a user's override) and adds fedimb's duties
+at seams that work whatever that ``start()`` does:
 
 - a :class:`GuardedGrid` around the engine's Grid: replies that are errors, non-finite
   or late are dropped before the strategy sees them, logged with the client id and
-  counted; past ``max-failure-fraction`` the run stops with a clear error;
+  counted; past ``max-failure-fraction`` the run stops with a clear error; what the
+  train messages carry (lr, a strategy's config edits) is recorded;
+- the strategy's hook methods (:class:`StrategyHooks`): round numbers kept on resume,
+  seeded client samples, the strategy's own metrics, its errors as one line;
 - the ``evaluate_fn`` that Flower calls after every round: global balanced error on the
   test set, ``metrics.jsonl``, the progress bar and the checkpoint.
 
 A resumed run reloads the pickled strategy (momentum, server optimiser moments, SCAFFOLD
-control variates), Python's ``random`` state and the clients' persistent states (SCAFFOLD's
-c_i, SGD momentum kept by ``optimizer-state = "keep"``; the :class:`GuardedGrid` hands
-them back), and :class:`RoundDriver` shifts Flower's
-round counter so rounds keep their numbers; each round's client sample depends on the
-seed and the round only, so it is the same as in an uninterrupted run.
+control variates), the configs given to ``start()`` as the strategy left them, Python's
+``random`` state and the clients' persistent states (SCAFFOLD's c_i, SGD momentum kept
+by ``optimizer-state = "keep"``; the :class:`GuardedGrid` hands them back); each
+round's client sample depends on the seed and the round only, so it is the same as in
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copyreg
+import dataclasses
+import functools
 import io
 import logging
 import math
@@ -47,7 +53,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import strategies
-from fedimb.client import CLASS_COUNTS_KEY, carried_state, experiment_record, state_entries
+from fedimb.client import (
+    CLASS_COUNTS_KEY,
+    carried_state,
+    config_from_message,
+    experiment_record,
+    state_entries,
+)
 from fedimb.config import Config, ConfigError, lr_in_round
 from fedimb.federation import get_federation, init_model
 from fedimb.loggers import RunLoggers
@@ -177,57 +189,201 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class RoundDriver(Strategy):
-    """Delegates to ``inner``, round by round, and adds three things to each round.
+class StrategyFailed(RuntimeError):
+    """The strategy's own code raised: one line names it, the round, the hook and the
+    exception (the traceback is the exception's ``__cause__``)."""
 
-    - Round numbers shifted by ``offset`` (the checkpointed round; 0 for a fresh run), so
-      a resumed run's rounds keep their numbers.
-    - A seeded client sample: before ``configure_train`` / ``configure_evaluate`` it has
-      the grid seed Python's ``random`` from (``seed``, round, stage) just before the
-      strategy samples (see :meth:`GuardedGrid.seed_next_sample`).
-    - What ``aggregate_evaluate`` returns (federated evaluation on clients, when the
-      strategy asks for it), kept by round for ``metrics.jsonl``.
+
+class StartSkipsEvaluation(StrategyFailed):
+    """The strategy's ``start()`` reached round 1 without calling ``evaluate_fn``."""
+
+
+# Failures that end a run in one line, recorded in summary.json (the CLI prints them so).
+RUN_FAILURES = (TooManyFailures, BadGlobalModel, SimulationEnded, StrategyFailed)
+# fedimb's own failures: raised through a strategy's code, never reported as its errors.
+FEDIMB_ERRORS = (*RUN_FAILURES, ConfigError)
+
+
+def fedimb_side(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (fedimb code a strategy calls: the grid, ``evaluate_fn``) with what it
+    raises marked as fedimb's, so that a strategy's start() passing it on is not blamed."""
+
+    @functools.wraps(fn)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.fedimb_side = True
+            raise
+
+    return marked
+
+
+def is_fedimbs(exc: BaseException) -> bool:
+    """Whether ``exc`` is fedimb's own failure rather than the strategy's."""
+    return isinstance(exc, FEDIMB_ERRORS) or getattr(exc, "fedimb_side", False)
+
+
+def described(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``; ``Type (no message)`` when it has none."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else f"{type(exc).__name__} (no message)"
+
+
+def own_class(strategy: Strategy) -> type[Strategy]:
+    """The strategy's own class, under the one :meth:`StrategyHooks.attach` made."""
+    cls = type(strategy)
+    return cls.__bases__[0] if "fedimb_hooks" in cls.__dict__ else cls
+
+
+class StrategyHooks:
+    """fedimb's duties at a strategy's hook methods, whatever its ``start()`` does.
+
+    :meth:`attach` gives the strategy a subclass of its own class whose
+    ``configure_*`` / ``aggregate_*`` add fedimb's part and then run the strategy's own:
+    its ``start()`` (Flower's, or the user's, which may call ``super().start()``) calls
+    ``self.configure_train(...)`` and so goes through them. They add:
+
+    - round numbers shifted by ``offset`` (the checkpointed round; 0 for a fresh run), so
+      a resumed run's rounds keep their numbers;
+    - a seeded client sample: the grid seeds Python's ``random`` from (``seed``, round,
+      stage) just before the strategy samples (see :meth:`GuardedGrid.seed_next_sample`);
+    - what ``aggregate_train`` reports of its own and what ``aggregate_evaluate`` returns
+      (federated evaluation), kept by round for ``metrics.jsonl``;
+    - the strategy's errors as one line (:class:`StrategyFailed`);
+    - a check that ``start()`` called ``evaluate_fn`` before round 1, where fedimb's
+      evaluation, metrics, checkpoints and progress run.
+
+    The subclass pickles as the strategy's own class, so checkpoints hold no trace of it.
     """
 
-    def __init__(self, inner: Strategy, offset: int, *, seed: int) -> None:
-        self.inner, self.offset, self.seed = inner, offset, seed
+    def __init__(self, name: str, offset: int, *, seed: int) -> None:
+        self.name, self.offset, self.seed = name, offset, seed
         self.federated: dict[int, MetricRecord] = {}
         self.strategy_metrics: dict[int, dict[str, float]] = {}
         self.kept_model_said = False
+        self.evaluate_called = False  # set by the run's evaluate_fn
+        self.round = offset  # the latest round a hook was called for
 
-    def _seed_sample(self, grid: GuardedGrid, server_round: int, stage: str) -> None:
-        grid.seed_next_sample(f"fedimb-sample:{self.seed}:{server_round}:{stage}")
+    def attach(self, strategy: Strategy) -> Strategy:
+        """Route ``strategy``'s hooks through these duties (in place); return it."""
+        own = own_class(strategy)
+        namespace = {
+            "__slots__": (),  # the same layout as its own class: __class__ can change
+            "__module__": own.__module__,
+            "__qualname__": own.__qualname__,
+            "__reduce_ex__": _reduce_as_own_class,
+            "fedimb_hooks": self,
+            **{hook.__name__.removeprefix("_hooked_"): hook for hook in _HOOKS},
+        }
+        strategy.__class__ = type(own)(own.__name__, (own,), namespace)
+        return strategy
 
-    def configure_train(self, server_round, arrays, config, grid):
-        self._seed_sample(grid, server_round + self.offset, "train")
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+    def failed(self, where: str, exc: Exception) -> StrategyFailed:
+        """The one-line error for ``exc``, raised by the strategy's ``where``."""
+        when = (
+            f"in round {self.round}"
+            if self.round > self.offset
+            else f"before round {self.round + 1}"
+        )
+        return StrategyFailed(f"strategy {self.name!r} failed {when} ({where}): {described(exc)}")
 
-    def aggregate_train(self, server_round, replies):
-        replies = list(replies)
-        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
-        self.strategy_metrics[server_round + self.offset] = _own_metrics(metrics, replies)
+    def call(self, strategy: Strategy, hook: str, local_round: int, *args: Any) -> Any:
+        """The strategy's own ``hook`` for the run's round of Flower's ``local_round``."""
+        self.round = local_round + self.offset
+        try:
+            result = getattr(own_class(strategy), hook)(strategy, self.round, *args)
+            # A generator's errors would otherwise surface later, inside the grid.
+            return list(result) if hook.startswith("configure") else result
+        except Exception as exc:
+            if is_fedimbs(exc):
+                raise
+            raise self.failed(hook, exc) from exc
+
+    def seed_sample(self, grid: Grid, local_round: int, stage: str) -> None:
+        """Seed the next sample from the grid the strategy was handed (if it can)."""
+        if hasattr(grid, "seed_next_sample"):
+            grid.seed_next_sample(f"fedimb-sample:{self.seed}:{local_round + self.offset}:{stage}")
+
+    def check_started(self, local_round: int) -> None:
+        """Refuse to run round 1 when ``start()`` skipped ``evaluate_fn(0, arrays)``."""
+        if local_round == 1 and not self.evaluate_called:
+            raise StartSkipsEvaluation(
+                f"strategy {self.name!r}: its start() reached round {1 + self.offset} without "
+                "calling evaluate_fn(0, arrays), so fedimb cannot evaluate the global model, "
+                "write metrics.jsonl, checkpoint or show progress (each runs in evaluate_fn, "
+                "the seam Flower's start() calls before round 1 and after each round); pass "
+                "evaluate_fn on to super().start(), or call it as Strategy.start does"
+            )
+
+    def kept_model(self, arrays: ArrayRecord | None, replies: list[Message]) -> None:
+        """Say once a run that the strategy kept the model although clients replied."""
         if arrays is None and replies and not self.kept_model_said:
             self.kept_model_said = True  # once a run: a strategy may do so by design
             log.warning(
                 "round %d: the strategy returned no global model from %d replies, so the "
                 "model stays as it was (said once)",
-                server_round + self.offset,
+                self.round,
                 len(replies),
             )
-        return arrays, metrics
 
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        self._seed_sample(grid, server_round + self.offset, "evaluate")
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round, replies):
-        result = self.inner.aggregate_evaluate(server_round + self.offset, replies)
-        if result is not None:
-            self.federated[server_round + self.offset] = result
-        return result
+def _hooks(strategy: Strategy) -> StrategyHooks:
+    return type(strategy).fedimb_hooks
 
-    def summary(self) -> None:
-        self.inner.summary()
+
+def _hooked_configure_train(self, server_round, arrays, config, grid):
+    hooks = _hooks(self)
+    hooks.check_started(server_round)
+    hooks.seed_sample(grid, server_round, "train")
+    return hooks.call(self, "configure_train", server_round, arrays, config, grid)
+
+
+def _hooked_aggregate_train(self, server_round, replies):
+    hooks, replies = _hooks(self), list(replies)
+    arrays, metrics = hooks.call(self, "aggregate_train", server_round, replies)
+    hooks.strategy_metrics[hooks.round] = _own_metrics(metrics, replies)
+    hooks.kept_model(arrays, replies)
+    return arrays, metrics
+
+
+def _hooked_configure_evaluate(self, server_round, arrays, config, grid):
+    hooks = _hooks(self)
+    hooks.seed_sample(grid, server_round, "evaluate")
+    return hooks.call(self, "configure_evaluate", server_round, arrays, config, grid)
+
+
+def _hooked_aggregate_evaluate(self, server_round, replies):
+    hooks = _hooks(self)
+    result = hooks.call(self, "aggregate_evaluate", server_round, list(replies))
+    if result is not None:
+        hooks.federated[hooks.round] = result
+    return result
+
+
+_HOOKS = (
+    _hooked_configure_train,
+    _hooked_aggregate_train,
+    _hooked_configure_evaluate,
+    _hooked_aggregate_evaluate,
+)
+
+
+def _reduce_as_own_class(self, protocol):
+    """Pickle (checkpoints, copies) as the strategy's own class: a resumed run attaches
+    its own hooks, and a pickle names no class made at run time."""
+    hooked, own = type(self), own_class(self)
+    self.__class__ = own  # its own class's way of pickling, whatever that is
+    try:
+        reduced = self.__reduce_ex__(protocol)
+    finally:
+        self.__class__ = hooked
+    if reduced[0] is copyreg.__newobj__ and reduced[1] == (own,):
+        # The default (object's) way: pickle checks that its class is the object's, so
+        # the same rebuild in the way that names the class without that check.
+        return (copyreg._reconstructor, (own, object, None), *reduced[2:])
+    return reduced
 
 
 def _own_metrics(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, float]:
@@ -303,6 +459,60 @@ def _float_view(array: Array) -> np.ndarray | None:
     return np.frombuffer(memoryview(array.data)[len(array.data) - nbytes :], dtype=dtype)
 
 
+class SentConfigs:
+    """What a round's train messages told the clients, for ``metrics.jsonl``.
+
+    ``lr``: the learning rate the clients train with, as they compute it from the config
+    they were sent (a strategy may change it from round to round); ``sent_<key>``: each
+    numeric entry of the run's config that the strategy changed in what it sent (``-``
+    and ``.`` in the key as ``_``). Where the round's clients were sent different
+    values, the mean over them.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.run_values = {k: v for k, v in config.to_flat().items() if _is_number(v)}
+        self.by_round: dict[int, dict[str, float]] = {}
+
+    def record(self, server_round: int, messages: list[Message]) -> None:
+        """Keep what ``messages`` (one round's train messages) carry."""
+        values: dict[str, list[float]] = {}
+        seen: dict[int, dict[str, float]] = {}  # by record: a strategy shares one, mostly
+        for msg in messages:
+            record = msg.content["config"]
+            if id(record) not in seen:
+                seen[id(record)] = self._settings(msg)
+            for key, value in seen[id(record)].items():
+                values.setdefault(key, []).append(value)
+        self.by_round[server_round] = {k: _mean(v) for k, v in values.items()}
+
+    def _settings(self, msg: Message) -> dict[str, float]:
+        record = msg.content["config"]
+        out = {
+            "sent_" + key.replace("-", "_").replace(".", "_"): float(record[key])
+            for key, value in self.run_values.items()
+            if key in record and _is_number(record[key]) and record[key] != value
+        }
+        with contextlib.suppress(ConfigError, KeyError, TypeError, ValueError):
+            # As the client computes it (an entry it cannot read fails it there, not here).
+            out["lr"] = lr_in_round(config_from_message(msg), int(record["server-round"]))
+        return out
+
+    def row(self, server_round: int) -> dict[str, float]:
+        """The round's columns; the run config's lr when no train message was read."""
+        sent = self.by_round.get(server_round, {})
+        return {"lr": lr_in_round(self.config, server_round), **sent}
+
+
+def _mean(values: list[float]) -> float:
+    """Their mean; the value itself when all are equal (a sum would round it)."""
+    return values[0] if len(set(values)) == 1 else sum(values) / len(values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class GuardedGrid(Grid):
     """A Grid that filters a round's train replies and records per-client metrics.
 
@@ -333,8 +543,9 @@ class GuardedGrid(Grid):
         query_timeout: float | None = None,
         stop: ServerStop | None = None,
         divergence_cause: Callable[[int], str] | None = None,
+        sent: SentConfigs | None = None,
     ) -> None:
-        self.inner, self.recorder, self.stop = inner, recorder, stop
+        self.inner, self.recorder, self.stop, self.sent = inner, recorder, stop, sent
         self.divergence_cause = divergence_cause  # round -> the likely cause, said with it
         self.max_failure_fraction, self.client_timeout = max_failure_fraction, client_timeout
         self.query_timeout = query_timeout
@@ -359,6 +570,7 @@ class GuardedGrid(Grid):
     def run(self):
         return self.inner.run
 
+    @fedimb_side
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
@@ -376,6 +588,7 @@ class GuardedGrid(Grid):
         """
         self._sample_key = key
 
+    @fedimb_side
     def get_node_ids(self) -> list[int]:
         """The engine's nodes in partition order (nodes that never said theirs last)."""
         nodes = list(self.inner.get_node_ids())
@@ -476,12 +689,15 @@ class GuardedGrid(Grid):
         if records and pid is not None:
             self._state[pid] = records
 
+    @fedimb_side
     def push_messages(self, messages):
         return self.inner.push_messages(messages)
 
+    @fedimb_side
     def pull_messages(self, message_ids):
         return self.inner.pull_messages(message_ids)
 
+    @fedimb_side
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
@@ -490,6 +706,8 @@ class GuardedGrid(Grid):
         is_train = bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
         if is_train and self._to_restore:
             self._send_restored_state()
+        if is_train and self.sent is not None:
+            self.sent.record(int(messages[0].content["config"]["server-round"]), messages)
         replies = self._exchange(messages, timeout)
         if not is_train:
             return replies
@@ -603,11 +821,14 @@ def save_checkpoint(
     strategy: Strategy,
     grid: GuardedGrid,
     config: Config | None = None,
+    start_configs: tuple[ConfigRecord, ConfigRecord] | None = None,
 ) -> None:
     """Global model, strategy, Python's ``random`` state and the clients' persistent
-    states after ``server_round``, atomically; and the run's flat config, which a resume
-    compares with its config.toml (:func:`checkpoint_config`)."""
+    states after ``server_round``, atomically; the run's flat config, which a resume
+    compares with its config.toml (:func:`checkpoint_config`); and the train and evaluate
+    configs given to ``start()``, as a strategy that edits them in place left them."""
     buffer = io.BytesIO()
+    train_config, evaluate_config = start_configs or (None, None)
     torch.save(
         {
             "round": server_round,
@@ -616,6 +837,8 @@ def save_checkpoint(
             "strategy": pickle.dumps(strategy),
             "random_state": random.getstate(),
             "client_state": grid.client_state(),
+            "train_config": dict(train_config) if train_config is not None else None,
+            "evaluate_config": dict(evaluate_config) if evaluate_config is not None else None,
         },
         buffer,
     )
@@ -656,11 +879,38 @@ def _checkpoint_errors(path: Path) -> Iterator[None]:
         ) from None
 
 
+@dataclasses.dataclass
+class StartingState:
+    """Where a run starts: round, strategy, global model, the clients' saved states and
+    the configs to give ``start()`` (a checkpoint's, on a resume)."""
+
+    round: int
+    strategy: Strategy
+    arrays: ArrayRecord
+    client_state: dict[int, Any] | None
+    train_config: ConfigRecord
+    evaluate_config: ConfigRecord
+
+
+def carried_edits(
+    fresh: dict[str, Any], saved: dict[str, Any] | None, saved_run: dict[str, Any] | None
+) -> ConfigRecord:
+    """``fresh`` (this run's config record) with the entries a strategy changed or added
+    in ``saved`` (the record a checkpoint kept) against ``saved_run`` (that run's flat
+    config): a strategy's in-place edits carry over; a longer num-rounds does too."""
+    if saved is None:  # a checkpoint from before fedimb kept it
+        return ConfigRecord(fresh)
+    base = saved_run if saved_run is not None else fresh
+    edits = {k: v for k, v in saved.items() if k not in base or base[k] != v}
+    return ConfigRecord({**fresh, **edits})
+
+
 def _starting_state(
     config: Config, model: torch.nn.Module, recorder: RunRecorder, checkpoint: Path | None
-) -> tuple[int, Strategy, ArrayRecord, dict[str, Any] | None]:
-    """Round, strategy, global model and clients' state to start from: ``checkpoint``'s
-    (a resume: the recorder keeps what came before it), or a fresh run's."""
+) -> StartingState:
+    """Where to start from: ``checkpoint``'s state (a resume: the recorder keeps what came
+    before it), or a fresh run's."""
+    train_config, evaluate_config = experiment_record(config), ConfigRecord(config.to_flat())
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
         start_round, arrays = int(state["round"]), ArrayRecord(state["state_dict"])
@@ -677,13 +927,34 @@ def _starting_state(
                 "no client-side state in this checkpoint: SCAFFOLD's client control "
                 "variates restart from zero"
             )
-        return start_round, state["strategy"], arrays, client_state
+        saved_run = state.get("config")
+        return StartingState(
+            start_round,
+            state["strategy"],
+            arrays,
+            client_state,
+            carried_edits(dict(train_config), state.get("train_config"), saved_run),
+            carried_edits(dict(evaluate_config), state.get("evaluate_config"), saved_run),
+        )
     if checkpoint is not None:
         log.warning("no checkpoint in %s: starting from round 0", checkpoint.parent)
     recorder.start_fresh()
     strategy = build_strategy(config, [name for name, _ in model.named_parameters()])
-    random.seed(config["seed"])  # for other draws; client samples: RoundDriver
-    return 0, strategy, ArrayRecord(model.state_dict()), None
+    random.seed(config["seed"])  # for other draws; client samples: StrategyHooks
+    arrays = ArrayRecord(model.state_dict())
+    return StartingState(0, strategy, arrays, None, train_config, evaluate_config)
+
+
+@contextlib.contextmanager
+def _blamed_on(hooks: StrategyHooks, where: str) -> Iterator[None]:
+    """Errors raised in the strategy's ``where`` (not fedimb's, which pass through it)
+    as :class:`StrategyFailed`."""
+    try:
+        yield
+    except Exception as exc:
+        if is_fedimbs(exc):
+            raise
+        raise hooks.failed(where, exc) from exc
 
 
 def run_server(
@@ -721,9 +992,8 @@ def run_server(
         if finished.get("rounds_completed") == num_rounds:
             log.warning("%s completed all %d rounds: nothing to resume", out_dir, num_rounds)
             return finished  # and nothing it wrote is touched
-    start_round, strategy, arrays, client_state = _starting_state(
-        config, model, recorder, checkpoint_path if resume else None
-    )
+    start = _starting_state(config, model, recorder, checkpoint_path if resume else None)
+    start_round = start.round
     loggers = RunLoggers(config, out_dir, fed.dataset.classes)  # before the run's files
     atomic_write_text(out_dir / CONFIG_FILE, CONFIG_HEADER + config.to_toml())
     # Who holds what, for analysis beside clients.jsonl (the split is the config's: the same
@@ -740,9 +1010,10 @@ def run_server(
         query_timeout=max(config["round-timeout"], QUERY_TIMEOUT_FLOOR),
         stop=stop,
         divergence_cause=lambda server_round: divergence_cause(config, server_round),
+        sent=(sent := SentConfigs(config)),
     )
-    if client_state:
-        guarded.restore_client_state(client_state)
+    if start.client_state:
+        guarded.restore_client_state(start.client_state)
     x_test, y_test = fed.test_tensors()
     every, ckpt_every = config["eval-every"], config["checkpoint-every"]
     bar = RunProgress(
@@ -752,9 +1023,13 @@ def run_server(
         silent=progress is None,
     )
 
-    driver = RoundDriver(strategy, start_round, seed=config["seed"])
+    hooks = StrategyHooks(config.strategy.name, start_round, seed=config["seed"])
+    strategy = hooks.attach(start.strategy)
+    start_configs = (start.train_config, start.evaluate_config)
 
+    @fedimb_side
     def evaluate(local_round: int, current: ArrayRecord) -> MetricRecord | None:
+        hooks.evaluate_called = True
         server_round = local_round + start_round
         if local_round == 0 and start_round > 0:
             return None  # the checkpointed model was evaluated before the interruption
@@ -791,12 +1066,12 @@ def run_server(
                 )
             )
         if server_round > 0:
-            row["lr"] = lr_in_round(config, server_round)
+            row.update(sent.row(server_round))  # lr and what else the clients were sent
             row["train_loss"] = guarded.train_loss.get(server_round)
             row["clients"] = guarded.aggregated.get(server_round, 0)
             row["failures"] = len(guarded.failures.get(server_round, []))
-            row.update(driver.strategy_metrics.get(server_round, {}))
-            federated = driver.federated.get(server_round)
+            row.update(hooks.strategy_metrics.get(server_round, {}))
+            federated = hooks.federated.get(server_round)
             if federated is not None and "balanced-error" in federated:
                 # Summed per-class counts over the clients' own test shares.
                 row["federated_balanced_error"] = federated["balanced-error"]
@@ -805,7 +1080,9 @@ def run_server(
         recorder.add_round(row)
         loggers.log_round(server_round, row)  # TensorBoard, W&B, ... (fedimb.loggers)
         if server_round > 0 and ckpt_every and (server_round % ckpt_every == 0 or last):
-            save_checkpoint(checkpoint_path, server_round, current, strategy, guarded, config)
+            save_checkpoint(
+                checkpoint_path, server_round, current, strategy, guarded, config, start_configs
+            )
             # A run killed from here on says how far it got (and can continue from).
             recorder.summary("running", time.perf_counter() - t_start)
         bar.update(server_round, row.get("balanced_error"))
@@ -815,19 +1092,22 @@ def run_server(
 
     status, error = "failed", None
     try:
-        with bar:
-            driver.start(
+        with bar, _blamed_on(hooks, "start"):
+            strategy.start(  # the strategy's own start(), if it has one
                 grid=guarded,
-                initial_arrays=arrays,
+                initial_arrays=start.arrays,
                 num_rounds=num_rounds - start_round,
                 timeout=config["round-timeout"],
-                train_config=experiment_record(config),
-                evaluate_config=ConfigRecord(config.to_flat()),
+                train_config=start.train_config,
+                evaluate_config=start.evaluate_config,
                 evaluate_fn=evaluate,
             )
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"  # Ctrl-C or SIGTERM: resumable from the last checkpoint
+        raise
+    except StrategyFailed as exc:
+        error = str(exc)  # it names itself: strategy ... failed in round ...
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
