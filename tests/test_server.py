@@ -27,8 +27,8 @@ from fedimb.server import (
     ServerStop,
     SimulationEnded,
     StrategyHooks,
-    _float_view,
 )
+from fedimb.server.replies import float_view
 
 
 @pytest.mark.parametrize(
@@ -42,14 +42,14 @@ from fedimb.server import (
     ],
 )
 def test_float_view_reads_the_serialised_values_in_place(array):
-    view = _float_view(Array(array))
+    view = float_view(Array(array))
     assert view.size == array.size
     assert np.isfinite(view).all() == np.isfinite(array).all()
     np.testing.assert_array_equal(np.sort(view.ravel()), np.sort(array.ravel()))
 
 
 def test_float_view_skips_integer_arrays():
-    assert _float_view(Array(np.arange(4))) is None
+    assert float_view(Array(np.arange(4))) is None
 
 
 class RandomIdGrid:
