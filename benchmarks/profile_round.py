@@ -126,7 +126,7 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedimb.records import state_record
-    from fedimb.server import _float_view
+    from fedimb.server.replies import float_view
     from strategies.stock import weighted_array_mean
 
     def replies(make: Any) -> list[RecordDict]:
@@ -141,7 +141,7 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
         # As fedimb.server's guard: arrays checked on the training device are skipped.
         return all(
             getattr(a, "known_finite", False)
-            or (v := _float_view(a)) is None
+            or (v := float_view(a)) is None
             or bool(np.isfinite(v).all())
             for rec in records
             for a in rec["arrays"].values()

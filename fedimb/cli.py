@@ -14,6 +14,7 @@ import shlex
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return 128 + signal.SIGPIPE
     except Exception as exc:
         if _run_failure(exc):  # summary.json says so
+            if getattr(args, "verbose", False):
+                traceback.print_exception(exc)
             print(f"fedimb: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
         hint = resource_hint(exc)
@@ -382,7 +385,7 @@ def _run_failure(exc: BaseException) -> bool:
     server = sys.modules.get("fedimb.server")
     if server is None:
         return False
-    return isinstance(exc, server.TooManyFailures | server.SimulationEnded | server.BadGlobalModel)
+    return isinstance(exc, server.RUN_FAILURES)
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:

@@ -14,7 +14,7 @@ from fedimb.engine import task_identity
 from fedimb.losses import make_loss
 from fedimb.models import build_model
 from fedimb.records import TensorArray, state_record, values_view
-from fedimb.server import _reply_fault
+from fedimb.server.replies import reply_fault
 from fedimb.sim import run_experiment
 from fedimb.train import ClientJob, TrainSettings, client_rng, make_plan
 
@@ -65,12 +65,12 @@ def _reply(record: ArrayRecord) -> Message:
 
 def test_the_guard_trusts_only_a_device_check_of_the_same_values():
     bad = torch.tensor([1.0, float("nan")])
-    assert "non-finite" in _reply_fault(_reply(state_record({"w": bad})), 0.0)
+    assert "non-finite" in reply_fault(_reply(state_record({"w": bad})), 0.0)
     # A finite flag is only trusted while the values it was computed for are there.
     flagged = state_record({"w": bad}, finite=True)
-    assert _reply_fault(_reply(flagged), 0.0) is None  # trusted, as documented
+    assert reply_fault(_reply(flagged), 0.0) is None  # trusted, as documented
     flagged["w"].data = Array(bad.numpy()).data
-    assert "non-finite" in _reply_fault(_reply(flagged), 0.0)
+    assert "non-finite" in reply_fault(_reply(flagged), 0.0)
 
 
 def test_batched_training_reports_which_clients_stayed_finite():

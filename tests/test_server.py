@@ -24,11 +24,11 @@ from fedimb.engine import InProcessGrid, task_identity
 from fedimb.results import RunRecorder
 from fedimb.server import (
     GuardedGrid,
-    RoundDriver,
     ServerStop,
     SimulationEnded,
-    _float_view,
+    StrategyHooks,
 )
+from fedimb.server.replies import float_view
 
 
 @pytest.mark.parametrize(
@@ -42,14 +42,14 @@ from fedimb.server import (
     ],
 )
 def test_float_view_reads_the_serialised_values_in_place(array):
-    view = _float_view(Array(array))
+    view = float_view(Array(array))
     assert view.size == array.size
     assert np.isfinite(view).all() == np.isfinite(array).all()
     np.testing.assert_array_equal(np.sort(view.ravel()), np.sort(array.ravel()))
 
 
 def test_float_view_skips_integer_arrays():
-    assert _float_view(Array(np.arange(4))) is None
+    assert float_view(Array(np.arange(4))) is None
 
 
 class RandomIdGrid:
@@ -128,6 +128,13 @@ def test_the_inprocess_engine_is_not_queried(tmp_path):
     assert grid.get_node_ids() == engine.get_node_ids()
 
 
+def hooked(strategy, offset, *, seed):
+    """``strategy`` with fedimb's hooks, as run_server gives it (after evaluate_fn(0))."""
+    hooks = StrategyHooks("fedavg", offset, seed=seed)
+    hooks.evaluate_called = True
+    return hooks.attach(strategy)
+
+
 def sampled_partitions(driver, server_round, inner, tmp_path, stage="train"):
     configure = getattr(driver, f"configure_{stage}")
     messages = configure(server_round, ArrayRecord(), ConfigRecord(), guarded(inner, tmp_path))
@@ -136,7 +143,7 @@ def sampled_partitions(driver, server_round, inner, tmp_path, stage="train"):
 
 def test_each_rounds_sample_depends_on_the_seed_and_round_only(tmp_path):
     def driver(offset=0, seed=0):
-        return RoundDriver(FedAvg(fraction_train=0.5), offset, seed=seed)
+        return hooked(FedAvg(fraction_train=0.5), offset, seed=seed)
 
     # Other draws from `random` (here: during the grid's first query) change nothing.
     first = sampled_partitions(driver(), 1, RandomIdGrid(seed=1), tmp_path)
@@ -154,7 +161,7 @@ def test_each_rounds_sample_depends_on_the_seed_and_round_only(tmp_path):
 
 
 def test_the_evaluation_sample_is_seeded_too_and_apart_from_the_train_sample(tmp_path):
-    driver = RoundDriver(FedAvg(fraction_train=0.5, fraction_evaluate=0.5), 0, seed=0)
+    driver = hooked(FedAvg(fraction_train=0.5, fraction_evaluate=0.5), 0, seed=0)
     evaluated = sampled_partitions(driver, 1, RandomIdGrid(seed=1), tmp_path, "evaluate")
     assert len(evaluated) == 4
     assert sampled_partitions(driver, 1, RandomIdGrid(seed=5), tmp_path, "evaluate") == evaluated
