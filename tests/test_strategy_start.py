@@ -175,6 +175,39 @@ def test_lr_is_what_the_clients_were_sent_and_resume_keeps_the_strategys_edit(tm
 
 
 @pytest.mark.slow
+def test_under_ray_the_recorded_lr_is_the_one_a_strategy_sent(tmp_path):
+    config = small("HalvesLr", engine="ray", **{"num-rounds": 6})
+    run_experiment(config, tmp_path, progress=False)
+    rows = rows_of(tmp_path)
+    assert [r["lr"] for r in rows[1:]] == [0.05] * 4 + [0.025] * 2
+    assert [r.get("sent_lr") for r in rows[1:]] == [None] * 4 + [0.025] * 2
+
+
+@pytest.mark.slow
+def test_a_resumed_run_of_a_strategy_with_its_own_start_equals_an_uninterrupted_one(tmp_path):
+    config = small("KeepsBest", **{"num-rounds": 5})
+    KeepsBest.best.clear()
+    run_experiment(config, tmp_path / "full", progress=False)
+    full = rows_of(tmp_path / "full")
+
+    def stop_after_3(server_round, row):
+        if server_round == 3:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, cut, progress=False, on_round=stop_after_3)
+    KeepsBest.finished.clear()
+    run_experiment(config, cut, resume=True, progress=False)
+    assert KeepsBest.finished == [2]  # its start() ran again, for the rounds left
+    assert rows_of(cut) == full
+    weights = [
+        load_checkpoint(out / "checkpoint.pt")["state_dict"] for out in (cut, tmp_path / "full")
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
+
+@pytest.mark.slow
 def test_a_strategys_error_is_one_line_naming_it_and_the_round(tmp_path, capsys):
     from fedimb import cli
 

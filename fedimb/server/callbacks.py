@@ -42,24 +42,37 @@ class RoundCallbacks:
     """The ``evaluate_fn`` given to ``start()``: Flower's round (counted from 1 in each
     run) shifted by ``start_round``, then each callback on the round's row.
 
-    Round 0 of a resumed run is skipped: its model was evaluated before the interruption.
+    Round 0 of a resumed run is not evaluated again: its model is the checkpointed
+    round's, so it answers with that round's recorded row (``resumed_row``), what an
+    uninterrupted run's ``evaluate_fn`` returned then (a ``start()`` may read it).
     """
 
     def __init__(
-        self, callbacks: Sequence[RoundCallback], *, start_round: int, hooks: StrategyHooks
+        self,
+        callbacks: Sequence[RoundCallback],
+        *,
+        start_round: int,
+        hooks: StrategyHooks,
+        resumed_row: Row | None = None,
     ) -> None:
         self.callbacks, self.start_round, self.hooks = list(callbacks), start_round, hooks
+        self.resumed_row = resumed_row
 
     @fedimb_side
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.hooks.evaluate_called = True
         if local_round == 0 and self.start_round > 0:
-            return None
+            return None if self.resumed_row is None else _numbers(self.resumed_row)
         server_round = local_round + self.start_round
         row: Row = {"round": server_round}
         for callback in self.callbacks:
             callback(server_round, arrays, row)
-        return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
+        return _numbers(row)
+
+
+def _numbers(row: Row) -> MetricRecord:
+    """A round's row as the MetricRecord ``evaluate_fn`` returns (numbers only)."""
+    return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
 
 
 @dataclasses.dataclass

@@ -140,6 +140,7 @@ def run_server(
         ],
         start_round=start.round,
         hooks=hooks,
+        resumed_row=next((r for r in recorder.rounds if r["round"] == start.round), None),
     )
 
     status, error = "failed", None
