@@ -340,7 +340,7 @@ def test_report_and_out_mistakes_are_one_line(tmp_path, capsys):
 def test_a_signal_after_a_ray_runs_last_round_stops_a_sweep_before_its_next_cell(
     tmp_path, monkeypatch
 ):
-    from fedimb import ray_engine as sim
+    from fedimb.engines import ray as sim
 
     interruption = sim.RayInterruption()
     interruption.signalled = True

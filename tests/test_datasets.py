@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-import fedimb.data.datasets as dsmod
+import fedimb.data.datasets.images as images_module
 from fedimb.data.datasets import Dataset, DatasetNotFoundError, list_datasets, load_dataset
 from fedimb.registry import RegistryError
 
@@ -164,13 +164,13 @@ def tree(tmp_path: Path) -> Path:
 def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count calls to the image decoder (one per split decoded)."""
     calls: list[int] = []
-    real = dsmod.decode_images
+    real = images_module.decode_images
 
     def counting(paths, mode="auto"):
         calls.append(len(paths))
         return real(paths, mode)
 
-    monkeypatch.setattr(dsmod, "decode_images", counting)
+    monkeypatch.setattr(images_module, "decode_images", counting)
     return calls
 
 

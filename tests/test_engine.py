@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedimb.engine import InProcessGrid, task_identity
+from fedimb.engines.inprocess_grid import InProcessGrid, task_identity
 
 
 def test_task_identity_is_set_for_the_run_and_restored():
@@ -128,13 +128,13 @@ def test_replies_are_freed_once_the_strategy_is_done(tmp_path, monkeypatch, coll
     import gc
     import weakref
 
-    import fedimb.engine
     from fedimb.config import load_config
+    from fedimb.engines import inprocess_grid
     from fedimb.records import TensorArray
     from fedimb.sim import run_experiment
 
     limit = collect_above if collect_above is not None else float("inf")
-    monkeypatch.setattr(fedimb.engine, "COLLECT_ABOVE_BYTES", limit)
+    monkeypatch.setattr(inprocess_grid, "COLLECT_ABOVE_BYTES", limit)
     made: dict[int, list] = {}
     current = [1]
     init = TensorArray.__init__
@@ -183,7 +183,7 @@ def test_start_up_objects_are_frozen_for_the_run_only():
     collector sees everything again, and a process that froze objects itself is left as is."""
     import gc
 
-    from fedimb.engine import frozen_start_up
+    from fedimb.engines.inprocess_grid import frozen_start_up
 
     assert gc.get_freeze_count() == 0
     start_up = [object()]  # noqa: F841  # alive at the start: frozen

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedimb import cli, ray_engine
+from fedimb import cli
 from fedimb.cli import main
 from fedimb.config import (
     COMPONENT_DEFAULTS,
@@ -24,6 +24,7 @@ from fedimb.config import (
     flatten,
     load_config,
 )
+from fedimb.engines import ray as ray_engine
 from fedimb.progress import RunProgress, SweepProgress
 from fedimb.serverapp import checked_config
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedimb.batched import train_clients
 from fedimb.config import load_config
-from fedimb.engine import task_identity
+from fedimb.engines.inprocess_grid import task_identity
 from fedimb.losses import make_loss
 from fedimb.models import build_model
 from fedimb.records import TensorArray, state_record, values_view

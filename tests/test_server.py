@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from clients.app import app
 from fedimb.client import STATE_PREFIX
-from fedimb.engine import InProcessGrid, task_identity
+from fedimb.engines.inprocess_grid import InProcessGrid, task_identity
 from fedimb.results import RunRecorder
 from fedimb.server import (
     GuardedGrid,

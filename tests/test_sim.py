@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedimb.config import DEFAULT_CONFIG, ConfigError, load_config
+from fedimb.engines.ray import RayInterruption, check_ray_address, interrupt_handlers_kept
 from fedimb.models import build_model
 from fedimb.preflight import load_federation, prepare, warn_about_settings
-from fedimb.ray_engine import RayInterruption, check_ray_address, interrupt_handlers_kept
 from fedimb.sim import thread_count, torch_threads
 
 

@@ -269,7 +269,7 @@ def test_faulty_clients_are_left_out_and_counted(tmp_path):
 
 def test_a_federation_of_the_wrong_size_is_a_clear_error(tmp_path):
     from clients.app import app
-    from fedimb.engine import InProcessGrid, task_identity
+    from fedimb.engines.inprocess_grid import InProcessGrid, task_identity
     from fedimb.server import run_server
 
     grid = InProcessGrid(app, num_nodes=4)  # as `flwr run` with num-supernodes=4
@@ -330,7 +330,7 @@ def test_the_run_folder_says_who_holds_what(tmp_path):
 
 
 def test_clients_too_big_for_the_ray_cluster_fail_clearly(tmp_path, monkeypatch):
-    from fedimb import ray_engine
+    from fedimb.engines import ray as ray_engine
     from fedimb.server import SimulationEnded
 
     # Checked before Ray starts against this machine, and once Ray is up against the

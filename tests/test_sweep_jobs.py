@@ -99,7 +99,7 @@ def test_ray_with_2_workers_gives_the_sequential_metrics(tmp_path, sequential):
     pytest.importorskip("ray")
     import ray
 
-    from fedimb.ray_engine import init_ray
+    from fedimb.engines.ray import init_ray
 
     sweep, expected = sequential
     init_ray({"num_cpus": 2, "include_dashboard": False, "logging_level": "WARNING"})
