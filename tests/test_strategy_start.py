@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedimb.config import load_config, lr_in_round
-from fedimb.engine import task_identity
+from fedimb.engines.inprocess_grid import task_identity
 from fedimb.results import read_json, read_jsonl
 from fedimb.server import (
     SentConfigs,
