@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedimb.data.augment import crop_flip
+from fedimb.dropout import seeded_dropout
 from fedimb.sampling import epoch_indices
 
 ToFloat = Callable[[torch.Tensor], torch.Tensor]
@@ -58,6 +59,8 @@ class ClientPlan:
     batches: list[np.ndarray]
     shift: list[np.ndarray] | None = None
     flip: list[np.ndarray] | None = None
+    dropout_seed: int = 0
+    """Seeds the client's dropout masks (:mod:`fedimb.dropout`) in either trainer."""
 
     @property
     def num_steps(self) -> int:
@@ -135,11 +138,12 @@ def make_plan(
             order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
         ]
     if not settings.augment:
-        return ClientPlan(batches)
+        return ClientPlan(batches, dropout_seed=int(rng.integers(1 << 32)))
     span = 2 * settings.padding + 1
     shift = [rng.integers(0, span, size=(len(b), 2)) for b in batches]
     flip = [rng.random(len(b)) < 0.5 for b in batches]
-    return ClientPlan(batches, shift, flip)
+    # Drawn last: the batches and augmentation stay those of earlier versions.
+    return ClientPlan(batches, shift, flip, dropout_seed=int(rng.integers(1 << 32)))
 
 
 def batch_inputs(
@@ -222,8 +226,11 @@ def train_client(
         for name, p in params.items():  # as if one SGD had run through every round
             opt.state[p]["momentum_buffer"] = job.momentum[name].to(p.device, p.dtype).clone()
     total = torch.zeros((), device=device)
-    with cudnn_autotuning(settings.cudnn_benchmark):  # the steps' convolutions
+    with cudnn_autotuning(settings.cudnn_benchmark), seeded_dropout(model) as dropout:
+        if dropout.active:
+            dropout.seed = torch.tensor(job.plan.dropout_seed, device=device)
         for step in range(job.plan.num_steps):
+            dropout.step = step
             x, y = batch_inputs(job, step, to_float, settings)
             opt.zero_grad(set_to_none=True)
             with autocast(device, settings.bf16):
