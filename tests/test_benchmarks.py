@@ -85,3 +85,18 @@ def test_step_shapes_are_the_vectorised_trainers_steps():
     }
     assert trained == {(5, 8), (3, 8), (2, 8)}  # 19: 8,8,3; 24: 8,8,8; 7; 16: 8,8; 3
     assert step_shapes.step_shapes([job.plan for job in jobs]) == trained
+
+
+def test_the_limit_setting_trains_the_workloads_images_on_synthetic_data():
+    """``limit``: every client full steps, as many images per round as the workload."""
+    w = bench_round.Workload(clients=5, rounds=2, batch_size=16)
+    out = bench_round.run_limit(w)
+    fed = bench_round.load_federation(w, "cpu")
+    per_round = bench_round.images_per_round(w, fed)
+    assert out["images_per_round"] == per_round
+    assert out["partition"] == bench_round.partition_digest(fed.parts)
+    steps = out["limit_steps_per_round"]
+    assert (steps - 1) * 5 * 16 < per_round <= steps * 5 * 16
+    assert len(out["round_end"]) == 3 and out["round_end"] == sorted(out["round_end"])
+    ratios = bench_round._ratios({"fedimb": {"round_s": 0.3}, "limit": {"round_s": 0.1}})
+    assert ratios["round_vs_step_limit"] == 3.0
