@@ -64,3 +64,29 @@ def test_state_record_equals_flowers_record_of_the_same_state():
     restored = record.to_torch_state_dict()
     for key, value in state.items():
         assert torch.equal(restored[key], value)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet32", "pfl-cnn"])
+def test_channels_last_evaluation_predicts_what_the_default_order_predicts(name):
+    from fedimb.models import build_model
+    from fedimb.train import eval_memory_format, predict
+
+    torch.manual_seed(0)
+    model = build_model(name, (3, 32, 32), 10)
+    params = list(model.parameters())
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+
+    def to_float(batch):
+        return batch.float() / 255.0 - 0.5
+
+    with eval_memory_format(model, x) as fmt:
+        assert fmt is torch.channels_last
+    model.eval()
+    with torch.no_grad():
+        want = model(to_float(x))
+    got = predict(model, x, to_float, batch_size=24)
+    assert torch.equal(got, want.argmax(1))
+    assert list(model.parameters()) == params  # the same Parameters, back in NCHW order
+    assert all(p.is_contiguous() for p in model.parameters())
+    with eval_memory_format(model, torch.zeros(2, 12)) as fmt:
+        assert fmt is torch.contiguous_format  # features, not images
