@@ -14,6 +14,10 @@ One command measures, on the same data partition, model and hyperparameters:
              no Flower. Without flwr installed it stands for fedimb's fast path.
 ``bigbatch`` the big-batch limit: one model, batch 512, data on the device, as many
              images per round as all clients together.
+``limit``    the vectorised step's ceiling: the same model, clients and batch, synthetic
+             data already on the device, one ``vmap`` gradient and SGD update per step,
+             no Flower, plans, padding or evaluation; ``round_vs_step_limit`` in the
+             ratios is fedimb's round over this one, measured in the same run.
 
 Every setting runs in a fresh subprocess, so each pays its own imports and start-up and
 its memory is its own. A round's end is stamped when the server has the new global
@@ -79,7 +83,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CIFAR_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 NEEDS = {"fedimb": ("flwr",), "memory": ("flwr",), "flower": ("flwr", "ray")}
 """The settings that need more than torch and numpy, and what they import."""
-ALL_SETTINGS = ("fedimb", "flower", "loop", "vmap", "bigbatch")
+ALL_SETTINGS = ("fedimb", "flower", "loop", "vmap", "bigbatch", "limit")
 MEMORY_SETTINGS = ("memory", "memory-hold", "memory-stream")
 MIB = 2**20
 
@@ -711,6 +715,68 @@ def run_vmap(w: Workload) -> dict[str, Any]:
     return timed_result(w, fed, stamps, final)
 
 
+def run_limit(w: Workload) -> dict[str, Any]:
+    """The vectorised step's ceiling: the same model, clients and batch as ``vmap``, on
+    synthetic data already on the device, every client the same number of full steps
+    (as many images per round as the workload), no plans, padding, losses per client,
+    replies or evaluation: one ``vmap`` of ``grad`` and a ``_foreach`` SGD update per step.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from fedimb.models import reads_tokens
+    from fedimb.train import autocast, cudnn_autotuning
+
+    apply_threads(w)
+    device = torch.device(w.device)
+    fed = load_federation(w, "cpu")  # for the partition digest and images per round
+    model = make_model(w, fed).to(device)
+    k = w.group_size or w.clients
+    steps = math.ceil(images_per_round(w, fed) / (k * w.batch_size))
+    gen = torch.Generator(device=device).manual_seed(w.seed)
+    shape = (k, w.batch_size, *fed.dataset.input_shape)
+    pool = 4  # distinct synthetic batches, cycled (the data stays on the device)
+    if not reads_tokens(w.model):  # standing for normalised images or features
+        xs = [torch.randn(shape, generator=gen, device=device) for _ in range(pool)]
+    else:
+        high = int(fed.dataset.x_train.max()) + 1
+        xs = [torch.randint(0, high, shape, generator=gen, device=device) for _ in range(pool)]
+    ys = [
+        torch.randint(0, fed.num_classes, shape[:2], generator=gen, device=device)
+        for _ in range(pool)
+    ]
+    names = [n for n, _ in model.named_parameters()]
+    bf16 = w.precision == "bf16"
+
+    def client_loss(p, b, x, y):
+        with autocast(device, bf16):
+            logits = functional_call(model, (p, b), (x,))
+        return F.cross_entropy(logits.float(), y)
+
+    step = vmap(grad_and_value(client_loss))
+    state = {n: v.detach() for n, v in model.state_dict().items()}
+    stamps = [stamp(device)]
+    for _ in range(w.rounds):
+        params = {n: state[n].expand(k, *state[n].shape).clone() for n in names}
+        bufs = {n: v.expand(k, *v.shape).clone() for n, v in state.items() if n not in params}
+        with cudnn_autotuning(w.cudnn_benchmark):
+            for t in range(steps):
+                grads, _ = step(params, bufs, xs[t % pool], ys[t % pool])
+                with torch.no_grad():
+                    torch._foreach_add_(
+                        [params[n] for n in names], [grads[n] for n in names], alpha=-w.lr
+                    )
+        with torch.no_grad():  # the unweighted mean stands for FedAvg's
+            state = {**state, **{n: params[n].mean(0) for n in names}}
+        stamps.append(stamp(device))
+    out = timed_result(w, fed, stamps, {})
+    out["limit_steps_per_round"] = steps
+    return out
+
+
 def run_bigbatch(w: Workload) -> dict[str, Any]:
     """The big-batch limit: one model, batch ``big_batch``, all clients' images on the device."""
     import numpy as np
@@ -833,6 +899,7 @@ WORKERS: dict[str, Callable[[Workload], dict[str, Any]]] = {
     "loop": run_loop,
     "vmap": run_vmap,
     "bigbatch": run_bigbatch,
+    "limit": run_limit,
     "memory": run_memory,
     "memory-hold": run_memory_hold,
     "memory-stream": run_memory_stream,
@@ -961,6 +1028,7 @@ def _ratios(by: dict[str, dict[str, Any]]) -> dict[str, Any]:
             entry[f"round_vs_{limit}_limit"] = ratio(
                 f.get("round_s"), by.get(limit, {}).get("round_s")
             )
+    entry["round_vs_step_limit"] = ratio(f.get("round_s"), by.get("limit", {}).get("round_s"))
     return entry
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -172,16 +173,82 @@ def profile_host(results: list, repeats: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def host_total(host: dict[str, float]) -> float:
+    """Per-round host work of the in-process engine's replies: building them, the
+    finiteness check and fedimb's FedAvg mean (``profile_host``'s ``tensorarray`` rows)."""
+    return sum(host[f"tensorarray_{stage}"] for stage in ("build", "finite", "torch_mean"))
+
+
+def profile_outside(w: bench.Workload, rounds: int) -> dict[str, float]:
+    """Seconds per round that a real run spends outside ``train_clients``: the in-process
+    engine, job building, replies, the strategy's checks and mean, the metrics rows.
+
+    Runs ``fedimb.sim.run_experiment`` (``batched = "on"``, evaluation only at the end),
+    times every ``train_clients`` call, and reports the medians over rounds 2.. of the
+    round, its training and their difference.
+    """
+    import tempfile
+    import time
+
+    from fedimb import batched
+    from fedimb.config import load_config
+    from fedimb.sim import run_experiment
+
+    overrides = {**bench.fedimb_overrides(w), "num-rounds": rounds, "eval-every": rounds}
+    config = load_config(None, overrides)
+    trained: list[float] = []
+    ends: list[float] = []
+    real = batched.train_clients
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = real(*args, **kwargs)
+        trained.append(time.perf_counter() - t0)
+        return out
+
+    batched.train_clients = timed
+    try:
+        with tempfile.TemporaryDirectory(prefix="profile-outside-") as tmp:
+            run_experiment(
+                config,
+                Path(tmp) / "run",
+                progress=False,
+                on_round=lambda r, row: ends.append(time.perf_counter()),
+            )
+    finally:
+        batched.train_clients = real
+    durations = [b - a for a, b in itertools.pairwise(ends)]  # rounds 1..R
+    steady = list(zip(durations[1:], trained[1 : len(durations)], strict=False))
+    out = {
+        "round": statistics.median(d for d, _ in steady),
+        "training": statistics.median(t for _, t in steady),
+        "outside_training": statistics.median(d - t for d, t in steady),
+    }
+    print(
+        f"  run   round {out['round']:.4f} s = training {out['training']:.4f} s + outside "
+        f"training {out['outside_training']:.4f} s (medians of rounds 2..{rounds})",
+        flush=True,
+    )
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Profile each model; print and optionally write the numbers as JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--model", default="cnn,resnet32")
+    p.add_argument("--dataset", choices=("cifar10", "digits"), default="cifar10")
     p.add_argument("--data-root", default=str(bench.DEFAULT_CIFAR_ROOT))
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--group-sizes", default="", help="comma-separated, e.g. 50,25")
     p.add_argument("--trace", action="store_true", help="torch.profiler table of one round")
+    p.add_argument(
+        "--outside-rounds",
+        type=int,
+        default=0,
+        help="also run fedimb for this many rounds and time what is outside training",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     import torch
@@ -190,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     flwr = importlib.util.find_spec("flwr") is not None
     for model in args.model.split(","):
         w = bench.Workload(
-            dataset="cifar10",
-            data_root=args.data_root,
+            dataset=args.dataset,
+            data_root=args.data_root if args.dataset == "cifar10" else "",
             model=model,
             device=args.device,
             clients=args.clients,
@@ -205,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             entry["trace_table"] = table
         if flwr:
             entry["host_s"] = profile_host(results, args.repeats)
+            total = host_total(entry["host_s"])
+            entry["host_total_s"] = round(total, 4)
+            print(f"  HOST TOTAL (build + finite check + fedimb mean) {total:.4f} s/round")
+            if args.outside_rounds:
+                entry["run_s"] = profile_outside(w, args.outside_rounds)
         if args.device == "cuda":
             entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         report["models"][model] = entry

@@ -20,6 +20,7 @@ rounding (tests/test_batched.py), because both consume the same :class:`ClientPl
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedimb.algorithm import ClientHalf
 from fedimb.data.augment import crop_flip
+from fedimb.dropout import seeded_dropout
 from fedimb.losses import TENSOR_FIELDS, imbalance_loss_tensors, stack_params
 from fedimb.models import is_vectorisable, vectorise_blocker
 from fedimb.train import (
@@ -75,9 +77,18 @@ def asked(mode: str, model: nn.Module, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and pays_off(model, device))
 
 
-def can_batch(model: nn.Module, jobs: Sequence[ClientJob]) -> str | None:
-    """None if these jobs can train together, else the reason they cannot."""
-    blocker = vectorise_blocker(model)
+def can_batch(
+    model: nn.Module, jobs: Sequence[ClientJob], to_float: ToFloat | None = None
+) -> str | None:
+    """None if these jobs can train together, else the reason they cannot.
+
+    With ``to_float``, the model is also tried under vmap once (:func:`model_blocker`).
+    """
+    blocker = (
+        vectorise_blocker(model)
+        if to_float is None
+        else model_blocker(model, jobs[0].x[:2], to_float)
+    )
     if blocker is not None:
         return blocker
     if any(getattr(job.loss, "params", None) is None for job in jobs):
@@ -106,6 +117,48 @@ def _terms_blocker(jobs: Sequence[ClientJob]) -> str | None:
         ):
             return "clients' gradient inputs differ in their names or kinds"
     return terms[0].half.can_batch(terms)
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def model_blocker(model: nn.Module, x: torch.Tensor, to_float: ToFloat) -> str | None:
+    """Why ``model`` cannot train clients together (None if it can): a layer known not to
+    vectorise (:func:`fedimb.models.vectorise_blocker`), else whatever a vectorised
+    gradient of two clients on the samples ``x`` raises (data-dependent control flow, an
+    in-place or random operation vmap rejects). Tried once per model instance.
+    """
+    blocker = vectorise_blocker(model)
+    if blocker is not None:
+        return blocker
+    if model not in _PROBED:
+        _PROBED[model] = _vmap_failure(model, to_float(x[:2]))
+    return _PROBED[model]
+
+
+def _vmap_failure(model: nn.Module, x: torch.Tensor) -> str | None:
+    """What one vectorised gradient step of two clients on ``x`` raises, in one line."""
+    training = model.training
+    model.train()
+    state = {n: t.detach() for n, t in model.named_parameters()}
+    stacked = {n: torch.stack([t, t]) for n, t in state.items()}
+    buffers = {n: torch.stack([t, t]) for n, t in model.named_buffers()}
+
+    def client_loss(p, b, x, seed):
+        dropout.seed = seed
+        return functional_call(model, (p, b), (x,)).float().logsumexp(-1).mean()
+
+    try:
+        with seeded_dropout(model) as dropout:
+            seeds = torch.tensor([1, 2], device=x.device)
+            step = torch.func.vmap(grad_and_value(client_loss))  # not the training's vmap
+            step(stacked, buffers, torch.stack([x, x]), seeds)
+    except Exception as exc:  # the user's model: any error means "not under vmap"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"vmap cannot run it ({type(exc).__name__}: {first[:160]})"
+    finally:
+        model.train(training)
+    return None
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -171,9 +224,11 @@ def train_clients(
 
     ``model`` provides the architecture (its own weights are not used or changed).
     """
-    reason = can_batch(model, jobs)
+    with cudnn_autotuning(settings.cudnn_benchmark):  # a first model's vmap probe
+        reason = can_batch(model, jobs, to_float)
     if reason is not None:
         raise ValueError(f"cannot train these clients together: {reason}")
+    model.train()  # its dropout layers (functional_call keeps the modules' mode)
     device = jobs[0].x.device
     k_all = len(jobs)
     names = [n for n, _ in model.named_parameters()]
@@ -200,7 +255,8 @@ def train_clients(
     lp = stack_params([job.loss.params for job in jobs])
     loss_tensors = {f: getattr(lp, f).to(device) for f in TENSOR_FIELDS}
 
-    def client_loss(p, b, x, y, valid, weight, offset, scale, margin, mask):
+    def client_loss(p, b, x, y, valid, seed, weight, offset, scale, margin, mask):
+        dropout.seed = seed  # this client's (a vmapped 0-d tensor)
         with autocast(device, settings.bf16):
             logits = functional_call(model, (p, b), (x,))
         return imbalance_loss_tensors(
@@ -223,9 +279,11 @@ def train_clients(
     plan = _StackedPlan(jobs, settings.batch_size, device)
     loss_sum = torch.zeros(k_all, device=device)
     everyone = torch.arange(k_all, device=device)
+    seeds = torch.tensor([job.plan.dropout_seed for job in jobs], device=device)
 
-    with cudnn_autotuning(settings.cudnn_benchmark):  # the steps' convolutions
+    with cudnn_autotuning(settings.cudnn_benchmark), seeded_dropout(model) as dropout:
         for t in range(plan.max_steps):
+            dropout.step = t
             size = plan.sizes[t]  # shorter batches are padded to it
             members = plan.members[t]
             sel = slice(None) if members is None else members
@@ -245,7 +303,9 @@ def train_clients(
             valid = plan.valid[rows, t, :size]
             p = {n: v[sel] for n, v in params.items()}
             bufs = {n: v[sel] for n, v in buffers.items()}
-            grads, loss = step_fn(p, bufs, x, y, valid, *(v[sel] for v in loss_tensors.values()))
+            grads, loss = step_fn(
+                p, bufs, x, y, valid, seeds[sel], *(v[sel] for v in loss_tensors.values())
+            )
             loss_sum[sel] += loss.detach().float()
             with torch.no_grad():
                 _sgd_update(

@@ -324,7 +324,9 @@ def _train_group(
     asked = (  # they could train together, and the setting asks for it on this device
         batched_ok and len(order) > 1 and batched.asked(mode, model, jobs[order[0]].x.device)
     )
-    reason = batched.can_batch(model, [jobs[i] for i in order]) if asked else None
+    reason = (
+        batched.can_batch(model, [jobs[i] for i in order], fed.dataset.to_float) if asked else None
+    )
     use_batch = asked and reason is None  # None: the model and losses are vectorisable
     if asked and reason is not None and reason not in _WARNED:
         _WARNED.add(reason)  # once per process, not every round

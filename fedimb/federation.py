@@ -192,12 +192,28 @@ def build_federation(config: Config, device: torch.device | None = None) -> Fede
 
 
 _FEDERATIONS: dict[str, Federation] = {}
+# id(config) -> (config, its federation's key): the clients ask once per message with the
+# same Config object, and its fingerprint flattens the whole config. The config is held,
+# so its id cannot be reused while cached.
+_KEYS: dict[int, tuple[Config, str]] = {}
+
+
+def federation_key(config: Config) -> str:
+    """The cache key of ``config``'s federation: its data, device and partition keys."""
+    cached = _KEYS.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    keys = [*DATA_KEYS, "device"] + [k for k in config.to_flat() if k.startswith("partition.")]
+    key = config.fingerprint(keys)
+    if len(_KEYS) >= 16:
+        _KEYS.pop(next(iter(_KEYS)))
+    _KEYS[id(config)] = (config, key)
+    return key
 
 
 def get_federation(config: Config) -> Federation:
     """The process-wide federation of ``config`` (built on first use, a few kept)."""
-    keys = [*DATA_KEYS, "device"] + [k for k in config.to_flat() if k.startswith("partition.")]
-    key = config.fingerprint(keys)
+    key = federation_key(config)
     if key not in _FEDERATIONS:
         if len(_FEDERATIONS) >= 4:  # a sweep moves on: drop the oldest
             _FEDERATIONS.pop(next(iter(_FEDERATIONS)))

@@ -3,6 +3,8 @@
 - ``mlp``: one hidden layer, for digits and feature data.
 - ``cnn``: the 2-conv CNN of McMahan et al. (2017), for 28x28/32x32 images (any size works).
 - ``simple-cnn``: NIID-Bench's small LeNet-style CNN (Li et al. 2022), for 32x32 images.
+- ``pfl-cnn``: pfl-research's CIFAR-10 benchmark CNN (2 convolutions, dropout), to run
+  their benchmark's workload beside theirs (``benchmarks/bench_pfl.py``).
 - ``resnet32``: the CIFAR ResNet-32 of He et al. as used by Cao et al. (LDAM-DRW), with
   GroupNorm by default (vectorisable, and recommended under label skew; Hsieh et al. 2020)
   or BatchNorm (``norm="batch"``, trained one client at a time).
@@ -173,6 +175,37 @@ def simple_cnn(
         nn.ReLU(),
         classifier(84, num_classes, cosine_head),
     )
+
+
+@MODELS.register("pfl-cnn")
+def pfl_cnn(
+    input_shape: tuple[int, ...], num_classes: int, *, cosine_head: bool = False
+) -> nn.Module:
+    """pfl-research's CIFAR-10 benchmark CNN (``simple_cnn``): 3x3 conv (32), ReLU, 3x3
+    conv (64), ReLU, 2x2 max-pool, dropout 0.25, FC 128, ReLU, dropout 0.5, classifier;
+    Glorot-uniform weights, as theirs."""
+    if len(input_shape) != 3:
+        raise ValueError(f"model 'pfl-cnn' needs image input (C, H, W), got shape {input_shape}")
+    channels, height, width = input_shape
+    if min(height, width) < 6:
+        raise ValueError(f"model 'pfl-cnn' needs images of at least 6x6, got {input_shape}")
+    model = nn.Sequential(
+        nn.Conv2d(channels, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(64 * ((height - 4) // 2) * ((width - 4) // 2), 128),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        classifier(128, num_classes, cosine_head),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear | CosineLinear):
+            nn.init.xavier_uniform_(m.weight)
+    return model
 
 
 class _BasicBlock(nn.Module):

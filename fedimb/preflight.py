@@ -161,6 +161,7 @@ def prepare(config: Config) -> None:
 
     with _component_errors(config, "model"):  # a model that does not fit the data
         logits, labels = _sample_logits(model_for(config, fed), fed)
+    check_vectorisable(config, fed, model_for(config, fed))
     with _component_errors(config, "loss"):  # a parameter that fails on the real counts
         loss = make_loss(
             config.loss.name,
@@ -179,6 +180,28 @@ def prepare(config: Config) -> None:
             num_rounds=config["num-rounds"],
             **config.sampling.kwargs(),
         )
+
+
+def check_vectorisable(config: Config, fed: Federation, model: torch.nn.Module) -> None:
+    """Decide before round 1 whether the in-process engine's clients train together:
+    ``batched = "on"`` with a model that cannot is a :class:`ConfigError`; ``"auto"``
+    says once that they train one at a time (the clients then do not say it again)."""
+    from fedimb import batched, client
+
+    mode = config["batched"]
+    if config["engine"] != "inprocess" or not batched.asked(mode, model, fed.device):
+        return
+    x = fed.dataset.x_train[torch.as_tensor(fed.parts[0][:2])].to(fed.device)
+    reason = batched.model_blocker(model, x, fed.dataset.to_float)
+    if reason is None:
+        return
+    if mode == "on":
+        raise ConfigError(
+            f"batched = 'on' but model {config.model.name!r} cannot train clients together: "
+            f"{reason}; set batched = 'auto' or 'off' to train them one at a time"
+        )
+    client._WARNED.add(reason)
+    log.warning("batched = %r but clients train one at a time: %s", mode, reason)
 
 
 def _sample_logits(model: torch.nn.Module, fed: Federation) -> tuple[torch.Tensor, torch.Tensor]:

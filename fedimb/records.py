@@ -26,6 +26,17 @@ _FIELDS = ("dtype", "shape", "stype", "data")
 _NUMPY = "numpy.ndarray"
 
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)``, remembered: numpy builds the name anew each time (tens of us)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
 class TensorArray(Array):
     """An ``Array`` whose ``.npy`` bytes are made from a host ndarray on first use.
 
@@ -39,11 +50,15 @@ class TensorArray(Array):
     """
 
     def __init__(self, values: np.ndarray | torch.Tensor, finite: bool | None = None) -> None:
-        ndarray = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+        if isinstance(values, torch.Tensor):
+            values = values.detach()
+            ndarray = (values if values.device.type == "cpu" else values.cpu()).numpy()
+        else:
+            ndarray = values
         # Base fields written directly: Array.__setattr__ would mark the object dirty and
         # its __init__ insists on bytes.
         self.__dict__.update(
-            dtype=str(ndarray.dtype),
+            dtype=_dtype_name(ndarray.dtype),
             shape=tuple(ndarray.shape),
             stype=_NUMPY,
             _values=ndarray,
@@ -158,6 +173,13 @@ def state_record(state: dict[str, torch.Tensor], finite: bool | None = None) -> 
     ``finite``: whether all of ``state`` is known to be finite (None: unknown).
     """
     record = ArrayRecord()  # ArrayRecord(dict) would copy every Array into a plain one
-    for name, tensor in state.items():
-        record[name] = TensorArray(tensor, finite=finite)
+    arrays = {name: TensorArray(tensor, finite=finite) for name, tensor in state.items()}
+    data = record.__dict__.get("_data")
+    if isinstance(data, dict) and all(isinstance(name, str) for name in arrays):
+        # What ``record[name] = array`` stores, without its per-item type checks (both
+        # hold by construction): a fifth of a small model's reply time.
+        data.update(arrays)
+    else:
+        for name, array in arrays.items():
+            record[name] = array
     return record

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedimb.data.augment import crop_flip
+from fedimb.dropout import seeded_dropout
 from fedimb.sampling import epoch_indices
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class ClientPlan:
     batches: list[np.ndarray]
     shift: list[np.ndarray] | None = None
     flip: list[np.ndarray] | None = None
+    dropout_seed: int = 0
+    """Seeds the client's dropout masks (:mod:`fedimb.dropout`) in either trainer."""
 
     @property
     def num_steps(self) -> int:
@@ -138,11 +141,17 @@ def make_plan(
             order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
         ]
     if not settings.augment:
-        return ClientPlan(batches)
+        return ClientPlan(batches, dropout_seed=_dropout_seed(rng))
     span = 2 * settings.padding + 1
     shift = [rng.integers(0, span, size=(len(b), 2)) for b in batches]
     flip = [rng.random(len(b)) < 0.5 for b in batches]
-    return ClientPlan(batches, shift, flip)
+    # Drawn last: the batches and augmentation stay those of earlier versions.
+    return ClientPlan(batches, shift, flip, dropout_seed=_dropout_seed(rng))
+
+
+def _dropout_seed(rng: np.random.Generator) -> int:
+    """32 random bits of ``rng`` (its raw output: a tenth of ``integers``' cost)."""
+    return int(rng.bit_generator.random_raw()) & 0xFFFFFFFF
 
 
 def batch_inputs(
@@ -228,8 +237,11 @@ def train_client(
         for name, p in params.items():  # as if one SGD had run through every round
             opt.state[p]["momentum_buffer"] = job.momentum[name].to(p.device, p.dtype).clone()
     total = torch.zeros((), device=device)
-    with cudnn_autotuning(settings.cudnn_benchmark):  # the steps' convolutions
+    with cudnn_autotuning(settings.cudnn_benchmark), seeded_dropout(model) as dropout:
+        if dropout.active:
+            dropout.seed = torch.tensor(job.plan.dropout_seed, device=device)
         for step in range(job.plan.num_steps):
+            dropout.step = step
             x, y = batch_inputs(job, step, to_float, settings)
             opt.zero_grad(set_to_none=True)
             with autocast(device, settings.bf16):
@@ -266,8 +278,29 @@ def predict(
 ) -> torch.Tensor:
     """Predicted class of every sample of ``x`` (on ``x``'s device)."""
     model.eval()
-    preds = [model(to_float(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
+    with eval_memory_format(model, x) as fmt:
+        preds = [
+            model(to_float(x[i : i + batch_size]).contiguous(memory_format=fmt)).argmax(1)
+            for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+@contextlib.contextmanager
+def eval_memory_format(model: nn.Module, x: torch.Tensor) -> Iterator[torch.memory_format]:
+    """The memory order for evaluating ``model`` on images ``x``: channels-last for a
+    convolution model on a CPU (its forward passes take 0.6x the time there; not in
+    training, where it pays for some models and costs for others: benchmarks/README.md),
+    with the model's weights in that order for the block and back after it."""
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if x.device.type != "cpu" or x.dim() != 4 or not convolutional:
+        yield torch.contiguous_format
+        return
+    model.to(memory_format=torch.channels_last)  # the same Parameters, their data moved
+    try:
+        yield torch.channels_last
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def evaluate_counts(

@@ -85,3 +85,35 @@ def test_step_shapes_are_the_vectorised_trainers_steps():
     }
     assert trained == {(5, 8), (3, 8), (2, 8)}  # 19: 8,8,3; 24: 8,8,8; 7; 16: 8,8; 3
     assert step_shapes.step_shapes([job.plan for job in jobs]) == trained
+
+
+def test_the_limit_setting_trains_the_workloads_images_on_synthetic_data():
+    """``limit``: every client full steps, as many images per round as the workload."""
+    w = bench_round.Workload(clients=5, rounds=2, batch_size=16)
+    out = bench_round.run_limit(w)
+    fed = bench_round.load_federation(w, "cpu")
+    per_round = bench_round.images_per_round(w, fed)
+    assert out["images_per_round"] == per_round
+    assert out["partition"] == bench_round.partition_digest(fed.parts)
+    steps = out["limit_steps_per_round"]
+    assert (steps - 1) * 5 * 16 < per_round <= steps * 5 * 16
+    assert len(out["round_end"]) == 3 and out["round_end"] == sorted(out["round_end"])
+    ratios = bench_round._ratios({"fedimb": {"round_s": 0.3}, "limit": {"round_s": 0.1}})
+    assert ratios["round_vs_step_limit"] == 3.0
+
+
+def test_bench_pfl_builds_pfls_workload_as_a_valid_fedimb_config():
+    import argparse
+
+    from fedimb.config import load_config
+
+    bench_pfl = pytest.importorskip("bench_pfl")
+    args = argparse.Namespace(
+        data_root=".", clients=1000, rounds=10, batch_size=10, lr=0.1, seed=0, device="cpu",
+        threads=1, eval_every=10, cohort=50,
+    )  # fmt: skip
+    config = load_config(None, bench_pfl.fedimb_config(args, "on"))
+    assert config.model.name == "pfl-cnn" and config["batch-size"] == 10
+    assert config.strategy_options["fraction-train"] * 1000 == 50
+    row = bench_pfl.summarise("x", {"round_end": [0.0, 3.0, 4.0, 6.0], "accuracy": {}}, 9.0)
+    assert row["first_round_s"] == 3.0 and row["round_s"] == 1.5 and row["rounds_total_s"] == 6.0

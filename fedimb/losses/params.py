@@ -27,6 +27,15 @@ def validate_counts(class_counts: Any) -> np.ndarray:
     """``class_counts`` as a 1-D int64 array, or ValueError (negative, all zero, ...)."""
     if isinstance(class_counts, Tensor):
         class_counts = class_counts.detach().cpu().numpy()
+    if (
+        isinstance(class_counts, np.ndarray)
+        and class_counts.dtype.kind in "iu"  # whole numbers already: the checks below, fast
+        and class_counts.ndim == 1
+        and class_counts.size >= 2
+        and class_counts.min() >= 0
+        and class_counts.sum() > 0
+    ):
+        return class_counts.astype(np.int64)
     try:
         raw = np.asarray(class_counts, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -194,25 +203,44 @@ def loss_params(
     gamma: float = 0.0,
     base: str = "softmax",
 ) -> LossParams:
-    """LossParams from numpy vectors; unspecified ones are neutral."""
-    c = len(counts)
+    """LossParams from numpy vectors; unspecified ones are neutral.
 
-    def vec(v: np.ndarray | None, fill: float) -> Tensor:
-        arr = np.full(c, fill) if v is None else v
+    Equal vectors give the same (shared, never modified) LossParams: every client of a
+    run builds its loss each round, mostly from vectors seen before (its own, or the
+    neutral ones), and four tensor conversions cost more than the statistics.
+    """
+    c = len(counts)
+    vectors = np.stack(
+        [
+            np.full(c, fill) if v is None else np.asarray(v, dtype=np.float64)
+            for v, fill in ((weight, 1.0), (offset, 0.0), (scale, 1.0), (margin, 0.0))
+        ]
+    )
+    keep_mask = np.ones(c, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    key = (vectors.tobytes(), keep_mask.tobytes(), float(s), float(gamma), base)
+    cached = _PARAMS_MADE.get(key)
+    if cached is not None:
+        return cached
+    for arr in vectors:
         if not np.all(np.isfinite(arr)):  # a bug guard: the policies above exclude this
             raise ValueError(
                 f"non-finite loss statistics {arr.tolist()} for counts {counts.tolist()}"
             )
-        return torch.as_tensor(arr, dtype=torch.float32)
-
-    mask = torch.ones(c, dtype=torch.bool) if keep is None else torch.as_tensor(keep)
-    return LossParams(
-        weight=vec(weight, 1.0),
-        offset=vec(offset, 0.0),
-        scale=vec(scale, 1.0),
-        margin=vec(margin, 0.0),
-        mask=mask,
+    as_float = torch.as_tensor(vectors, dtype=torch.float32)
+    made = LossParams(
+        weight=as_float[0],
+        offset=as_float[1],
+        scale=as_float[2],
+        margin=as_float[3],
+        mask=torch.as_tensor(keep_mask),
         s=float(s),
         gamma=float(gamma),
         base=base,
     )
+    if len(_PARAMS_MADE) >= 4096:  # many distinct clients: drop the oldest
+        _PARAMS_MADE.pop(next(iter(_PARAMS_MADE)))
+    _PARAMS_MADE[key] = made
+    return made
+
+
+_PARAMS_MADE: dict[tuple[Any, ...], LossParams] = {}

@@ -122,7 +122,8 @@ def make_loss(
         values = _resolve(name, params)
         scale = values.pop("s")
         built = LOSSES.get(name)(counts, rounds, **values)
-        return Loss(replace(built, s=1.0 if scale is None else scale), name=name)
+        scale = 1.0 if scale is None else scale
+        return Loss(built if built.s == scale else replace(built, s=scale), name=name)
     factory = LOSSES.get(name)  # an import path, else RegistryError listing the names
     if not callable(factory):
         raise ValueError(f"loss {name!r} is not callable: {factory!r}")
