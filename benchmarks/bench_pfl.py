@@ -4,8 +4,7 @@ pfl-research's ``benchmarks/image_classification`` baseline: CIFAR-10 split IID 
 1,000 users of 50 images, 50 users sampled per central iteration, 1 local epoch at
 batch 10 with SGD (local lr 0.1), FedAvg (central SGD at lr 1 on the mean update), their
 small CNN (``pfl-cnn`` here), central evaluation on the 10,000 test images every 10
-iterations. (pfl's config says central lr 1; pfl 0.6.0 in this harness sums the cohort's
-updates, so its central lr defaults to 1 / cohort here, which gives FedAvg's mean.)
+iterations.
 Both sides get the same data (decoded once by fedimb, handed to pfl as
 arrays normalised as fedimb normalises them), the same partition, the same cohorts
 (pfl's user sampler replays the clients fedimb's FedAvg sampled), the same initial
@@ -172,10 +171,7 @@ def run_pfl(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     model = PyTorchModel(
         model=net,
         local_optimizer_create=torch.optim.SGD,
-        # pfl 0.6.0 here applies the cohort's *summed* update (its "total weight" metric
-        # reads 1.0; the first central step measured 50x the mean's), so the central lr
-        # that makes the step FedAvg's mean, as fedimb's, is 1 / cohort by default.
-        central_optimizer=torch.optim.SGD(params, args.pfl_central_lr or 1.0 / args.cohort),
+        central_optimizer=torch.optim.SGD(params, args.pfl_central_lr),
     )
     ends: list[float] = []
     accuracy: dict[int, float] = {}
@@ -289,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pfl-central-lr",
         type=float,
-        default=0.0,
-        help="pfl's central SGD lr (0: 1 / cohort, which makes its step the mean update)",
+        default=1.0,
+        help="pfl's central SGD lr (1, as pfl's benchmark: the step is the mean update)",
     )
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=None)
