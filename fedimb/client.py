@@ -36,11 +36,10 @@ from fedimb.federation import (
     use_augmentation,
 )
 from fedimb.losses import make_loss
-from fedimb.protocol import (  # noqa: F401  (CLASS_COUNTS_KEY, STATE_PREFIX: the server's)
+from fedimb.protocol import (
     CLASS_COUNTS_KEY,
     NUM_STEPS_KEY,
     OPTIMIZER_STATE,
-    STATE_PREFIX,
     carried_state,
     state_entries,
 )

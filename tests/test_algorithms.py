@@ -309,21 +309,13 @@ def test_a_halfs_metrics_join_the_replys_metrics():
 
 
 @pytest.mark.slow
-def test_a_resumed_feddyn_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_a_resumed_feddyn_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, run_until):
     """The clients' g_i (their state) and the server's h come back from the checkpoint."""
     monkeypatch.syspath_prepend(str(PLUGINS))
     config = run_config("feddyn_plugin:FedDyn", alpha=0.1)
     full, _ = run(config, tmp_path / "full")
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(server_round, row):
-        if server_round == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_experiment(config, tmp_path / "cut", progress=False, on_round=interrupt)
+    run_until(config, tmp_path / "cut", 2)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert all(set(s) == {"dyn-g"} for s in saved["client_state"].values())
     run_experiment(config, tmp_path / "cut", resume=True, progress=False)

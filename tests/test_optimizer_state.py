@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from fedimb.batched import train_clients
-from fedimb.client import OPTIMIZER_STATE
 from fedimb.config import load_config
 from fedimb.data.augment import crop_flip
 from fedimb.federation import get_federation, init_model
 from fedimb.losses import make_loss
 from fedimb.models import build_model
+from fedimb.protocol import OPTIMIZER_STATE
 from fedimb.results import read_json, read_jsonl
 from fedimb.server import load_checkpoint
 from fedimb.sim import run_experiment
@@ -154,19 +154,11 @@ def test_one_client_run_equals_a_plain_pytorch_loop(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_kept_momentum_equals_an_uninterrupted_run(tmp_path):
+def test_resume_with_kept_momentum_equals_an_uninterrupted_run(tmp_path, run_until):
     config = one_client(**{"num-clients": 2, "num-rounds": 4, "strategy.min-train-clients": 2})
     run_experiment(config, tmp_path / "full", progress=False)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(server_round, row):
-        if server_round == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_experiment(config, tmp_path / "cut", progress=False, on_round=interrupt)
+    run_until(config, tmp_path / "cut", 2)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["client_state"]
     assert set(saved) == {0, 1} and all(set(s) == {OPTIMIZER_STATE} for s in saved.values())
     run_experiment(config, tmp_path / "cut", resume=True, progress=False)

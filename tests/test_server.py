@@ -19,8 +19,8 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 
 from clients.app import app
-from fedimb.client import STATE_PREFIX
 from fedimb.engines.inprocess_grid import InProcessGrid, task_identity
+from fedimb.protocol import STATE_PREFIX
 from fedimb.results import RunRecorder
 from fedimb.server import (
     GuardedGrid,

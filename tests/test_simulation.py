@@ -152,7 +152,7 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold"])
-def test_resume_continues_exactly(tmp_path, strategy):
+def test_resume_continues_exactly(tmp_path, strategy, run_until):
     cfg = small(
         **{
             "num-rounds": 4,
@@ -163,15 +163,7 @@ def test_resume_continues_exactly(tmp_path, strategy):
     )
     run_experiment(cfg, tmp_path / "full", progress=False)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(server_round, row):
-        if server_round == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_experiment(cfg, tmp_path / "cut", progress=False, on_round=interrupt)
+    run_until(cfg, tmp_path / "cut", 2)
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "failed"
     assert [r["round"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == [0, 1, 2]
     run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
@@ -179,22 +171,14 @@ def test_resume_continues_exactly(tmp_path, strategy):
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"
 
 
-def test_ray_resume_hands_clients_their_saved_state(tmp_path):
+def test_ray_resume_hands_clients_their_saved_state(tmp_path, run_until):
     # Under Ray the clients' contexts live in Flower's engine: SCAFFOLD's c_i reaches the
     # checkpoint in the train replies and goes back to each client on resume.
     sampled = {"num-rounds": 4, "strategy.name": "scaffold", "strategy.fraction-train": 0.5}
     run_experiment(small(batched="off", **sampled), tmp_path / "full", progress=False)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(server_round, row):
-        if server_round == 2:
-            raise Stop
-
     cfg = small(engine="ray", **sampled)
-    with pytest.raises(Stop):
-        run_experiment(cfg, tmp_path / "cut", progress=False, on_round=interrupt)
+    run_until(cfg, tmp_path / "cut", 2)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["client_state"]
     trained = {pid for r, pid in trained_partitions(tmp_path / "cut") if r <= 2}
     assert set(saved) == trained and all(set(s) == {"scaffold-ci"} for s in saved.values())
@@ -467,14 +451,9 @@ def test_clients_report_their_data_size_whatever_the_epochs_and_sampler(tmp_path
     assert all(r["num-examples"] == sizes[r["partition-id"]] for r in rows)
 
 
-def test_an_interrupted_run_says_so_and_resumes(tmp_path):
-    def interrupt(server_round, row):
-        if server_round == 2:
-            raise KeyboardInterrupt
-
+def test_an_interrupted_run_says_so_and_resumes(tmp_path, run_until):
     cfg = small()
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=False, on_round=interrupt)
+    run_until(cfg, tmp_path / "cut", 2, stop=KeyboardInterrupt)
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "interrupted"
     run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
     assert read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"

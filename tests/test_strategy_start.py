@@ -151,20 +151,15 @@ def test_a_start_that_skips_evaluate_fn_is_refused_before_round_1(tmp_path):
 
 
 @pytest.mark.slow
-def test_lr_is_what_the_clients_were_sent_and_resume_keeps_the_strategys_edit(tmp_path):
+def test_lr_is_what_the_clients_were_sent_and_resume_keeps_the_strategys_edit(tmp_path, run_until):
     config = small("HalvesLr", **{"num-rounds": 8})
     run_experiment(config, tmp_path / "full", progress=False)
     full = rows_of(tmp_path / "full")
     assert [r["lr"] for r in full[1:]] == [0.05] * 4 + [0.025] * 4
     assert [r.get("sent_lr") for r in full[1:]] == [None] * 4 + [0.025] * 4
 
-    def stop_after_6(server_round, row):
-        if server_round == 6:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, cut, progress=False, on_round=stop_after_6)
+    run_until(config, cut, 6, stop=KeyboardInterrupt)
     assert read_json(cut / "summary.json")["status"] == "interrupted"
     run_experiment(config, cut, resume=True, progress=False)
     assert rows_of(cut) == full  # rounds 7-8 trained at the halved lr, as uninterrupted
@@ -184,19 +179,16 @@ def test_under_ray_the_recorded_lr_is_the_one_a_strategy_sent(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_of_a_strategy_with_its_own_start_equals_an_uninterrupted_one(tmp_path):
+def test_a_resumed_run_of_a_strategy_with_its_own_start_equals_an_uninterrupted_one(
+    tmp_path, run_until
+):
     config = small("KeepsBest", **{"num-rounds": 5})
     KeepsBest.best.clear()
     run_experiment(config, tmp_path / "full", progress=False)
     full = rows_of(tmp_path / "full")
 
-    def stop_after_3(server_round, row):
-        if server_round == 3:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, cut, progress=False, on_round=stop_after_3)
+    run_until(config, cut, 3, stop=KeyboardInterrupt)
     KeepsBest.finished.clear()
     run_experiment(config, cut, resume=True, progress=False)
     assert KeepsBest.finished == [2]  # its start() ran again, for the rounds left

@@ -14,7 +14,7 @@ import logging
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedimb.client import carried_state, state_entries
+from fedimb.protocol import carried_state, state_entries
 from fedimb.server.nodes import stated_partition
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-from fedimb.client import CLASS_COUNTS_KEY
+from fedimb.protocol import CLASS_COUNTS_KEY
 from fedimb.records import TensorArray, array_nbytes, record_of, values_view
 from fedimb.results import RunRecorder, finite_or_none
 from fedimb.server.errors import TooManyFailures, TrainingDiverged
