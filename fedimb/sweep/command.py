@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedimb.cli import EXIT_FAILED
 from fedimb.config import Config, ConfigError, config_changes, load_config, parse_overrides
 from fedimb.resume import check_runs_on
 from fedimb.sweep.spec import Sweep, expand, load_sweep, parse_only
-
-EXIT_FAILED = 1
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
